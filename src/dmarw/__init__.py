@@ -1,0 +1,42 @@
+"""dmarw: device models that read and write guest memory by DMA address.
+
+Layers, each one module: :mod:`~dmarw.mm` (host memory and its lifetime) →
+:mod:`~dmarw.kvm` (memslots, the KVM path) and :mod:`~dmarw.type1` (the IOMMU container) →
+:mod:`~dmarw.vfio` (groups, devices, per-call path, external users); :mod:`~dmarw.bitmap`
+and :mod:`~dmarw.locks`/:mod:`~dmarw.lockstat` serve them all.
+"""
+
+from . import lockstat
+from .bitmap import from_bytes as bitmap_pages
+from .errors import DmaError
+from .kvm import Vm
+from .mm import PAGE_SIZE, AddressSpace
+from .type1 import Container, Prot
+from .vfio import (
+    Device,
+    ExternalUser,
+    Group,
+    set_group_lock,
+    vfio_dma_rw,
+    vfio_pin_pages,
+    vfio_unpin_pages,
+)
+
+__all__ = [
+    "PAGE_SIZE",
+    "AddressSpace",
+    "Container",
+    "Device",
+    "DmaError",
+    "ExternalUser",
+    "Group",
+    "Prot",
+    "Vm",
+    "bitmap_pages",
+    "lockstat",
+    "set_group_lock",
+    "vfio_dma_rw",
+    "vfio_pin_pages",
+    "vfio_unpin_pages",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,36 @@
+"""The ``dmarw`` command: each subcommand lives with the layer it drives."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from . import demo
+
+# Each entry: a module function ``register(subparsers)`` that adds one subcommand and sets
+# ``func`` (taking the parsed args, returning the exit code) as its default.
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[type-arg]
+    demo.register,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dmarw",
+        description="Device-model DMA to guest memory: a user-space VFIO type1 / KVM lab.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in REGISTRARS:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

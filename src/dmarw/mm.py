@@ -1,0 +1,219 @@
+"""The VMM process's memory (the "mm"): real shared mappings with a real lifetime.
+
+An :class:`AddressSpace` owns :class:`Region` objects, each one ``mmap`` of anonymous
+shared memory, a memfd or a file.  Host virtual addresses (hva) are the real addresses of
+those mappings in this process.
+
+Lifetime: the owner holds one user reference.  :meth:`AddressSpace.close` is the owner's
+exit: the owner's reference is dropped and no new user is admitted (``mmget_not_zero`` and
+``get_task_mm`` both refuse).  The mappings are released only when the last user drops
+its reference, so an access that holds a reference never touches freed memory.
+
+Locks: ``task_lock`` (lock class ``task_lock``) guards the task → mm link for
+``get_task_mm``; the user count is guarded by an internal lock standing in for the
+kernel's atomic (the native core uses a real atomic).
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import errno
+import mmap as _mmap
+import os
+import threading
+from dataclasses import dataclass, field
+
+from .errors import fail, rng
+from .locks import Mutex
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+
+def _address_of(m: _mmap.mmap) -> int:
+    probe = ctypes.c_char.from_buffer(m)
+    try:
+        return ctypes.addressof(probe)
+    finally:
+        del probe
+
+
+@dataclass(eq=False)
+class Region:
+    """One mapping: ``size`` bytes at ``hva`` backed by ``mm`` (and ``fd`` when shareable)."""
+
+    hva: int
+    size: int
+    map: _mmap.mmap
+    backing: str
+    fd: int | None = None
+    released: bool = field(default=False)
+
+    @property
+    def end(self) -> int:
+        return self.hva + self.size
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        try:
+            self.map.close()
+        except BufferError:  # a live memoryview somewhere: leave it to the GC, never reuse
+            pass
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class AddressSpace:
+    """Guest RAM's host side: ``mmap``/``munmap``, byte access, and the user count."""
+
+    def __init__(self, *, kthread: bool = False) -> None:
+        self.task_lock = Mutex("task_lock")
+        self.kthread = kthread
+        self._regions: tuple[Region, ...] = ()
+        self._starts: list[int] = []
+        self._map_lock = threading.Lock()
+        self._users = 1  # the owner's reference
+        self._exited = False
+        self._users_lock = threading.Lock()
+
+    # -- lifetime -------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """True once the owner has exited."""
+        return self._exited
+
+    @property
+    def users(self) -> int:
+        return self._users
+
+    @property
+    def released(self) -> bool:
+        """True once the last user is gone and every mapping has been freed."""
+        return self._users == 0
+
+    def mmget_not_zero(self) -> bool:
+        """Count a user unless the owner has exited (no task lock)."""
+        with self._users_lock:
+            if self._users == 0 or self._exited:
+                return False
+            self._users += 1
+            return True
+
+    def get_task_mm(self) -> bool:
+        """The 2020 path: under ``task_lock``, refuse an exited or kernel-thread owner, count."""
+        with self.task_lock:
+            if self._exited or self.kthread:
+                return False
+            with self._users_lock:
+                self._users += 1
+            return True
+
+    def mmput(self) -> None:
+        """Drop a user; the last one frees every mapping."""
+        with self._users_lock:
+            if self._users <= 0:
+                raise fail(errno.EINVAL, "mmput without a user reference")
+            self._users -= 1
+            last = self._users == 0
+        if last:
+            with self._map_lock:
+                regions, self._regions, self._starts = self._regions, (), []
+            for r in regions:
+                r.release()
+
+    def close(self) -> None:
+        """The owner exits: refuse new users, drop the owner's reference (idempotent)."""
+        with self.task_lock:
+            if self._exited:
+                return
+            self._exited = True
+        self.mmput()
+
+    # -- mappings -------------------------------------------------------------------------
+    def mmap(self, size: int, *, backing: str = "anon") -> int:
+        """Map ``size`` bytes (a positive multiple of 4096); returns the hva."""
+        if not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
+            raise fail(errno.EINVAL, f"mmap size {size!r} is not a positive multiple of 4096")
+        if self._exited:
+            raise fail(errno.EFAULT, f"mmap of {size:#x} bytes: the owner has exited")
+        fd: int | None = None
+        if backing == "anon":
+            m = _mmap.mmap(-1, size, flags=_mmap.MAP_SHARED | _mmap.MAP_ANONYMOUS)
+        elif backing == "memfd":
+            fd = os.memfd_create("dmarw-guest", 0)
+            try:
+                os.ftruncate(fd, size)
+                m = _mmap.mmap(fd, size, flags=_mmap.MAP_SHARED)
+            except OSError:
+                os.close(fd)
+                raise
+        else:
+            try:
+                fd = os.open(backing, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as e:
+                raise fail(e.errno or errno.EINVAL, f"backing file {backing!r}: {e.strerror}") from e
+            try:
+                if os.fstat(fd).st_size < size:
+                    os.ftruncate(fd, size)
+                m = _mmap.mmap(fd, size, flags=_mmap.MAP_SHARED)
+            except OSError:
+                os.close(fd)
+                raise
+        region = Region(_address_of(m), size, m, backing, fd)
+        with self._map_lock:
+            regions = sorted((*self._regions, region), key=lambda r: r.hva)
+            self._regions = tuple(regions)
+            self._starts = [r.hva for r in regions]
+        return region.hva
+
+    def munmap(self, hva: int, size: int) -> None:
+        """Unmap a whole mapping made by :meth:`mmap` (``EINVAL`` otherwise)."""
+        with self._map_lock:
+            for r in self._regions:
+                if r.hva == hva and r.size == size:
+                    break
+            else:
+                raise fail(errno.EINVAL, f"munmap {rng(hva, size)}: not a whole mapping")
+            self._regions = tuple(x for x in self._regions if x is not r)
+            self._starts = [x.hva for x in self._regions]
+        r.release()  # a racing access through a cached Region sees ValueError -> EFAULT
+
+    def region(self, hva: int, n: int) -> tuple[Region, int]:
+        """The region holding ``[hva, hva+n)`` and the offset of hva in it, else ``EFAULT``."""
+        regions = self._regions
+        i = bisect.bisect_right(self._starts, hva) - 1
+        if i >= 0:
+            r = regions[i]
+            if hva + n <= r.end and n >= 0:
+                return r, hva - r.hva
+        raise fail(errno.EFAULT, f"hva {rng(hva, n)} is not mapped")
+
+    def fd(self, hva: int) -> int:
+        """The backing fd of the memfd or file mapping at ``hva`` (``EINVAL`` for anon)."""
+        r, _ = self.region(hva, 1)
+        if r.fd is None:
+            raise fail(errno.EINVAL, f"hva {hva:#x}: anonymous mapping has no fd")
+        return r.fd
+
+    def regions(self) -> tuple[Region, ...]:
+        return self._regions
+
+    # -- byte access (the owner's own loads and stores) ------------------------------------
+    def read(self, hva: int, n: int) -> bytes:
+        r, off = self.region(hva, n)
+        try:
+            return r.map[off : off + n]
+        except ValueError as e:
+            raise fail(errno.EFAULT, f"hva {rng(hva, n)}: mapping gone") from e
+
+    def write(self, hva: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        r, off = self.region(hva, n)
+        try:
+            r.map[off : off + n] = data
+        except ValueError as e:
+            raise fail(errno.EFAULT, f"hva {rng(hva, n)}: mapping gone") from e

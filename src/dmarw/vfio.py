@@ -1,0 +1,263 @@
+"""The VFIO layer: groups, devices, the per-call path and external-user handles.
+
+Per-call path (the 2020 kernel's ``vfio_dma_rw(dev, ...)``), on every call:
+
+1. look the group up in the global registry under ``vfio.group_lock`` and take a group
+   reference;
+2. check viability: the unbound list under ``group.unbound_lock``, every device bound under
+   ``group.device_lock``;
+3. add a container user under ``group.mutex`` (no container → ``EINVAL``);
+4. the container's own path: its iommu lock and a reference on the owner's address space;
+5. drop the container user and the group reference (atomics, no lock).
+
+:class:`ExternalUser` does steps 1–3 once and keeps the references until closed, so each
+call costs only step 4 — the fix the seed thread arrived at.
+
+The global ``vfio.group_lock`` can be replaced by a process-shared lock
+(:func:`set_group_lock`), so that VMs in separate processes contend on one host-wide lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from typing import Any
+
+from .errors import fail
+from .locks import Mutex
+from .type1 import Buffer, Container, Prot
+
+
+class _Atomic:
+    """A counter standing in for the kernel's ``atomic_t``/``kref`` (not a named lock)."""
+
+    __slots__ = ("value", "_lock")
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+        self._lock = threading.Lock()
+
+    def inc(self) -> int:
+        with self._lock:
+            self.value += 1
+            return self.value
+
+    def dec(self) -> int:
+        with self._lock:
+            self.value -= 1
+            return self.value
+
+
+class _Registry:
+    """``vfio.group_list`` and the host-global ``vfio.group_lock`` guarding it."""
+
+    def __init__(self) -> None:
+        self.lock = Mutex("vfio.group_lock")
+        self.groups: dict[str, Group] = {}
+
+
+_registry = _Registry()
+
+
+def set_group_lock(raw: Any) -> None:
+    """Use ``raw`` (e.g. a ``multiprocessing.Lock``) as the host-global ``vfio.group_lock``."""
+    _registry.lock = Mutex("vfio.group_lock", raw)
+
+
+class Device:
+    """A device in a group; an unbound device makes the group not viable."""
+
+    def __init__(self, group: Group, name: str) -> None:
+        self.group = group
+        self.name = name
+        self.bound = True
+
+    def unbind(self) -> None:
+        """Unbind from the vfio driver: the device joins the group's unbound list."""
+        g = self.group
+        with g.device_lock:
+            if not self.bound:
+                return
+            self.bound = False
+        with g.unbound_lock:
+            g.unbound.add(self.name)
+
+    def bind(self) -> None:
+        g = self.group
+        with g.unbound_lock:
+            g.unbound.discard(self.name)
+        with g.device_lock:
+            self.bound = True
+
+    def __repr__(self) -> str:
+        return f"Device({self.group.name}/{self.name})"
+
+
+class Group:
+    """An IOMMU group: its devices, its container and the references held on it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.unbound_lock = Mutex("group.unbound_lock")
+        self.device_lock = Mutex("group.device_lock")
+        self.mutex = Mutex("group.mutex")
+        self.devices: dict[str, Device] = {}
+        self.unbound: set[str] = set()
+        self.container: Container | None = None
+        self.container_users = _Atomic()
+        self.refs = _Atomic(1)  # the registry's own reference
+        with _registry.lock:
+            if name in _registry.groups:
+                raise fail(errno.EEXIST, f"group {name!r} is already registered")
+            _registry.groups[name] = self
+
+    def remove(self) -> None:
+        """Unregister the group (``EBUSY`` while users or external references remain)."""
+        with _registry.lock:
+            if self.container_users.value or self.refs.value > 1:
+                raise fail(errno.EBUSY, f"group {self.name!r} still has users")
+            _registry.groups.pop(self.name, None)
+
+    def add_device(self, name: str) -> Device:
+        with self.device_lock:
+            if name in self.devices:
+                raise fail(errno.EEXIST, f"device {name!r} already in group {self.name!r}")
+            dev = Device(self, name)
+            self.devices[name] = dev
+            return dev
+
+    def viable(self) -> bool:
+        """No device on the unbound list and every device bound."""
+        with self.unbound_lock:
+            if self.unbound:
+                return False
+        with self.device_lock:
+            return all(d.bound for d in self.devices.values())
+
+    def set_container(self, container: Container) -> None:
+        with self.mutex:
+            if self.container is not None:
+                raise fail(errno.EBUSY, f"group {self.name!r} already has a container")
+            self.container = container
+
+    def unset_container(self) -> None:
+        """Detach the container (``EBUSY`` while any user holds it, ``EINVAL`` if none)."""
+        with self.mutex:
+            if self.container is None:
+                raise fail(errno.EINVAL, f"group {self.name!r} has no container")
+            if self.container_users.value:
+                raise fail(errno.EBUSY, f"group {self.name!r}: container has {self.container_users.value} user(s)")
+            self.container = None
+
+    # -- references (steps 1-3 and 5 of the module docstring) ---------------------------------
+    @staticmethod
+    def get_from_device(device: Device) -> Group:
+        """Step 1: find the device's group under ``vfio.group_lock`` and take a reference."""
+        with _registry.lock:
+            g = _registry.groups.get(device.group.name)
+            if g is not device.group:
+                raise fail(errno.ENODEV, f"{device!r}: group is not registered")
+            g.refs.inc()
+        return g
+
+    def add_container_user(self) -> Container:
+        """Steps 2-3: check viability, then count a container user under ``group.mutex``."""
+        if not self.viable():
+            raise fail(errno.EINVAL, f"group {self.name!r} is not viable (unbound device)")
+        with self.mutex:
+            c = self.container
+            if c is None:
+                raise fail(errno.EINVAL, f"group {self.name!r} is not attached to a container")
+            self.container_users.inc()
+        return c
+
+    def put(self) -> None:
+        self.refs.dec()
+
+
+def _enter(device: Device) -> tuple[Group, Container]:
+    g = Group.get_from_device(device)
+    try:
+        return g, g.add_container_user()
+    except BaseException:
+        g.put()
+        raise
+
+
+def _leave(g: Group) -> None:
+    g.container_users.dec()
+    g.put()
+
+
+def vfio_dma_rw(device: Device, iova: int, buf: Buffer, write: bool) -> None:
+    """The per-call path: every reference and lock taken and dropped around one access."""
+    g, c = _enter(device)
+    try:
+        c.dma_rw(iova, buf, write)
+    finally:
+        _leave(g)
+
+
+def vfio_pin_pages(device: Device, iova: int, npage: int, prot: Prot) -> list[int]:
+    g, c = _enter(device)
+    try:
+        return c.pin_pages(iova, npage, prot)
+    finally:
+        _leave(g)
+
+
+def vfio_unpin_pages(device: Device, iova: int, npage: int) -> None:
+    g, c = _enter(device)
+    try:
+        c.unpin_pages(iova, npage)
+    finally:
+        _leave(g)
+
+
+class ExternalUser:
+    """Group and container-user references held across calls (``vfio_group_get_external_user``)."""
+
+    def __init__(self, group: Group, container: Container) -> None:
+        self.group = group
+        self.container: Container | None = container
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_device(cls, device: Device) -> ExternalUser:
+        g, c = _enter(device)
+        return cls(g, c)
+
+    def _c(self) -> Container:
+        c = self.container
+        if c is None:
+            raise fail(errno.EINVAL, f"external user of group {self.group.name!r} is closed")
+        return c
+
+    def dma_rw(self, iova: int, buf: Buffer, write: bool) -> None:
+        self._c().dma_rw(iova, buf, write)
+
+    def dma_read(self, iova: int, n: int) -> bytes:
+        return self._c().dma_read(iova, n)
+
+    def dma_write(self, iova: int, data: Buffer) -> None:
+        self._c().dma_rw(iova, data, True)
+
+    def pin_pages(self, iova: int, npage: int, prot: Prot) -> list[int]:
+        return self._c().pin_pages(iova, npage, prot)
+
+    def unpin_pages(self, iova: int, npage: int) -> None:
+        self._c().unpin_pages(iova, npage)
+
+    def close(self) -> None:
+        """Drop the references (idempotent)."""
+        with self._lock:
+            if self.container is None:
+                return
+            self.container = None
+        _leave(self.group)
+
+    def __enter__(self) -> ExternalUser:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -10,7 +10,7 @@ from . import demo
 
 # Each entry: a module function ``register(subparsers)`` that adds one subcommand and sets
 # ``func`` (taking the parsed args, returning the exit code) as its default.
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[type-arg]
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     demo.register,
 ]
 

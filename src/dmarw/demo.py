@@ -70,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
     return tour()
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tour", help="a short tour of the core API")
     p.set_defaults(func=_run)
     d = sub.add_parser("demo", help="the main job on a built-in default (the tour until the lab lands)")

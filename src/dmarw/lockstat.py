@@ -61,7 +61,7 @@ class LockClass:
 
     @property
     def count(self) -> int:
-        return int(self._count.__reduce__()[1][0])  # type: ignore[index]
+        return int(self._count.__reduce__()[1][0])
 
     def snapshot(self) -> tuple[int, int, int]:
         with self._guard:

@@ -12,6 +12,11 @@ Time is reported in ns (``time.perf_counter_ns``) and in CPU cycles.  Cycles are
 (when built) reads the TSC itself.  :func:`timer_overhead_ns` measures the cost of one
 timestamp pair, which the seed says adds ~20 cycles to each of its figures; ours is
 reported, and the lab subtracts it.
+
+A :func:`collect` block is a time window over the whole process: its table covers every
+acquisition made, by any thread, between the block's entry and exit, and nothing made
+before or after.  Blocks may nest (the outer one also sees the inner one's acquisitions)
+and may be open in several threads at once (each sees its own window).
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ LOCK_NAMES = (
     "group.device_lock",
     "group.mutex",
     "iommu.lock",
+    "iommu.rcu",
     "task_lock",
     "kvm.srcu",
+    "kvm.slots_lock",
 )
 
 
@@ -89,33 +96,41 @@ def collecting() -> bool:
 
 
 @functools.cache
-def cpu_hz() -> float:
-    """CPU (TSC) frequency in Hz, as the kernel reports it; 1 GHz if nothing says."""
+def _cpu_hz_and_source() -> tuple[float, str]:
+    """The first frequency the kernel reports, and which file said it."""
     try:
         with open("/sys/devices/system/cpu/cpu0/tsc_freq_khz") as f:
-            return float(f.read()) * 1e3
-    except OSError:
+            return float(f.read()) * 1e3, "tsc_freq_khz (TSC)"
+    except (OSError, ValueError):
         pass
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("cpu MHz"):
-                    return float(line.split(":")[1]) * 1e6
-    except (OSError, ValueError):
+                    return float(line.split(":")[1]) * 1e6, "/proc/cpuinfo cpu MHz"
+    except (OSError, ValueError, IndexError):
         pass
     try:
         with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
-            return float(f.read()) * 1e3
+            return float(f.read()) * 1e3, "cpufreq cpuinfo_max_freq"
     except (OSError, ValueError):
-        return 1e9
+        return 1e9, "no frequency reported: assumed 1 GHz"
+
+
+def cpu_hz() -> float:
+    """CPU (TSC) frequency in Hz, as the kernel reports it; 1 GHz if nothing says."""
+    return _cpu_hz_and_source()[0]
 
 
 def ns_to_cycles(ns: float) -> float:
+    """Cycles at :func:`cpu_hz` for a duration in ns."""
     return ns * cpu_hz() / 1e9
 
 
 def cycles_source() -> str:
-    return f"cycles = ns x {cpu_hz() / 1e6:.1f} MHz (kernel-reported TSC/CPU frequency)"
+    """One line saying how cycles are derived on this machine."""
+    hz, source = _cpu_hz_and_source()
+    return f"cycles = ns x {hz / 1e6:.1f} MHz ({source})"
 
 
 def timer_overhead_ns(samples: int = 20001) -> float:

@@ -23,7 +23,7 @@ import errno
 import threading
 from typing import Any
 
-from .errors import fail
+from .errors import DmaError, fail, rng
 from .locks import Mutex
 from .type1 import Buffer, Container, Prot
 
@@ -83,6 +83,7 @@ class Device:
             g.unbound.add(self.name)
 
     def bind(self) -> None:
+        """Bind back to the vfio driver: leave the unbound list (idempotent)."""
         g = self.group
         with g.unbound_lock:
             g.unbound.discard(self.name)
@@ -119,6 +120,7 @@ class Group:
             _registry.groups.pop(self.name, None)
 
     def add_device(self, name: str) -> Device:
+        """Add a bound device under ``group.device_lock`` (``EEXIST`` for a name in use)."""
         with self.device_lock:
             if name in self.devices:
                 raise fail(errno.EEXIST, f"device {name!r} already in group {self.name!r}")
@@ -135,6 +137,7 @@ class Group:
             return all(d.bound for d in self.devices.values())
 
     def set_container(self, container: Container) -> None:
+        """Attach ``container`` under ``group.mutex`` (``EBUSY`` if one is attached)."""
         with self.mutex:
             if self.container is not None:
                 raise fail(errno.EBUSY, f"group {self.name!r} already has a container")
@@ -153,6 +156,8 @@ class Group:
     @staticmethod
     def get_from_device(device: Device) -> Group:
         """Step 1: find the device's group under ``vfio.group_lock`` and take a reference."""
+        if not isinstance(device, Device):
+            raise fail(errno.EINVAL, f"{device!r} is not a Device")
         with _registry.lock:
             g = _registry.groups.get(device.group.name)
             if g is not device.group:
@@ -172,16 +177,42 @@ class Group:
         return c
 
     def put(self) -> None:
+        """Drop a group reference (an atomic, no lock)."""
         self.refs.dec()
 
 
-def _enter(device: Device) -> tuple[Group, Container]:
-    g = Group.get_from_device(device)
+def _enter(
+    device: Device, op: str, iova: int | None = None, arg: Buffer | int | None = None
+) -> tuple[Group, Container]:
+    """Steps 1-3; on failure every reference taken so far is dropped again.
+
+    The error message (naming ``op`` and its address: ``arg`` is the buffer or the page
+    count) is built only on failure, so the success path formats nothing.
+    """
+    try:
+        g = Group.get_from_device(device)
+    except DmaError as e:
+        raise fail(e.errno or errno.EINVAL, f"{_where(op, iova, arg)}: {e.detail}") from None
     try:
         return g, g.add_container_user()
+    except DmaError as e:
+        g.put()
+        raise fail(e.errno or errno.EINVAL, f"{_where(op, iova, arg)}: {e.detail}") from None
     except BaseException:
         g.put()
         raise
+
+
+def _where(op: str, iova: int | None, arg: Buffer | int | None) -> str:
+    """``op iova+len`` (or ``op iova npage N``) for error messages."""
+    if iova is None or arg is None:
+        return op
+    if isinstance(arg, int):
+        return f"{op} iova {iova!r} npage {arg!r}"
+    try:
+        return f"{op} {rng(iova, memoryview(arg).nbytes)}"
+    except (TypeError, ValueError):
+        return f"{op} iova {iova!r}"
 
 
 def _leave(g: Group) -> None:
@@ -191,7 +222,7 @@ def _leave(g: Group) -> None:
 
 def vfio_dma_rw(device: Device, iova: int, buf: Buffer, write: bool) -> None:
     """The per-call path: every reference and lock taken and dropped around one access."""
-    g, c = _enter(device)
+    g, c = _enter(device, "vfio_dma_rw", iova, buf)
     try:
         c.dma_rw(iova, buf, write)
     finally:
@@ -199,7 +230,8 @@ def vfio_dma_rw(device: Device, iova: int, buf: Buffer, write: bool) -> None:
 
 
 def vfio_pin_pages(device: Device, iova: int, npage: int, prot: Prot) -> list[int]:
-    g, c = _enter(device)
+    """Per-call pin: steps 1-3, then the container's pin (iommu lock, write side)."""
+    g, c = _enter(device, "vfio_pin_pages", iova, npage)
     try:
         return c.pin_pages(iova, npage, prot)
     finally:
@@ -207,7 +239,8 @@ def vfio_pin_pages(device: Device, iova: int, npage: int, prot: Prot) -> list[in
 
 
 def vfio_unpin_pages(device: Device, iova: int, npage: int) -> None:
-    g, c = _enter(device)
+    """Per-call unpin: steps 1-3, then the container's unpin (iommu lock, write side)."""
+    g, c = _enter(device, "vfio_unpin_pages", iova, npage)
     try:
         c.unpin_pages(iova, npage)
     finally:
@@ -215,7 +248,12 @@ def vfio_unpin_pages(device: Device, iova: int, npage: int) -> None:
 
 
 class ExternalUser:
-    """Group and container-user references held across calls (``vfio_group_get_external_user``)."""
+    """Group and container-user references held across calls (``vfio_group_get_external_user``).
+
+    Each call then takes only the container's iommu lock and the address-space reference.
+    Viability is checked once, when the handle is taken; the container cannot be detached
+    (``EBUSY``) until :meth:`close`.  Use after close is ``EINVAL``.
+    """
 
     def __init__(self, group: Group, container: Container) -> None:
         self.group = group
@@ -224,29 +262,47 @@ class ExternalUser:
 
     @classmethod
     def from_device(cls, device: Device) -> ExternalUser:
-        g, c = _enter(device)
+        """Steps 1-3 once (``vfio.group_lock``, viability, ``group.mutex``)."""
+        g, c = _enter(device, "external user")
         return cls(g, c)
 
-    def _c(self) -> Container:
-        c = self.container
-        if c is None:
-            raise fail(errno.EINVAL, f"external user of group {self.group.name!r} is closed")
-        return c
+    def _closed(self, what: str) -> OSError:
+        return fail(errno.EINVAL, f"{what}: external user of group {self.group.name!r} is closed")
 
     def dma_rw(self, iova: int, buf: Buffer, write: bool) -> None:
-        self._c().dma_rw(iova, buf, write)
+        """The container's ``dma_rw``: iommu lock (read side) and the mm reference only."""
+        c = self.container
+        if c is None:
+            raise self._closed(_where("dma_rw", iova, buf))
+        c.dma_rw(iova, buf, write)
 
     def dma_read(self, iova: int, n: int) -> bytes:
-        return self._c().dma_read(iova, n)
+        """Read ``n`` bytes at ``iova`` (see :meth:`dma_rw`)."""
+        c = self.container
+        if c is None:
+            raise self._closed(f"dma_read iova {iova!r} len {n!r}")
+        return c.dma_read(iova, n)
 
     def dma_write(self, iova: int, data: Buffer) -> None:
-        self._c().dma_rw(iova, data, True)
+        """Write ``data`` at ``iova`` (see :meth:`dma_rw`)."""
+        c = self.container
+        if c is None:
+            raise self._closed(_where("dma_write", iova, data))
+        c.dma_rw(iova, data, True)
 
     def pin_pages(self, iova: int, npage: int, prot: Prot) -> list[int]:
-        return self._c().pin_pages(iova, npage, prot)
+        """The container's pin: iommu lock (write side) and the mm reference only."""
+        c = self.container
+        if c is None:
+            raise self._closed(_where("pin_pages", iova, npage))
+        return c.pin_pages(iova, npage, prot)
 
     def unpin_pages(self, iova: int, npage: int) -> None:
-        self._c().unpin_pages(iova, npage)
+        """The container's unpin: iommu lock (write side) only."""
+        c = self.container
+        if c is None:
+            raise self._closed(_where("unpin_pages", iova, npage))
+        c.unpin_pages(iova, npage)
 
     def close(self) -> None:
         """Drop the references (idempotent)."""

@@ -73,8 +73,9 @@ class AddressSpace:
     def __init__(self, *, kthread: bool = False) -> None:
         self.task_lock = Mutex("task_lock")
         self.kthread = kthread
-        self._regions: tuple[Region, ...] = ()
-        self._starts: list[int] = []
+        # one snapshot published whole, so a lock-free lookup never pairs a new start list
+        # with an old region tuple: (regions sorted by hva, their start hvas)
+        self._snap: tuple[tuple[Region, ...], list[int]] = ((), [])
         self._map_lock = threading.Lock()
         self._users = 1  # the owner's reference
         self._exited = False
@@ -121,7 +122,7 @@ class AddressSpace:
             last = self._users == 0
         if last:
             with self._map_lock:
-                regions, self._regions, self._starts = self._regions, (), []
+                regions, self._snap = self._snap[0], ((), [])
             for r in regions:
                 r.release()
 
@@ -165,27 +166,26 @@ class AddressSpace:
                 raise
         region = Region(_address_of(m), size, m, backing, fd)
         with self._map_lock:
-            regions = sorted((*self._regions, region), key=lambda r: r.hva)
-            self._regions = tuple(regions)
-            self._starts = [r.hva for r in regions]
+            regions = sorted((*self._snap[0], region), key=lambda r: r.hva)
+            self._snap = (tuple(regions), [r.hva for r in regions])
         return region.hva
 
     def munmap(self, hva: int, size: int) -> None:
         """Unmap a whole mapping made by :meth:`mmap` (``EINVAL`` otherwise)."""
         with self._map_lock:
-            for r in self._regions:
+            for r in self._snap[0]:
                 if r.hva == hva and r.size == size:
                     break
             else:
                 raise fail(errno.EINVAL, f"munmap {rng(hva, size)}: not a whole mapping")
-            self._regions = tuple(x for x in self._regions if x is not r)
-            self._starts = [x.hva for x in self._regions]
+            rest = tuple(x for x in self._snap[0] if x is not r)
+            self._snap = (rest, [x.hva for x in rest])
         r.release()  # a racing access through a cached Region sees ValueError -> EFAULT
 
     def region(self, hva: int, n: int) -> tuple[Region, int]:
         """The region holding ``[hva, hva+n)`` and the offset of hva in it, else ``EFAULT``."""
-        regions = self._regions
-        i = bisect.bisect_right(self._starts, hva) - 1
+        regions, starts = self._snap
+        i = bisect.bisect_right(starts, hva) - 1
         if i >= 0:
             r = regions[i]
             if hva + n <= r.end and n >= 0:
@@ -200,7 +200,7 @@ class AddressSpace:
         return r.fd
 
     def regions(self) -> tuple[Region, ...]:
-        return self._regions
+        return self._snap[0]
 
     # -- byte access (the owner's own loads and stores) ------------------------------------
     def read(self, hva: int, n: int) -> bytes:

@@ -1,0 +1,1375 @@
+/* dmarw._native: the hot path of dmarw in C11, checked against the Python core.
+ *
+ * Contents (each small and boring):
+ *   - a cycle counter: rdtsc when the CPU has an invariant TSC (constant_tsc and
+ *     nonstop_tsc in /proc/cpuinfo), CLOCK_MONOTONIC nanoseconds elsewhere;
+ *   - atomic dirty bitmaps over a writable buffer of u64 words: a page range is marked with
+ *     one fetch_or per word, get-and-clear is one exchange per non-zero word;
+ *   - raw copies between a host virtual address and a Python buffer;
+ *   - Table: an immutable native copy of a container's (or VM's) mapping snapshot;
+ *   - Core: the lock (mutex, rwsem or rcu) plus the current Table, with the one-call paths
+ *     dma_rw (type1 rules) and read_guest/write_guest (KVM rules);
+ *   - MmRef: the address space user count as a real atomic, and task_lock as a mutex.
+ *
+ * Memory safety: a Table holds a buffer export on every mapping's mmap object, so the
+ * memory it points at cannot be unmapped while the Table lives (mmap.close() refuses with
+ * BufferError).  A reader takes a strong reference to the Table under the GIL before it
+ * may drop the GIL for a large copy.  The grace period (rcu) or the lock (mutex/rwsem)
+ * make unmap wait for readers, so after unmap returns no access reaches the old mapping.
+ *
+ * The GIL is released around copies of at least gil_threshold bytes, chosen by
+ * measurement (bench/native.py) and settable with set_gil_threshold().
+ */
+#define _GNU_SOURCE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <x86intrin.h>
+#define HAVE_RDTSC 1
+#else
+#define HAVE_RDTSC 0
+#endif
+
+#define PROT_R 1
+#define PROT_W 2
+#define KVM_PAGE 4096u
+
+enum { LOCK_MUTEX = 0, LOCK_RWSEM = 1, LOCK_RCU = 2 };
+enum { MM_MMGET_NOT_ZERO = 0, MM_GET_TASK_MM = 1 };
+
+static PyObject *error_type;      /* dmarw.DmaError, set by set_error_type() */
+static PyObject *str_exited;      /* "_exited" */
+static PyObject *str_kthread;     /* "kthread" */
+static PyObject *str_released;    /* "released" */
+static Py_ssize_t gil_threshold = 65536;
+static int use_tsc;
+static double tsc_hz_cached;
+
+/* ---- errors ------------------------------------------------------------------------ */
+
+/* Raise dmarw.DmaError(err, message); returns NULL for the caller to return. */
+static PyObject *
+dma_error(int err, const char *fmt, ...)
+{
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (error_type == NULL) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *exc = PyObject_CallFunction(error_type, "is", err, msg);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+static PyObject *
+set_error_type(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    if (!PyType_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "set_error_type: expected an exception type");
+        return NULL;
+    }
+    Py_INCREF(arg);
+    Py_XSETREF(error_type, arg);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+set_gil_threshold(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    Py_ssize_t v = PyLong_AsSsize_t(arg);
+    if (v == -1 && PyErr_Occurred())
+        return NULL;
+    if (v < 0) {
+        PyErr_SetString(PyExc_ValueError, "gil threshold must be >= 0");
+        return NULL;
+    }
+    Py_ssize_t old = gil_threshold;
+    gil_threshold = v;
+    return PyLong_FromSsize_t(old);
+}
+
+/* ---- cycle counter ----------------------------------------------------------------- */
+
+static uint64_t
+now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static inline uint64_t
+read_cycles(void)
+{
+#if HAVE_RDTSC
+    if (use_tsc)
+        return __rdtsc();
+#endif
+    return now_ns();
+}
+
+static int
+cpu_has_invariant_tsc(void)
+{
+#if HAVE_RDTSC
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (f == NULL)
+        return 0;
+    char line[4096];
+    int constant = 0, nonstop = 0;
+    while (fgets(line, sizeof line, f) != NULL) {
+        if (strncmp(line, "flags", 5) != 0)
+            continue;
+        constant = strstr(line, " constant_tsc") != NULL;
+        nonstop = strstr(line, " nonstop_tsc") != NULL;
+        break;
+    }
+    fclose(f);
+    return constant && nonstop;
+#else
+    return 0;
+#endif
+}
+
+static PyObject *
+cycles(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyLong_FromUnsignedLongLong(read_cycles());
+}
+
+static PyObject *
+counter_kind(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyUnicode_FromString(use_tsc ? "rdtsc" : "clock_monotonic");
+}
+
+/* Counter ticks per second: measured once against CLOCK_MONOTONIC over >= 20 ms. */
+static PyObject *
+tsc_hz(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    if (!use_tsc)
+        return PyFloat_FromDouble(1e9);
+    if (tsc_hz_cached == 0.0) {
+        uint64_t t0, c0, t1, c1;
+        Py_BEGIN_ALLOW_THREADS
+        t0 = now_ns();
+        c0 = read_cycles();
+        do {
+            t1 = now_ns();
+            c1 = read_cycles();
+        } while (t1 - t0 < 20000000u);
+        Py_END_ALLOW_THREADS
+        tsc_hz_cached = (double)(c1 - c0) * 1e9 / (double)(t1 - t0);
+    }
+    return PyFloat_FromDouble(tsc_hz_cached);
+}
+
+/* ---- dirty bitmaps ----------------------------------------------------------------- */
+
+/* Set bits first..last (inclusive) with one atomic fetch_or per word. */
+static inline void
+bits_mark(uint64_t *w, uint64_t first, uint64_t last)
+{
+    uint64_t fw = first >> 6, lw = last >> 6;
+    uint64_t fmask = ~0ull << (first & 63);
+    uint64_t lmask = ~0ull >> (63 - (last & 63));
+    if (fw == lw) {
+        __atomic_fetch_or(&w[fw], fmask & lmask, __ATOMIC_RELAXED);
+        return;
+    }
+    __atomic_fetch_or(&w[fw], fmask, __ATOMIC_RELAXED);
+    for (uint64_t i = fw + 1; i < lw; i++)
+        __atomic_fetch_or(&w[i], ~0ull, __ATOMIC_RELAXED);
+    __atomic_fetch_or(&w[lw], lmask, __ATOMIC_RELAXED);
+}
+
+static int
+get_words(PyObject *obj, Py_buffer *view, int writable)
+{
+    if (PyObject_GetBuffer(obj, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0)
+        return -1;
+    if (view->len % 8 != 0 || ((uintptr_t)view->buf & 7u) != 0) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "bitmap buffer must be 8-byte aligned whole u64 words");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+bitmap_mark(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "bitmap_mark(buf, first, last)");
+        return NULL;
+    }
+    unsigned long long first = PyLong_AsUnsignedLongLong(args[1]);
+    if (first == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    unsigned long long last = PyLong_AsUnsignedLongLong(args[2]);
+    if (last == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer v;
+    if (get_words(args[0], &v, 1) < 0)
+        return NULL;
+    uint64_t nbits = (uint64_t)v.len * 8;
+    if (first > last || last >= nbits) {
+        PyBuffer_Release(&v);
+        PyErr_Format(PyExc_ValueError, "bitmap_mark %llu..%llu outside %llu bits", first, last,
+                     (unsigned long long)nbits);
+        return NULL;
+    }
+    bits_mark((uint64_t *)v.buf, first, last);
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
+
+/* Get and clear: an exchange per non-zero word; bits in keep are set again afterwards
+ * (and reported).  Returns the old words as bytes (little-endian u64, the kernel layout). */
+static PyObject *
+bitmap_take(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    static char *kwlist[] = {"buf", "keep", NULL};
+    PyObject *obj, *keep = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O:bitmap_take", kwlist, &obj, &keep))
+        return NULL;
+    Py_buffer v;
+    if (get_words(obj, &v, 1) < 0)
+        return NULL;
+    uint64_t *w = (uint64_t *)v.buf;
+    Py_ssize_t nw = v.len / 8;
+    uint64_t nbits = (uint64_t)nw * 64;
+    PyObject *seq = NULL;
+    if (keep != Py_None) {
+        seq = PySequence_Fast(keep, "keep must be iterable");
+        if (seq == NULL)
+            goto fail;
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+            unsigned long long k = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
+            if (k == (unsigned long long)-1 && PyErr_Occurred())
+                goto fail;
+            if (k >= nbits) {
+                PyErr_Format(PyExc_ValueError, "keep bit %llu outside %llu bits", k,
+                             (unsigned long long)nbits);
+                goto fail;
+            }
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, v.len);
+    if (out == NULL)
+        goto fail;
+    uint64_t *o = (uint64_t *)PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < nw; i++) {
+        uint64_t x = __atomic_load_n(&w[i], __ATOMIC_RELAXED);
+        o[i] = x ? __atomic_exchange_n(&w[i], 0, __ATOMIC_ACQ_REL) : 0;
+    }
+    if (seq != NULL) {
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+            uint64_t k = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
+            __atomic_fetch_or(&w[k >> 6], 1ull << (k & 63), __ATOMIC_RELAXED);
+            o[k >> 6] |= 1ull << (k & 63);
+        }
+        Py_DECREF(seq);
+    }
+    PyBuffer_Release(&v);
+    return out;
+fail:
+    Py_XDECREF(seq);
+    PyBuffer_Release(&v);
+    return NULL;
+}
+
+static PyObject *
+bitmap_peek(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    Py_buffer v;
+    if (get_words(arg, &v, 0) < 0)
+        return NULL;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, v.len);
+    if (out != NULL) {
+        uint64_t *o = (uint64_t *)PyBytes_AS_STRING(out);
+        const uint64_t *w = (const uint64_t *)v.buf;
+        for (Py_ssize_t i = 0; i < v.len / 8; i++)
+            o[i] = __atomic_load_n(&w[i], __ATOMIC_RELAXED);
+    }
+    PyBuffer_Release(&v);
+    return out;
+}
+
+/* ---- raw hva copies ---------------------------------------------------------------- */
+
+static void
+copy_bytes(void *dst, const void *src, size_t n)
+{
+    if ((Py_ssize_t)n >= gil_threshold) {
+        Py_BEGIN_ALLOW_THREADS
+        memmove(dst, src, n);
+        Py_END_ALLOW_THREADS
+    } else {
+        memmove(dst, src, n);
+    }
+}
+
+/* hva_read(hva, buf): fill buf from the host address.  No checks: the caller owns hva. */
+static PyObject *
+hva_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "hva_read(hva, buf)");
+        return NULL;
+    }
+    void *hva = PyLong_AsVoidPtr(args[0]);
+    if (hva == NULL && PyErr_Occurred())
+        return NULL;
+    Py_buffer v;
+    if (PyObject_GetBuffer(args[1], &v, PyBUF_WRITABLE) < 0)
+        return NULL;
+    copy_bytes(v.buf, hva, (size_t)v.len);
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
+
+/* hva_write(hva, data): copy data to the host address.  No checks: the caller owns hva. */
+static PyObject *
+hva_write(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "hva_write(hva, data)");
+        return NULL;
+    }
+    void *hva = PyLong_AsVoidPtr(args[0]);
+    if (hva == NULL && PyErr_Occurred())
+        return NULL;
+    Py_buffer v;
+    if (PyObject_GetBuffer(args[1], &v, PyBUF_SIMPLE) < 0)
+        return NULL;
+    copy_bytes(hva, v.buf, (size_t)v.len);
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
+
+/* ---- MmRef: the address space's user count as an atomic ---------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    long users; /* native users in flight (atomic) */
+    pthread_mutex_t task_lock;
+} MmRefObject;
+
+static int
+MmRef_init(MmRefObject *self, PyObject *args, PyObject *kwargs)
+{
+    (void)self;
+    if (!PyArg_ParseTuple(args, ":MmRef") || (kwargs && PyDict_Size(kwargs))) {
+        PyErr_SetString(PyExc_TypeError, "MmRef() takes no arguments");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+MmRef_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    (void)args;
+    (void)kwargs;
+    MmRefObject *self = (MmRefObject *)type->tp_alloc(type, 0);
+    if (self != NULL) {
+        self->users = 0;
+        pthread_mutex_init(&self->task_lock, NULL);
+    }
+    return (PyObject *)self;
+}
+
+static void
+MmRef_dealloc(MmRefObject *self)
+{
+    pthread_mutex_destroy(&self->task_lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+MmRef_users(MmRefObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromLong(__atomic_load_n(&self->users, __ATOMIC_SEQ_CST));
+}
+
+static PyGetSetDef MmRef_getset[] = {
+    {"users", (getter)MmRef_users, NULL, "native users in flight", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject MmRefType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dmarw._native.MmRef",
+    .tp_basicsize = sizeof(MmRefObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The user count of one address space as a real atomic, and its task_lock.",
+    .tp_new = MmRef_new,
+    .tp_init = (initproc)MmRef_init,
+    .tp_dealloc = (destructor)MmRef_dealloc,
+    .tp_getset = MmRef_getset,
+};
+
+/* Take a mutex; if it is busy, wait without the GIL (the holder may need the GIL). */
+static void
+mutex_lock_nogil(pthread_mutex_t *m)
+{
+    if (pthread_mutex_trylock(m) == 0)
+        return;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(m);
+    Py_END_ALLOW_THREADS
+}
+
+/* 1 if the Python attribute is true, 0 if false, -1 on error. */
+static int
+attr_true(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* mmget_not_zero / get_task_mm on the native count: 1 counted, 0 refused, -1 error. */
+static int
+mm_get(MmRefObject *mm, PyObject *space, int mode)
+{
+    if (mode == MM_GET_TASK_MM) {
+        mutex_lock_nogil(&mm->task_lock);
+        int exited = attr_true(space, str_exited);
+        int kthread = exited == 0 ? attr_true(space, str_kthread) : 0;
+        int ok = exited == 0 && kthread == 0;
+        if (ok)
+            __atomic_fetch_add(&mm->users, 1, __ATOMIC_ACQUIRE);
+        pthread_mutex_unlock(&mm->task_lock);
+        if (exited < 0 || kthread < 0)
+            return -1;
+        return ok;
+    }
+    int exited = attr_true(space, str_exited);
+    if (exited != 0)
+        return exited < 0 ? -1 : 0;
+    __atomic_fetch_add(&mm->users, 1, __ATOMIC_ACQUIRE);
+    return 1;
+}
+
+static void
+mm_put(MmRefObject *mm)
+{
+    __atomic_fetch_sub(&mm->users, 1, __ATOMIC_RELEASE);
+}
+
+/* ---- Table: one immutable snapshot of mappings ------------------------------------ */
+
+typedef struct {
+    uint64_t start; /* iova or gpa */
+    uint64_t size;
+    char *mem; /* host memory of start, or NULL when the backing is already gone */
+    int prot;
+    int have_view;
+    int have_bits;
+    Py_buffer view;  /* export on the region's mmap: keeps the memory mapped */
+    Py_buffer bview; /* export on the dirty bitmap's words */
+    PyObject *region; /* for the released flag */
+    PyObject *space;  /* owner's address space, or NULL (KVM) */
+    MmRefObject *mm;  /* its native user count, or NULL (KVM) */
+} Entry;
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t n;
+    Entry *e;
+} TableObject;
+
+static void
+Table_clear_entries(TableObject *t)
+{
+    for (Py_ssize_t i = 0; i < t->n; i++) {
+        Entry *e = &t->e[i];
+        if (e->have_view)
+            PyBuffer_Release(&e->view);
+        if (e->have_bits)
+            PyBuffer_Release(&e->bview);
+        Py_XDECREF(e->region);
+        Py_XDECREF(e->space);
+        Py_XDECREF((PyObject *)e->mm);
+    }
+    PyMem_Free(t->e);
+    t->e = NULL;
+    t->n = 0;
+}
+
+static void
+Table_dealloc(TableObject *self)
+{
+    Table_clear_entries(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Table(entries): each entry is a tuple
+ *   (start, size, map, offset, prot, bitmap_words_or_None, region, space_or_None, mmref_or_None)
+ * sorted by start, non-overlapping.  A map that can no longer export its buffer (closed)
+ * makes an entry whose accesses fail with EFAULT. */
+static PyObject *
+Table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"entries", NULL};
+    PyObject *entries;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O:Table", kwlist, &entries))
+        return NULL;
+    PyObject *seq = PySequence_Fast(entries, "Table: entries must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    TableObject *t = (TableObject *)type->tp_alloc(type, 0);
+    if (t == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    t->e = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Entry));
+    if (t->e == NULL) {
+        Py_DECREF(seq);
+        Py_DECREF(t);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        unsigned long long start, size;
+        PyObject *map, *bits, *region, *space, *mm;
+        Py_ssize_t offset;
+        int prot;
+        if (!PyArg_ParseTuple(item, "KKOniOOOO:Table entry", &start, &size, &map, &offset, &prot,
+                              &bits, &region, &space, &mm))
+            goto fail;
+        Entry *e = &t->e[i];
+        t->n = i + 1;
+        e->start = start;
+        e->size = size;
+        e->prot = prot;
+        Py_INCREF(region);
+        e->region = region;
+        if (size == 0 || start + size - 1 < start ||
+            (i > 0 && start < t->e[i - 1].start + t->e[i - 1].size)) {
+            PyErr_SetString(PyExc_ValueError, "Table: entries must be sorted, non-empty, disjoint");
+            goto fail;
+        }
+        if (space != Py_None) {
+            if (!PyObject_TypeCheck(mm, &MmRefType)) {
+                PyErr_SetString(PyExc_TypeError, "Table: a space needs its MmRef");
+                goto fail;
+            }
+            Py_INCREF(space);
+            e->space = space;
+            Py_INCREF(mm);
+            e->mm = (MmRefObject *)mm;
+        }
+        if (PyObject_GetBuffer(map, &e->view, PyBUF_SIMPLE) == 0) {
+            e->have_view = 1;
+            if (offset < 0 || (uint64_t)offset + size > (uint64_t)e->view.len) {
+                PyErr_SetString(PyExc_ValueError, "Table: mapping outside its region");
+                goto fail;
+            }
+            e->mem = (char *)e->view.buf + offset;
+        } else {
+            PyErr_Clear(); /* a closed mmap: accesses fail with EFAULT */
+        }
+        if (bits != Py_None) {
+            if (get_words(bits, &e->bview, 1) < 0)
+                goto fail;
+            e->have_bits = 1;
+        }
+    }
+    Py_DECREF(seq);
+    return (PyObject *)t;
+fail:
+    Py_DECREF(seq);
+    Py_DECREF(t);
+    return NULL;
+}
+
+static PyObject *
+Table_len(TableObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromSsize_t(self->n);
+}
+
+static PyGetSetDef Table_getset[] = {
+    {"n", (getter)Table_len, NULL, "number of mappings", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject TableType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dmarw._native.Table",
+    .tp_basicsize = sizeof(TableObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "An immutable native snapshot of mappings (built on every publish).",
+    .tp_new = Table_new,
+    .tp_dealloc = (destructor)Table_dealloc,
+    .tp_getset = Table_getset,
+};
+
+/* The entry containing addr, or NULL (binary search). */
+static inline Entry *
+table_find(TableObject *t, uint64_t addr)
+{
+    Py_ssize_t lo = 0, hi = t->n;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (t->e[mid].start <= addr)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == 0)
+        return NULL;
+    Entry *e = &t->e[lo - 1];
+    return addr - e->start < e->size ? e : NULL;
+}
+
+/* ---- Core: the lock and the current table ----------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    int lock;  /* LOCK_* */
+    int mm_mode; /* MM_* */
+    int kvm;   /* KVM rules (page walk, EFAULT) instead of type1 rules */
+    int shift; /* dirty page shift */
+    PyObject *name;
+    TableObject *table;
+    pthread_mutex_t mutex;  /* mutex strategy; the writers' lock for rcu */
+    pthread_rwlock_t rwsem;
+    pthread_mutex_t gp_lock; /* serialises grace periods */
+    unsigned long epoch;     /* rcu: grace-period counter (atomic) */
+    long readers[2];         /* rcu: readers in each epoch parity (atomic) */
+    unsigned long long reads, writes; /* acquisitions of each side (atomic) */
+} CoreObject;
+
+static PyObject *
+Core_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"lock", "mm_ref", "kvm", "shift", "name", NULL};
+    const char *lock = "mutex", *mm_ref = "mmget_not_zero";
+    int kvm = 0, shift = 12;
+    PyObject *name = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|sspiU:Core", kwlist, &lock, &mm_ref, &kvm,
+                                     &shift, &name))
+        return NULL;
+    int lk;
+    if (strcmp(lock, "mutex") == 0)
+        lk = LOCK_MUTEX;
+    else if (strcmp(lock, "rwsem") == 0)
+        lk = LOCK_RWSEM;
+    else if (strcmp(lock, "rcu") == 0)
+        lk = LOCK_RCU;
+    else {
+        PyErr_Format(PyExc_ValueError, "Core: unknown lock %s", lock);
+        return NULL;
+    }
+    int mm;
+    if (strcmp(mm_ref, "mmget_not_zero") == 0)
+        mm = MM_MMGET_NOT_ZERO;
+    else if (strcmp(mm_ref, "get_task_mm") == 0)
+        mm = MM_GET_TASK_MM;
+    else {
+        PyErr_Format(PyExc_ValueError, "Core: unknown mm_ref %s", mm_ref);
+        return NULL;
+    }
+    if (shift < 12 || shift > 40) {
+        PyErr_SetString(PyExc_ValueError, "Core: shift out of range");
+        return NULL;
+    }
+    CoreObject *c = (CoreObject *)type->tp_alloc(type, 0);
+    if (c == NULL)
+        return NULL;
+    c->lock = lk;
+    c->mm_mode = mm;
+    c->kvm = kvm;
+    c->shift = shift;
+    c->name = name ? name : PyUnicode_FromString(lock);
+    if (name)
+        Py_INCREF(name);
+    pthread_mutex_init(&c->mutex, NULL);
+    pthread_rwlockattr_t ra;
+    pthread_rwlockattr_init(&ra);
+    pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&c->rwsem, &ra);
+    pthread_rwlockattr_destroy(&ra);
+    pthread_mutex_init(&c->gp_lock, NULL);
+    c->epoch = 1;
+    c->table = (TableObject *)PyObject_CallFunction((PyObject *)&TableType, "(())");
+    if (c->table == NULL || c->name == NULL) {
+        Py_DECREF(c);
+        return NULL;
+    }
+    return (PyObject *)c;
+}
+
+static void
+Core_dealloc(CoreObject *self)
+{
+    Py_XDECREF(self->table);
+    Py_XDECREF(self->name);
+    pthread_mutex_destroy(&self->mutex);
+    pthread_rwlock_destroy(&self->rwsem);
+    pthread_mutex_destroy(&self->gp_lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Reader side: mutex or rwsem read lock (waiting without the GIL), or an rcu read
+ * section (the epoch's reader count).  Returns the token for read_unlock. */
+static inline int
+core_read_lock(CoreObject *c)
+{
+    __atomic_fetch_add(&c->reads, 1, __ATOMIC_RELAXED);
+    switch (c->lock) {
+    case LOCK_MUTEX:
+        mutex_lock_nogil(&c->mutex);
+        return 0;
+    case LOCK_RWSEM:
+        if (pthread_rwlock_tryrdlock(&c->rwsem) != 0) {
+            Py_BEGIN_ALLOW_THREADS
+            pthread_rwlock_rdlock(&c->rwsem);
+            Py_END_ALLOW_THREADS
+        }
+        return 0;
+    default: {
+        int idx = (int)(__atomic_load_n(&c->epoch, __ATOMIC_SEQ_CST) & 1);
+        __atomic_fetch_add(&c->readers[idx], 1, __ATOMIC_SEQ_CST);
+        return idx;
+    }
+    }
+}
+
+static inline void
+core_read_unlock(CoreObject *c, int token)
+{
+    switch (c->lock) {
+    case LOCK_MUTEX:
+        pthread_mutex_unlock(&c->mutex);
+        break;
+    case LOCK_RWSEM:
+        pthread_rwlock_unlock(&c->rwsem);
+        break;
+    default:
+        __atomic_fetch_sub(&c->readers[token], 1, __ATOMIC_SEQ_CST);
+    }
+}
+
+static PyObject *
+Core_read_acquire(CoreObject *self, PyObject *unused)
+{
+    (void)unused;
+    return PyLong_FromLong(core_read_lock(self));
+}
+
+static PyObject *
+Core_read_release(CoreObject *self, PyObject *token)
+{
+    long t = PyLong_AsLong(token);
+    if (t == -1 && PyErr_Occurred())
+        return NULL;
+    if (t != 0 && t != 1) {
+        PyErr_SetString(PyExc_ValueError, "read_release: bad token");
+        return NULL;
+    }
+    core_read_unlock(self, (int)t);
+    Py_RETURN_NONE;
+}
+
+/* Writer side: the mutex (mutex, rcu) or the rwsem's write lock. */
+static PyObject *
+Core_write_acquire(CoreObject *self, PyObject *unused)
+{
+    (void)unused;
+    __atomic_fetch_add(&self->writes, 1, __ATOMIC_RELAXED);
+    if (self->lock == LOCK_RWSEM) {
+        if (pthread_rwlock_trywrlock(&self->rwsem) != 0) {
+            Py_BEGIN_ALLOW_THREADS
+            pthread_rwlock_wrlock(&self->rwsem);
+            Py_END_ALLOW_THREADS
+        }
+    } else {
+        mutex_lock_nogil(&self->mutex);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Core_write_release(CoreObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (self->lock == LOCK_RWSEM)
+        pthread_rwlock_unlock(&self->rwsem);
+    else
+        pthread_mutex_unlock(&self->mutex);
+    Py_RETURN_NONE;
+}
+
+/* Grace period (rcu only): advance the epoch, then wait until no reader is left in the
+ * previous epoch's parity.  Readers increment their count before loading the table
+ * (seq_cst), so one that saw the old table is counted and waited for.  Waits without the
+ * GIL: a reader in a large copy needs it back to finish. */
+static PyObject *
+Core_synchronize(CoreObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (self->lock != LOCK_RCU)
+        Py_RETURN_NONE;
+    mutex_lock_nogil(&self->gp_lock);
+    unsigned long old = __atomic_fetch_add(&self->epoch, 1, __ATOMIC_SEQ_CST);
+    int idx = (int)(old & 1);
+    while (__atomic_load_n(&self->readers[idx], __ATOMIC_SEQ_CST) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        sched_yield();
+        Py_END_ALLOW_THREADS
+    }
+    pthread_mutex_unlock(&self->gp_lock);
+    Py_RETURN_NONE;
+}
+
+/* Install a new table (the caller holds the write side, then calls synchronize). */
+static PyObject *
+Core_set_table(CoreObject *self, PyObject *table)
+{
+    if (!PyObject_TypeCheck(table, &TableType)) {
+        PyErr_SetString(PyExc_TypeError, "set_table: expected a Table");
+        return NULL;
+    }
+    Py_INCREF(table);
+    TableObject *old = self->table;
+    __atomic_store_n(&self->table, (TableObject *)table, __ATOMIC_SEQ_CST);
+    Py_DECREF(old);
+    Py_RETURN_NONE;
+}
+
+/* ---- the one-call paths ------------------------------------------------------------ */
+
+typedef struct {
+    Entry *e;
+    uint64_t off; /* offset in the mapping */
+    uint64_t len;
+} Chunk;
+
+#define SMALL_CHUNKS 8
+
+/* iova/gpa as u64; *out_of_range = 1 for negative or >= 2**64 ints. */
+static int
+parse_addr(PyObject *obj, uint64_t *addr, int *out_of_range)
+{
+    *out_of_range = 0;
+    if (!PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "address must be an int, not %.100s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+            return -1;
+        PyErr_Clear();
+        *out_of_range = 1;
+        v = 0;
+    }
+    *addr = v;
+    return 0;
+}
+
+/* addr + n > 2**64: the range runs past the top of the address space. */
+static inline int
+past_end(uint64_t addr, uint64_t n)
+{
+    return n > 0 && addr + n - 1 < addr;
+}
+
+/* 1 if every chunk's backing is still mapped, 0 if one is gone (EFAULT), -1 on error. */
+static int
+chunks_backed(Chunk *ch, Py_ssize_t nch, Entry **gone)
+{
+    for (Py_ssize_t i = 0; i < nch; i++) {
+        Entry *e = ch[i].e;
+        if (i > 0 && e == ch[i - 1].e)
+            continue;
+        int released = e->mem == NULL ? 1 : attr_true(e->region, str_released);
+        if (released != 0) {
+            *gone = e;
+            return released < 0 ? -1 : 0;
+        }
+    }
+    return 1;
+}
+
+static void
+copy_chunks(Chunk *ch, Py_ssize_t nch, char *buf, int write, uint64_t total)
+{
+    uint64_t pos = 0;
+    if ((Py_ssize_t)total >= gil_threshold) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < nch; i++) {
+            char *m = ch[i].e->mem + ch[i].off;
+            if (write)
+                memmove(m, buf + pos, ch[i].len);
+            else
+                memmove(buf + pos, m, ch[i].len);
+            pos += ch[i].len;
+        }
+        Py_END_ALLOW_THREADS
+    } else {
+        for (Py_ssize_t i = 0; i < nch; i++) {
+            char *m = ch[i].e->mem + ch[i].off;
+            if (write)
+                memmove(m, buf + pos, ch[i].len);
+            else
+                memmove(buf + pos, m, ch[i].len);
+            pos += ch[i].len;
+        }
+    }
+}
+
+static const char *
+prot_repr(int prot)
+{
+    switch (prot) {
+    case PROT_R:
+        return "<Prot.READ: 1>";
+    case PROT_W:
+        return "<Prot.WRITE: 2>";
+    case PROT_R | PROT_W:
+        return "<Prot.READ|WRITE: 3>";
+    default:
+        return "<Prot: 0>";
+    }
+}
+
+/* type1 dma_rw under the read side: every chunk translated and checked (EINVAL, EPERM),
+ * the owner's address space counted (EPERM), the backing checked (EFAULT), then the copy
+ * and, for a write, the dirty pages off>>shift..(off+len-1)>>shift of each chunk. */
+static PyObject *
+core_dma_rw_locked(CoreObject *c, TableObject *t, uint64_t iova, Py_buffer *v, int write)
+{
+    uint64_t n = (uint64_t)v->len;
+    int need = write ? (PROT_R | PROT_W) : PROT_R;
+    Chunk small[SMALL_CHUNKS];
+    Chunk *ch = small;
+    Py_ssize_t cap = SMALL_CHUNKS, nch = 0;
+    MmRefObject *held[SMALL_CHUNKS];
+    Py_ssize_t nheld = 0;
+    PyObject *ret = NULL;
+    uint64_t pos = 0;
+    while (pos < n) {
+        uint64_t cur = iova + pos;
+        Entry *e = table_find(t, cur);
+        if (e == NULL) {
+            dma_error(EINVAL, "dma_rw 0x%llx+0x%llx: iova 0x%llx is not mapped",
+                      (unsigned long long)iova, (unsigned long long)n, (unsigned long long)cur);
+            goto out;
+        }
+        if (need & ~e->prot) {
+            dma_error(EPERM, "dma_rw 0x%llx+0x%llx: mapping 0x%llx+0x%llx is %s",
+                      (unsigned long long)iova, (unsigned long long)n,
+                      (unsigned long long)e->start, (unsigned long long)e->size,
+                      prot_repr(e->prot));
+            goto out;
+        }
+        uint64_t off = cur - e->start;
+        uint64_t seg = e->size - off;
+        if (seg > n - pos)
+            seg = n - pos;
+        if (nch == cap) {
+            Chunk *bigger = PyMem_Malloc((size_t)cap * 2 * sizeof(Chunk));
+            if (bigger == NULL) {
+                PyErr_NoMemory();
+                goto out;
+            }
+            memcpy(bigger, ch, (size_t)nch * sizeof(Chunk));
+            if (ch != small)
+                PyMem_Free(ch);
+            ch = bigger;
+            cap *= 2;
+        }
+        ch[nch].e = e;
+        ch[nch].off = off;
+        ch[nch].len = seg;
+        nch++;
+        pos += seg;
+    }
+    /* one reference per distinct address space (a handful at most) */
+    for (Py_ssize_t i = 0; i < nch; i++) {
+        MmRefObject *mm = ch[i].e->mm;
+        int seen = 0;
+        for (Py_ssize_t j = 0; j < nheld; j++)
+            seen |= held[j] == mm;
+        if (seen)
+            continue;
+        if (nheld == SMALL_CHUNKS) {
+            PyErr_SetString(PyExc_RuntimeError, "dma_rw: too many address spaces in one access");
+            goto out;
+        }
+        int got = mm_get(mm, ch[i].e->space, c->mm_mode);
+        if (got <= 0) {
+            if (got == 0)
+                dma_error(EPERM, "dma_rw 0x%llx+0x%llx: the owner's address space has exited",
+                          (unsigned long long)iova, (unsigned long long)n);
+            goto out;
+        }
+        held[nheld++] = mm;
+    }
+    Entry *gone = NULL;
+    int backed = chunks_backed(ch, nch, &gone);
+    if (backed <= 0) {
+        if (backed == 0)
+            dma_error(EFAULT, "dma_rw 0x%llx+0x%llx: host mapping gone",
+                      (unsigned long long)iova, (unsigned long long)n);
+        goto out;
+    }
+    copy_chunks(ch, nch, (char *)v->buf, write, n);
+    if (write) {
+        for (Py_ssize_t i = 0; i < nch; i++) {
+            Entry *e = ch[i].e;
+            if (e->have_bits)
+                bits_mark((uint64_t *)e->bview.buf, ch[i].off >> c->shift,
+                          (ch[i].off + ch[i].len - 1) >> c->shift);
+        }
+    }
+    Py_INCREF(Py_None);
+    ret = Py_None;
+out:
+    for (Py_ssize_t j = 0; j < nheld; j++)
+        mm_put(held[j]);
+    if (ch != small)
+        PyMem_Free(ch);
+    return ret;
+}
+
+/* Core.dma_rw(iova, buf, write): the type1 rules of Container.dma_rw in one call. */
+static PyObject *
+Core_dma_rw(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "dma_rw(iova, buf, write)");
+        return NULL;
+    }
+    int write = PyObject_IsTrue(args[2]);
+    if (write < 0)
+        return NULL;
+    Py_buffer v;
+    if (PyObject_GetBuffer(args[1], &v, PyBUF_SIMPLE) < 0)
+        return NULL;
+    uint64_t iova, n = (uint64_t)v.len;
+    int oor;
+    PyObject *ret = NULL;
+    if (parse_addr(args[0], &iova, &oor) < 0)
+        goto done;
+    if (n == 0) {
+        if (oor)
+            dma_error(EINVAL, "dma_rw at iova out of range: zero length");
+        else
+            dma_error(EINVAL, "dma_rw at iova 0x%llx: zero length", (unsigned long long)iova);
+        goto done;
+    }
+    if (oor || past_end(iova, n)) {
+        dma_error(EOVERFLOW, "dma_rw 0x%llx+0x%llx: wraps past 2**64", (unsigned long long)iova,
+                  (unsigned long long)n);
+        goto done;
+    }
+    if (!write && v.readonly) {
+        dma_error(EINVAL, "dma_rw read 0x%llx+0x%llx: buffer is read-only",
+                  (unsigned long long)iova, (unsigned long long)n);
+        goto done;
+    }
+    int token = core_read_lock(self);
+    TableObject *t = __atomic_load_n(&self->table, __ATOMIC_SEQ_CST);
+    Py_INCREF(t);
+    ret = core_dma_rw_locked(self, t, iova, &v, write);
+    Py_DECREF(t);
+    core_read_unlock(self, token);
+done:
+    PyBuffer_Release(&v);
+    return ret;
+}
+
+/* KVM: walk the range a guest page at a time, every page checked before any copy
+ * (EFAULT: no slot, write to a read-only slot, backing gone); then copy page by page,
+ * a write marking each page in its slot's dirty log. */
+static PyObject *
+core_guest_locked(CoreObject *c, TableObject *t, uint64_t gpa, char *buf, uint64_t n, int write)
+{
+    (void)c;
+    uint64_t pos = 0;
+    Entry *last = NULL;
+    while (pos < n) {
+        uint64_t g = gpa + pos;
+        uint64_t seg = KVM_PAGE - (g & (KVM_PAGE - 1));
+        if (seg > n - pos)
+            seg = n - pos;
+        Entry *e = (last != NULL && g - last->start < last->size) ? last : table_find(t, g);
+        if (e == NULL)
+            return dma_error(EFAULT, "gpa 0x%llx (access 0x%llx+0x%llx): no memslot",
+                             (unsigned long long)g, (unsigned long long)gpa,
+                             (unsigned long long)n);
+        if (write && !(e->prot & PROT_W))
+            return dma_error(EFAULT, "gpa 0x%llx (access 0x%llx+0x%llx): slot is read-only",
+                             (unsigned long long)g, (unsigned long long)gpa,
+                             (unsigned long long)n);
+        if (e != last) {
+            int released = e->mem == NULL ? 1 : attr_true(e->region, str_released);
+            if (released != 0) {
+                if (released > 0)
+                    dma_error(EFAULT, "gpa 0x%llx+0x%llx: backing mapping gone",
+                              (unsigned long long)gpa, (unsigned long long)n);
+                return NULL;
+            }
+        }
+        last = e;
+        pos += seg;
+    }
+    int nogil = (Py_ssize_t)n >= gil_threshold;
+    PyThreadState *ts = nogil ? PyEval_SaveThread() : NULL;
+    pos = 0;
+    while (pos < n) {
+        uint64_t g = gpa + pos;
+        uint64_t seg = KVM_PAGE - (g & (KVM_PAGE - 1));
+        if (seg > n - pos)
+            seg = n - pos;
+        Entry *e = table_find(t, g); /* the kernel's per-page gfn -> memslot lookup */
+        uint64_t off = g - e->start;
+        if (write) {
+            memmove(e->mem + off, buf + pos, seg);
+            if (e->have_bits)
+                bits_mark((uint64_t *)e->bview.buf, off >> 12, off >> 12);
+        } else {
+            memmove(buf + pos, e->mem + off, seg);
+        }
+        pos += seg;
+    }
+    if (ts != NULL)
+        PyEval_RestoreThread(ts);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_guest(CoreObject *self, PyObject *gpa_obj, char *buf, uint64_t n, int write)
+{
+    uint64_t gpa;
+    int oor;
+    if (parse_addr(gpa_obj, &gpa, &oor) < 0)
+        return NULL;
+    if (oor || past_end(gpa, n)) {
+        if (oor)
+            return dma_error(EFAULT, "gpa out of range (access of 0x%llx bytes) is outside guest physical space",
+                             (unsigned long long)n);
+        return dma_error(EFAULT, "gpa 0x%llx+0x%llx is outside guest physical space",
+                         (unsigned long long)gpa, (unsigned long long)n);
+    }
+    int token = core_read_lock(self);
+    TableObject *t = __atomic_load_n(&self->table, __ATOMIC_SEQ_CST);
+    Py_INCREF(t);
+    PyObject *ret = core_guest_locked(self, t, gpa, buf, n, write);
+    Py_DECREF(t);
+    core_read_unlock(self, token);
+    return ret;
+}
+
+/* Core.read_guest(gpa, n) -> bytes */
+static PyObject *
+Core_read_guest(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "read_guest(gpa, n)");
+        return NULL;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative count");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+    if (out == NULL)
+        return NULL;
+    PyObject *r = core_guest(self, args[0], PyBytes_AS_STRING(out), (uint64_t)n, 0);
+    if (r == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    Py_DECREF(r);
+    return out;
+}
+
+/* Core.read_guest_into(gpa, buf) */
+static PyObject *
+Core_read_guest_into(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "read_guest_into(gpa, buf)");
+        return NULL;
+    }
+    Py_buffer v;
+    if (PyObject_GetBuffer(args[1], &v, PyBUF_WRITABLE) < 0)
+        return NULL;
+    PyObject *r = core_guest(self, args[0], (char *)v.buf, (uint64_t)v.len, 0);
+    PyBuffer_Release(&v);
+    return r;
+}
+
+/* Core.write_guest(gpa, data) */
+static PyObject *
+Core_write_guest(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "write_guest(gpa, data)");
+        return NULL;
+    }
+    Py_buffer v;
+    if (PyObject_GetBuffer(args[1], &v, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *r = core_guest(self, args[0], (char *)v.buf, (uint64_t)v.len, 1);
+    PyBuffer_Release(&v);
+    return r;
+}
+
+static PyObject *
+Core_stats(CoreObject *self, PyObject *unused)
+{
+    (void)unused;
+    return Py_BuildValue("{sKsK}", "reads", __atomic_load_n(&self->reads, __ATOMIC_RELAXED),
+                         "writes", __atomic_load_n(&self->writes, __ATOMIC_RELAXED));
+}
+
+static PyObject *
+Core_get_name(CoreObject *self, void *closure)
+{
+    (void)closure;
+    Py_INCREF(self->name);
+    return self->name;
+}
+
+static PyObject *
+Core_get_table(CoreObject *self, void *closure)
+{
+    (void)closure;
+    Py_INCREF(self->table);
+    return (PyObject *)self->table;
+}
+
+static PyMethodDef Core_methods[] = {
+    {"dma_rw", (PyCFunction)(void (*)(void))Core_dma_rw, METH_FASTCALL,
+     "dma_rw(iova, buf, write): translate, check, copy and dirty-mark in one call"},
+    {"read_guest", (PyCFunction)(void (*)(void))Core_read_guest, METH_FASTCALL,
+     "read_guest(gpa, n) -> bytes (KVM rules)"},
+    {"read_guest_into", (PyCFunction)(void (*)(void))Core_read_guest_into, METH_FASTCALL,
+     "read_guest_into(gpa, buf) (KVM rules)"},
+    {"write_guest", (PyCFunction)(void (*)(void))Core_write_guest, METH_FASTCALL,
+     "write_guest(gpa, data) (KVM rules)"},
+    {"set_table", (PyCFunction)Core_set_table, METH_O, "install a Table (write side held)"},
+    {"read_acquire", (PyCFunction)Core_read_acquire, METH_NOARGS, "reader side; returns a token"},
+    {"read_release", (PyCFunction)Core_read_release, METH_O, "end the reader side"},
+    {"write_acquire", (PyCFunction)Core_write_acquire, METH_NOARGS, "writer side"},
+    {"write_release", (PyCFunction)Core_write_release, METH_NOARGS, "end the writer side"},
+    {"synchronize", (PyCFunction)Core_synchronize, METH_NOARGS, "rcu grace period"},
+    {"stats", (PyCFunction)Core_stats, METH_NOARGS, "acquisition counts"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Core_getset[] = {
+    {"name", (getter)Core_get_name, NULL, "lock strategy name", NULL},
+    {"table", (getter)Core_get_table, NULL, "the current Table", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dmarw._native.Core",
+    .tp_basicsize = sizeof(CoreObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Core(lock='mutex', mm_ref='mmget_not_zero', kvm=False, shift=12, name=None)",
+    .tp_new = Core_new,
+    .tp_dealloc = (destructor)Core_dealloc,
+    .tp_methods = Core_methods,
+    .tp_getset = Core_getset,
+};
+
+/* ---- module ------------------------------------------------------------------------ */
+
+static PyMethodDef module_methods[] = {
+    {"cycles", cycles, METH_NOARGS, "the cycle counter (rdtsc, or CLOCK_MONOTONIC ns)"},
+    {"tsc_hz", tsc_hz, METH_NOARGS, "counter ticks per second (calibrated once)"},
+    {"counter_kind", counter_kind, METH_NOARGS, "'rdtsc' or 'clock_monotonic'"},
+    {"bitmap_mark", (PyCFunction)(void (*)(void))bitmap_mark, METH_FASTCALL,
+     "bitmap_mark(buf, first, last): atomically set bits first..last"},
+    {"bitmap_take", (PyCFunction)(void (*)(void))bitmap_take, METH_VARARGS | METH_KEYWORDS,
+     "bitmap_take(buf, keep=None) -> bytes: get and clear, re-setting keep"},
+    {"bitmap_peek", bitmap_peek, METH_O, "bitmap_peek(buf) -> bytes"},
+    {"hva_read", (PyCFunction)(void (*)(void))hva_read, METH_FASTCALL,
+     "hva_read(hva, buf): fill buf from a host address (unchecked)"},
+    {"hva_write", (PyCFunction)(void (*)(void))hva_write, METH_FASTCALL,
+     "hva_write(hva, data): copy data to a host address (unchecked)"},
+    {"set_error_type", set_error_type, METH_O, "the exception type raised (dmarw.DmaError)"},
+    {"set_gil_threshold", set_gil_threshold, METH_O,
+     "copies of at least this many bytes release the GIL; returns the old value"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "dmarw._native", "dmarw's native hot path", -1, module_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__native(void)
+{
+    use_tsc = cpu_has_invariant_tsc();
+    str_exited = PyUnicode_InternFromString("_exited");
+    str_kthread = PyUnicode_InternFromString("kthread");
+    str_released = PyUnicode_InternFromString("released");
+    if (str_exited == NULL || str_kthread == NULL || str_released == NULL)
+        return NULL;
+    if (PyType_Ready(&MmRefType) < 0 || PyType_Ready(&TableType) < 0 ||
+        PyType_Ready(&CoreType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&native_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&MmRefType);
+    Py_INCREF(&TableType);
+    Py_INCREF(&CoreType);
+    if (PyModule_AddObject(m, "MmRef", (PyObject *)&MmRefType) < 0 ||
+        PyModule_AddObject(m, "Table", (PyObject *)&TableType) < 0 ||
+        PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0 ||
+        PyModule_AddIntConstant(m, "HAVE_RDTSC", HAVE_RDTSC) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

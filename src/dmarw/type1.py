@@ -96,6 +96,12 @@ class _Table:
         return out
 
 
+def _prot_ok(prot: object) -> bool:
+    """READ and/or WRITE, nothing else; checked on the int (``Prot(-1)`` and ``~RW`` would
+    silently drop unknown bits)."""
+    return isinstance(prot, int) and 0 < int(prot) and not int(prot) & ~3
+
+
 def _check_range(what: str, iova: int, size: int, mask: int) -> None:
     if not isinstance(iova, int) or not isinstance(size, int) or iova < 0 or size < 0:
         raise fail(errno.EINVAL, f"{what} {iova!r}+{size!r}: iova and size must be non-negative ints")
@@ -163,9 +169,9 @@ class Container:
         _check_range("map_dma", iova, size, self._mask)
         if not isinstance(hva, int) or hva < 0 or hva & self._mask:
             raise fail(errno.EINVAL, f"map_dma {rng(iova, size)}: hva {hva!r} not aligned to {self.pgsize:#x}")
-        prot = Prot(prot) if isinstance(prot, int) else prot
-        if not isinstance(prot, Prot) or not prot or prot & ~RW:
+        if not _prot_ok(prot):
             raise fail(errno.EINVAL, f"map_dma {rng(iova, size)}: bad prot {prot!r}")
+        prot = Prot(prot)
         if not isinstance(space, AddressSpace):
             raise fail(errno.EINVAL, f"map_dma {rng(iova, size)}: space is not an AddressSpace")
         self._lock.write_acquire()
@@ -416,12 +422,9 @@ class Container:
     def pin_pages(self, iova: int, npage: int, prot: Prot) -> list[int]:
         """Pin ``npage`` pages from ``iova``; returns each page's hva.  All or nothing."""
         size = (npage << self.shift) if isinstance(npage, int) else 0
-        try:
-            prot = Prot(prot)
-        except ValueError:
-            raise fail(errno.EINVAL, f"pin_pages {iova!r}: bad prot {prot!r}") from None
-        if not prot or prot & ~RW:
+        if not _prot_ok(prot):
             raise fail(errno.EINVAL, f"pin_pages {iova!r}: bad prot {prot!r}")
+        prot = Prot(prot)
         self._lock.write_acquire()
         try:
             if not self._notifiers:

@@ -647,3 +647,31 @@ def test_random_walk_keeps_references_consistent(
             vfio_unpin_pages(e.device, 0, 1)
             pins -= 1
         teardown_env(e)
+
+
+# -- the benchmark's paths are the real ones and agree with each other ---------------------------
+
+
+def test_bench_paths_runs_every_path_and_writes_json(tmp_path: Any) -> None:
+    """A tiny run of bench/paths.py: every path reads what every other wrote; JSON schema."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "bench" / "paths.py"
+    spec = importlib.util.spec_from_file_location("bench_paths", src)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    out = tmp_path / "paths.json"
+    assert mod.main(["--rounds", "3", "--passes", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {"cycles_source", "timer_overhead_ns", "loop_overhead_ns"} <= set(data["meta"])
+    got = {(r["path"], r["op"], r["size"]) for r in data["results"]}
+    assert got == {(p, o, s) for p in mod.PATHS for o in mod.OPS for s in mod.SIZES}
+    for r in data["results"]:
+        assert len(r["samples_ns"]) == 3
+        if r["path"] == "kvm":
+            assert r["ratio_to_kvm"] == 1.0

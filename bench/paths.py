@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -67,7 +68,7 @@ VFIO_CONFIG: dict[str, tuple[str, str, bool]] = {
     "vfio-rcu": ("rcu", "mmget_not_zero", True),
 }
 
-Loop = Callable[[list[int], bytes | bytearray], None]
+Loop = Callable[[list[int], Any], None]  # (addresses, buffer): a bytearray to read into, bytes to write
 
 
 # -- one timed loop per call shape: the loop body is a single direct call into dmarw ----------
@@ -76,11 +77,11 @@ Loop = Callable[[list[int], bytes | bytearray], None]
 def kvm_loops(vm: Vm) -> tuple[Loop, Loop]:
     read_into, write = vm.read_guest_into, vm.write_guest
 
-    def read(addrs: list[int], buf: bytes | bytearray) -> None:
+    def read(addrs: list[int], buf: bytearray) -> None:
         for a in addrs:
             read_into(a, buf)
 
-    def write_(addrs: list[int], buf: bytes | bytearray) -> None:
+    def write_(addrs: list[int], buf: bytes) -> None:
         for a in addrs:
             write(a, buf)
 
@@ -88,11 +89,11 @@ def kvm_loops(vm: Vm) -> tuple[Loop, Loop]:
 
 
 def per_call_loops(dev: Device) -> tuple[Loop, Loop]:
-    def read(addrs: list[int], buf: bytes | bytearray) -> None:
+    def read(addrs: list[int], buf: bytearray) -> None:
         for a in addrs:
             vfio_dma_rw(dev, a, buf, False)
 
-    def write(addrs: list[int], buf: bytes | bytearray) -> None:
+    def write(addrs: list[int], buf: bytes) -> None:
         for a in addrs:
             vfio_dma_rw(dev, a, buf, True)
 
@@ -102,11 +103,11 @@ def per_call_loops(dev: Device) -> tuple[Loop, Loop]:
 def external_user_loops(user: ExternalUser) -> tuple[Loop, Loop]:
     rw = user.dma_rw
 
-    def read(addrs: list[int], buf: bytes | bytearray) -> None:
+    def read(addrs: list[int], buf: bytearray) -> None:
         for a in addrs:
             rw(a, buf, False)
 
-    def write(addrs: list[int], buf: bytes | bytearray) -> None:
+    def write(addrs: list[int], buf: bytes) -> None:
         for a in addrs:
             rw(a, buf, True)
 

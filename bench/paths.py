@@ -1,6 +1,7 @@
 """ns/op of each guest-memory access path, as a ratio to the KVM path measured in the same run.
 
-Paths (each the real dmarw code, all over the same guest RAM):
+Paths (each the real dmarw code, set up by the lab's :class:`dmarw.lab.paths.VmEnv`: one
+guest RAM, Vm and container per path, dirty logging on everywhere):
 
 * ``kvm``                        ``Vm.read_guest_into`` / ``Vm.write_guest``, dirty log on
 * ``vfio-mutex``                 per-call ``vfio_dma_rw``, ``Container(lock="mutex")``
@@ -9,11 +10,10 @@ Paths (each the real dmarw code, all over the same guest RAM):
 * ``vfio-external-user-mmget``   ``ExternalUser.dma_rw``, mutex, ``mm_ref="mmget_not_zero"``
 * ``vfio-rcu``                   ``ExternalUser.dma_rw``, ``lock="rcu"``, ``mmget_not_zero``
 
-The per-call paths use ``get_task_mm`` like the 2020 kernel; dirty tracking is on in every
-container.  Each sample times a batch of calls with ``time.perf_counter_ns``; the paths are
+The per-call paths use ``get_task_mm`` like the 2020 kernel.  Each sample times a batch of calls with ``time.perf_counter_ns``; the paths are
 interleaved (a fresh random order every round) and the median over the rounds is reported.
 
-Run: ``.venv/bin/python bench/paths.py [--rounds N] [--batch N] [--json FILE]``
+Run: ``.venv/bin/python bench/paths.py [--rounds N] [--passes N] [--json FILE]``
 """
 
 from __future__ import annotations
@@ -28,45 +28,21 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from dmarw import (
-    PAGE_SIZE,
-    AddressSpace,
-    Container,
-    ExternalUser,
-    Group,
-    Prot,
-    Vm,
-    lockstat,
-    vfio_dma_rw,
-)
+from dmarw import PAGE_SIZE, ExternalUser, Vm, lockstat, vfio_dma_rw
+from dmarw.lab.paths import PATHS as SPECS
+from dmarw.lab.paths import VmEnv
 from dmarw.vfio import Device
 
 GUEST_RAM = 256 * PAGE_SIZE  # 1 MiB
 NPAGES = 64  # accesses rotate over this many guest pages
 SIZES = (64, PAGE_SIZE)
 OPS = ("read", "write")
-PATHS = (
-    "kvm",
-    "vfio-mutex",
-    "vfio-rwsem",
-    "vfio-external-user",
-    "vfio-external-user-mmget",
-    "vfio-rcu",
-)
-# path -> (lock strategy, mm_ref, through an external-user handle)
-VFIO_CONFIG: dict[str, tuple[str, str, bool]] = {
-    "vfio-mutex": ("mutex", "get_task_mm", False),
-    "vfio-rwsem": ("rwsem", "get_task_mm", False),
-    "vfio-external-user": ("mutex", "get_task_mm", True),
-    "vfio-external-user-mmget": ("mutex", "mmget_not_zero", True),
-    "vfio-rcu": ("rcu", "mmget_not_zero", True),
-}
+PATHS = tuple(SPECS)  # kvm first: every ratio is to it
 
 Loop = Callable[[list[int], Any], None]  # (addresses, buffer): a bytearray to read into, bytes to write
 
@@ -124,49 +100,31 @@ def _noop(a: int, buf: bytes | bytearray) -> None:
     pass
 
 
-@dataclass
-class Setup:
-    """Guest RAM, the VM and one container + group (+ handle) per VFIO path."""
+def build() -> tuple[dict[str, VmEnv], dict[str, tuple[Loop, Loop]]]:
+    """One prefaulted :class:`VmEnv` per path, and its (read, write) loops."""
+    envs: dict[str, VmEnv] = {}
+    loops: dict[str, tuple[Loop, Loop]] = {}
+    try:
+        for path in PATHS:
+            env = envs[path] = VmEnv(path, GUEST_RAM, name=f"bench-paths-{path}")
+            env.prefault()
+            kind = env.spec.kind
+            if kind == "kvm":
+                loops[path] = kvm_loops(env.vm)
+            elif kind == "percall":
+                loops[path] = per_call_loops(env.device)
+            else:
+                assert env.user is not None
+                loops[path] = external_user_loops(env.user)
+    except BaseException:
+        close(envs)
+        raise
+    return envs, loops
 
-    space: AddressSpace
-    vm: Vm
-    groups: list[Group]
-    users: list[ExternalUser]
-    loops: dict[str, tuple[Loop, Loop]]
 
-    def close(self) -> None:
-        for u in self.users:
-            u.close()
-        for g in self.groups:
-            g.unset_container()
-            g.remove()
-        self.vm.close()
-        self.space.close()
-
-
-def build() -> Setup:
-    space = AddressSpace()
-    hva = space.mmap(GUEST_RAM, backing="memfd")
-    vm = Vm(space)
-    vm.set_memslot(0, 0, GUEST_RAM, hva, dirty_log=True)
-    loops: dict[str, tuple[Loop, Loop]] = {"kvm": kvm_loops(vm)}
-    groups: list[Group] = []
-    users: list[ExternalUser] = []
-    for path, (lock, mm_ref, external) in VFIO_CONFIG.items():
-        c = Container(lock=lock, mm_ref=mm_ref)
-        c.map_dma(0, GUEST_RAM, hva, space, Prot.READ | Prot.WRITE)  # iova == gpa
-        c.dirty_pages_start()
-        g = Group(f"bench-paths-{path}-{os.getpid()}")
-        dev = g.add_device("0000:00:02.0")
-        g.set_container(c)
-        groups.append(g)
-        if external:
-            u = ExternalUser.from_device(dev)
-            users.append(u)
-            loops[path] = external_user_loops(u)
-        else:
-            loops[path] = per_call_loops(dev)
-    return Setup(space, vm, groups, users, loops)
+def close(envs: dict[str, VmEnv]) -> None:
+    for env in envs.values():
+        env.close()
 
 
 def addresses(size: int) -> list[int]:
@@ -176,16 +134,18 @@ def addresses(size: int) -> list[int]:
     return [p * PAGE_SIZE + (p * size) % PAGE_SIZE for p in range(NPAGES)]
 
 
-def check(setup: Setup) -> None:
-    """Before timing: every path's write is seen by every other path's read."""
+def check(envs: dict[str, VmEnv], loops: dict[str, tuple[Loop, Loop]]) -> None:
+    """Before timing: each path's write lands in host memory and reads back through it."""
     for i, path in enumerate(PATHS):
+        env = envs[path]
         data = bytes([i + 1]) * 64
-        setup.loops[path][1]([0x3000], data)
-        for other in PATHS:
-            buf = bytearray(64)
-            setup.loops[other][0]([0x3000], buf)
-            if bytes(buf) != data:
-                raise SystemExit(f"{other} does not read back what {path} wrote")
+        loops[path][1]([0x3000], data)
+        buf = bytearray(64)
+        loops[path][0]([0x3000], buf)
+        if bytes(buf) != data or env.space.read(env.hva + 0x3000, 64) != data:
+            raise SystemExit(f"{path}: a write is not read back / not in host memory")
+        if env.dirty_pages() != 1:  # get-and-clear: proves the dirty log is on
+            raise SystemExit(f"{path}: the write was not logged dirty")
 
 
 def time_batch(loop: Loop, addrs: list[int], buf: bytes | bytearray, passes: int) -> float:
@@ -202,7 +162,7 @@ def time_batch(loop: Loop, addrs: list[int], buf: bytes | bytearray, passes: int
     return (t1 - t0) / (passes * len(addrs))
 
 
-def measure(setup: Setup, rounds: int, passes: int, seed: int) -> dict[tuple[str, str, int], list[float]]:
+def measure(loops: dict[str, tuple[Loop, Loop]], rounds: int, passes: int, seed: int) -> dict[tuple[str, str, int], list[float]]:
     """Samples of ns/op per (path, op, size); paths interleaved in a new order each round."""
     rng = random.Random(seed)
     samples: dict[tuple[str, str, int], list[float]] = {}
@@ -213,13 +173,13 @@ def measure(setup: Setup, rounds: int, passes: int, seed: int) -> dict[tuple[str
     addrs = {size: addresses(size) for size in SIZES}
     for op, size in cases:  # warm-up: one untimed pass of everything
         for path in PATHS:
-            setup.loops[path][OPS.index(op)](addrs[size], bufs[op, size])
+            loops[path][OPS.index(op)](addrs[size], bufs[op, size])
     for _ in range(rounds):
         order = list(PATHS)
         rng.shuffle(order)
         for op, size in cases:
             for path in order:
-                loop = setup.loops[path][OPS.index(op)]
+                loop = loops[path][OPS.index(op)]
                 ns = time_batch(loop, addrs[size], bufs[op, size], passes)
                 samples.setdefault((path, op, size), []).append(ns)
     for _ in range(rounds):
@@ -279,6 +239,12 @@ def render(console: Console, rows: list[dict[str, object]], meta: dict[str, obje
         f"(amortised over each batch); loop + call overhead included in every figure: "
         f"{meta['loop_overhead_ns']:.0f} ns/op."
     )
+    dirty = meta["dirty_pages_logged"]
+    assert isinstance(dirty, dict)
+    console.print(
+        "dirty pages in each path's log after the run (tracking on): "
+        + ", ".join(f"{p} {n}" for p, n in dirty.items())
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,14 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)
-    setup = build()
+    envs, loops = build()
     try:
-        check(setup)
+        check(envs, loops)
         started = time.perf_counter()
-        samples = measure(setup, args.rounds, args.passes, args.seed)
+        samples = measure(loops, args.rounds, args.passes, args.seed)
         elapsed = time.perf_counter() - started
+        dirty = {path: env.dirty_pages() for path, env in envs.items()}
     finally:
-        setup.close()
+        close(envs)
     rows = results(samples)
     meta: dict[str, object] = {
         "rounds": args.rounds,
@@ -311,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "timer_overhead_ns": lockstat.timer_overhead_ns(),
         "loop_overhead_ns": statistics.median(samples["loop", "-", 0]),
         "elapsed_s": elapsed,
+        "dirty_pages_logged": dirty,
         "python": sys.version.split()[0],
         "machine": platform.platform(),
         "cpus": os.cpu_count(),

@@ -11,7 +11,8 @@ guest RAM, Vm and container per path, dirty logging on everywhere):
 * ``vfio-rcu``                   ``ExternalUser.dma_rw``, ``lock="rcu"``, ``mmget_not_zero``
 
 The per-call paths use ``get_task_mm`` like the 2020 kernel.  Each sample times a batch of calls with ``time.perf_counter_ns``; the paths are
-interleaved (a fresh random order every round) and the median over the rounds is reported.
+interleaved (a fresh random order every round) and the median over the rounds is reported;
+the ratio to kvm is the median of the per-round ratios (so slow drift in load cancels).
 
 Run: ``.venv/bin/python bench/paths.py [--rounds N] [--passes N] [--json FILE]``
 """
@@ -197,6 +198,10 @@ def results(samples: dict[tuple[str, str, int], list[float]]) -> list[dict[str, 
             for op in OPS:
                 ns = med[path, op, size]
                 kvm = med["kvm", op, size]
+                # the ratio is taken per round (kvm ran moments apart), then the median
+                ratios = [
+                    a / b for a, b in zip(samples[path, op, size], samples["kvm", op, size], strict=True)
+                ]
                 q = statistics.quantiles(samples[path, op, size], n=4)
                 out.append(
                     {
@@ -205,7 +210,7 @@ def results(samples: dict[tuple[str, str, int], list[float]]) -> list[dict[str, 
                         "size": size,
                         "ns": ns,
                         "cycles": lockstat.ns_to_cycles(ns),
-                        "ratio_to_kvm": ns / kvm,
+                        "ratio_to_kvm": statistics.median(ratios),
                         "inc_ns": ns - kvm,
                         "p25_ns": q[0],
                         "p75_ns": q[2],

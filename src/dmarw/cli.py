@@ -7,11 +7,15 @@ import sys
 from collections.abc import Callable
 
 from . import demo
+from .lab import cli as lab_cli
 
 # Each entry: a module function ``register(subparsers)`` that adds one subcommand and sets
 # ``func`` (taking the parsed args, returning the exit code) as its default.
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     demo.register,
+    lab_cli.register_reproduce,
+    lab_cli.register_bench,
+    lab_cli.register_workload,
 ]
 
 

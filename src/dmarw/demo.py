@@ -73,5 +73,11 @@ def _run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tour", help="a short tour of the core API")
     p.set_defaults(func=_run)
-    d = sub.add_parser("demo", help="the main job on a built-in default (the tour until the lab lands)")
-    d.set_defaults(func=_run)
+    d = sub.add_parser(
+        "demo",
+        help="the main job: dmarw reproduce --quick --json dmarw-results.json --plot dmarw-results.png",
+    )
+    from .lab import cli as lab_cli
+
+    lab_cli.add_reproduce_args(d)
+    d.set_defaults(func=lab_cli.run_reproduce, quick=True, json="dmarw-results.json", plot="dmarw-results.png")

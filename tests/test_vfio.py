@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -675,3 +676,82 @@ def test_bench_paths_runs_every_path_and_writes_json(tmp_path: Any) -> None:
         assert len(r["samples_ns"]) == 3
         if r["path"] == "kvm":
             assert r["ratio_to_kvm"] == 1.0
+
+
+# -- unmap_dma racing DMA: nothing lands after unmap returns (every strategy, rcu above all) ------
+
+
+def _race_unmap_once(env: Env, u: ExternalUser, writers: int = 3) -> None:
+    """One race: writers on both paths while the main thread unmaps (see the test below)."""
+    warmup, after = 10, 20
+    last_ok: dict[int, int] = {}
+    fails: dict[int, set[int]] = {i: set() for i in range(writers)}
+    warmed = threading.Barrier(writers + 1)
+    unmapped = threading.Event()
+    errors: list[BaseException] = []
+
+    def write(i: int, seq: int) -> None:
+        data = seq.to_bytes(8, "little")
+        iova = 0x1000 + i * 64
+        if i % 2:
+            vfio_dma_rw(env.device, iova, data, True)  # the per-call path
+        else:
+            u.dma_write(iova, data)  # the external-user path
+
+    def writer(i: int) -> None:
+        try:
+            seq = 0
+            for seq in range(1, warmup + 1):
+                write(i, seq)
+                last_ok[i] = seq
+            warmed.wait()
+            refused_after_unmap = 0
+            while refused_after_unmap < after:
+                seq += 1
+                seen_unmapped = unmapped.is_set()
+                try:
+                    write(i, seq)
+                    last_ok[i] = seq
+                    assert not seen_unmapped, f"writer {i}: write {seq} landed after unmap"
+                except DmaError as e:
+                    fails[i].add(e.errno or 0)
+                    refused_after_unmap += seen_unmapped
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=writer, args=(i,)) for i in range(writers)]
+    for t in ts:
+        t.start()
+    warmed.wait()
+    assert env.container.unmap_dma(0, SIZE) == SIZE
+    at_return = {i: env.space.read(env.hva + 0x1000 + i * 64, 8) for i in range(writers)}
+    unmapped.set()
+    for t in ts:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in ts)
+    assert not errors, errors
+    for i in range(writers):
+        assert int.from_bytes(at_return[i], "little") == last_ok[i], f"writer {i}"
+        assert env.space.read(env.hva + 0x1000 + i * 64, 8) == at_return[i]
+        assert fails[i] == {errno.EINVAL}  # "not mapped", nothing else
+
+
+def test_unmap_races_external_user_and_per_call_writers(env: Env) -> None:
+    """Writers hammer the mapping while it is unmapped, several times over.
+
+    Every write that succeeded had found the mapping, so unmap waited for it (a grace period
+    under rcu, the lock otherwise): at the moment ``unmap_dma`` returns, each writer's slot
+    holds the value of its last successful write, and no later write ever lands.  A tiny
+    thread switch interval makes the interpreter interleave inside the accesses.
+    """
+    u = env.user()
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(5):
+            _race_unmap_once(env, u)
+            env.container.map_dma(0, SIZE, env.hva, env.space, Prot.READ | Prot.WRITE)
+    finally:
+        sys.setswitchinterval(old)
+    assert env.group.container_users.value == 1  # the handle's own
+    assert env.group.refs.value == 2

@@ -755,3 +755,20 @@ def test_unmap_races_external_user_and_per_call_writers(env: Env) -> None:
         sys.setswitchinterval(old)
     assert env.group.container_users.value == 1  # the handle's own
     assert env.group.refs.value == 2
+
+
+def test_process_shared_group_lock_is_still_the_named_class(env: Env) -> None:
+    """``set_group_lock`` swaps in a host-wide lock (the lab's VMs share one); same counts."""
+    import multiprocessing
+
+    from dmarw import set_group_lock, vfio
+
+    saved = vfio._registry.lock
+    set_group_lock(multiprocessing.Lock())
+    try:
+        with lockstat.collect() as stats:
+            vfio_dma_rw(env.device, 0, b"shared", True)
+        assert stats.counts()["vfio.group_lock"] == 1
+        assert env.space.read(env.hva, 6) == b"shared"
+    finally:
+        vfio._registry.lock = saved

@@ -50,6 +50,9 @@ static PyObject *error_type;      /* dmarw.DmaError, set by set_error_type() */
 static PyObject *str_exited;      /* "_exited" */
 static PyObject *str_kthread;     /* "kthread" */
 static PyObject *str_released;    /* "released" */
+static PyObject *str_active;      /* "_active" */
+static PyObject *str_timed;       /* "timed" */
+static PyObject *lockstat_dict;   /* dmarw.lockstat's globals, set by set_lockstat() */
 static Py_ssize_t gil_threshold = 65536;
 static int use_tsc;
 static double tsc_hz_cached;
@@ -105,6 +108,74 @@ set_gil_threshold(PyObject *self, PyObject *arg)
     gil_threshold = v;
     return PyLong_FromSsize_t(old);
 }
+
+/* ---- lock statistics (dmarw.lockstat) ---------------------------------------------
+ * Every acquisition counts in its lock class (next() on the class's counter, as the
+ * Python locks do); while a lockstat.collect() block is open (lockstat._active > 0) the
+ * acquire is timed in ns and reported with LockClass.timed(ns) instead. */
+
+static PyObject *
+set_lockstat(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    if (!PyDict_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "set_lockstat: expected the lockstat module's dict");
+        return NULL;
+    }
+    Py_INCREF(arg);
+    Py_XSETREF(lockstat_dict, arg);
+    Py_RETURN_NONE;
+}
+
+static inline int
+stats_collecting(void)
+{
+    if (lockstat_dict == NULL)
+        return 0;
+    PyObject *v = PyDict_GetItemWithError(lockstat_dict, str_active);
+    if (v == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    return PyLong_Check(v) && Py_SIZE(v) > 0;
+}
+
+typedef struct {
+    PyObject *cls;   /* a dmarw.lockstat.LockClass, or NULL */
+    PyObject *count; /* its itertools.count */
+} StatClass;
+
+static int
+stat_class_init(StatClass *sc, PyObject *cls)
+{
+    sc->cls = NULL;
+    sc->count = NULL;
+    if (cls == NULL || cls == Py_None)
+        return 0;
+    PyObject *count = PyObject_GetAttrString(cls, "_count");
+    if (count == NULL)
+        return -1;
+    if (Py_TYPE(count)->tp_iternext == NULL) {
+        Py_DECREF(count);
+        PyErr_SetString(PyExc_TypeError, "lock class counter is not an iterator");
+        return -1;
+    }
+    Py_INCREF(cls);
+    sc->cls = cls;
+    sc->count = count;
+    return 0;
+}
+
+static void
+stat_class_clear(StatClass *sc)
+{
+    Py_CLEAR(sc->cls);
+    Py_CLEAR(sc->count);
+}
+
+/* Record one acquisition: timed (ns) while collecting, else only counted. */
+static void
+stat_hit(StatClass *sc, int collecting, uint64_t ns);
 
 /* ---- cycle counter ----------------------------------------------------------------- */
 
@@ -186,6 +257,24 @@ tsc_hz(PyObject *self, PyObject *unused)
         tsc_hz_cached = (double)(c1 - c0) * 1e9 / (double)(t1 - t0);
     }
     return PyFloat_FromDouble(tsc_hz_cached);
+}
+
+static void
+stat_hit(StatClass *sc, int collecting, uint64_t ns)
+{
+    if (sc->cls == NULL)
+        return;
+    PyObject *r;
+    if (collecting) {
+        PyObject *v = PyLong_FromUnsignedLongLong(ns);
+        r = v ? PyObject_CallMethodOneArg(sc->cls, str_timed, v) : NULL;
+        Py_XDECREF(v);
+    } else {
+        r = Py_TYPE(sc->count)->tp_iternext(sc->count);
+    }
+    if (r == NULL)
+        PyErr_Clear(); /* statistics never fail an access */
+    Py_XDECREF(r);
 }
 
 /* ---- dirty bitmaps ----------------------------------------------------------------- */
@@ -464,16 +553,20 @@ attr_true(PyObject *obj, PyObject *name)
 
 /* mmget_not_zero / get_task_mm on the native count: 1 counted, 0 refused, -1 error. */
 static int
-mm_get(MmRefObject *mm, PyObject *space, int mode)
+mm_get(MmRefObject *mm, PyObject *space, int mode, StatClass *task_stat)
 {
     if (mode == MM_GET_TASK_MM) {
+        int coll = stats_collecting();
+        uint64_t t0 = coll ? now_ns() : 0;
         mutex_lock_nogil(&mm->task_lock);
+        uint64_t waited = coll ? now_ns() - t0 : 0;
         int exited = attr_true(space, str_exited);
         int kthread = exited == 0 ? attr_true(space, str_kthread) : 0;
         int ok = exited == 0 && kthread == 0;
         if (ok)
             __atomic_fetch_add(&mm->users, 1, __ATOMIC_ACQUIRE);
         pthread_mutex_unlock(&mm->task_lock);
+        stat_hit(task_stat, coll, waited);
         if (exited < 0 || kthread < 0)
             return -1;
         return ok;
@@ -675,17 +768,19 @@ typedef struct {
     unsigned long epoch;     /* rcu: grace-period counter (atomic) */
     long readers[2];         /* rcu: readers in each epoch parity (atomic) */
     unsigned long long reads, writes; /* acquisitions of each side (atomic) */
+    StatClass read_stat, write_stat, task_stat; /* lockstat classes */
 } CoreObject;
 
 static PyObject *
 Core_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"lock", "mm_ref", "kvm", "shift", "name", NULL};
+    static char *kwlist[] = {"lock",       "mm_ref",      "kvm",        "shift", "name",
+                             "read_class", "write_class", "task_class", NULL};
     const char *lock = "mutex", *mm_ref = "mmget_not_zero";
     int kvm = 0, shift = 12;
-    PyObject *name = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|sspiU:Core", kwlist, &lock, &mm_ref, &kvm,
-                                     &shift, &name))
+    PyObject *name = NULL, *rcls = NULL, *wcls = NULL, *tcls = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|sspiUOOO:Core", kwlist, &lock, &mm_ref, &kvm,
+                                     &shift, &name, &rcls, &wcls, &tcls))
         return NULL;
     int lk;
     if (strcmp(lock, "mutex") == 0)
@@ -729,6 +824,11 @@ Core_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     pthread_rwlockattr_destroy(&ra);
     pthread_mutex_init(&c->gp_lock, NULL);
     c->epoch = 1;
+    if (stat_class_init(&c->read_stat, rcls) < 0 || stat_class_init(&c->write_stat, wcls) < 0 ||
+        stat_class_init(&c->task_stat, tcls) < 0) {
+        Py_DECREF(c);
+        return NULL;
+    }
     c->table = (TableObject *)PyObject_CallFunction((PyObject *)&TableType, "(())");
     if (c->table == NULL || c->name == NULL) {
         Py_DECREF(c);
@@ -742,6 +842,9 @@ Core_dealloc(CoreObject *self)
 {
     Py_XDECREF(self->table);
     Py_XDECREF(self->name);
+    stat_class_clear(&self->read_stat);
+    stat_class_clear(&self->write_stat);
+    stat_class_clear(&self->task_stat);
     pthread_mutex_destroy(&self->mutex);
     pthread_rwlock_destroy(&self->rwsem);
     pthread_mutex_destroy(&self->gp_lock);
@@ -753,24 +856,27 @@ Core_dealloc(CoreObject *self)
 static inline int
 core_read_lock(CoreObject *c)
 {
+    int coll = stats_collecting();
+    uint64_t t0 = coll ? now_ns() : 0;
+    int token = 0;
     __atomic_fetch_add(&c->reads, 1, __ATOMIC_RELAXED);
     switch (c->lock) {
     case LOCK_MUTEX:
         mutex_lock_nogil(&c->mutex);
-        return 0;
+        break;
     case LOCK_RWSEM:
         if (pthread_rwlock_tryrdlock(&c->rwsem) != 0) {
             Py_BEGIN_ALLOW_THREADS
             pthread_rwlock_rdlock(&c->rwsem);
             Py_END_ALLOW_THREADS
         }
-        return 0;
-    default: {
-        int idx = (int)(__atomic_load_n(&c->epoch, __ATOMIC_SEQ_CST) & 1);
-        __atomic_fetch_add(&c->readers[idx], 1, __ATOMIC_SEQ_CST);
-        return idx;
+        break;
+    default:
+        token = (int)(__atomic_load_n(&c->epoch, __ATOMIC_SEQ_CST) & 1);
+        __atomic_fetch_add(&c->readers[token], 1, __ATOMIC_SEQ_CST);
     }
-    }
+    stat_hit(&c->read_stat, coll, coll ? now_ns() - t0 : 0);
+    return token;
 }
 
 static inline void
@@ -814,6 +920,8 @@ static PyObject *
 Core_write_acquire(CoreObject *self, PyObject *unused)
 {
     (void)unused;
+    int coll = stats_collecting();
+    uint64_t t0 = coll ? now_ns() : 0;
     __atomic_fetch_add(&self->writes, 1, __ATOMIC_RELAXED);
     if (self->lock == LOCK_RWSEM) {
         if (pthread_rwlock_trywrlock(&self->rwsem) != 0) {
@@ -824,6 +932,7 @@ Core_write_acquire(CoreObject *self, PyObject *unused)
     } else {
         mutex_lock_nogil(&self->mutex);
     }
+    stat_hit(&self->write_stat, coll, coll ? now_ns() - t0 : 0);
     Py_RETURN_NONE;
 }
 
@@ -1036,7 +1145,7 @@ core_dma_rw_locked(CoreObject *c, TableObject *t, uint64_t iova, Py_buffer *v, i
             PyErr_SetString(PyExc_RuntimeError, "dma_rw: too many address spaces in one access");
             goto out;
         }
-        int got = mm_get(mm, ch[i].e->space, c->mm_mode);
+        int got = mm_get(mm, ch[i].e->space, c->mm_mode, &c->task_stat);
         if (got <= 0) {
             if (got == 0)
                 dma_error(EPERM, "dma_rw 0x%llx+0x%llx: the owner's address space has exited",
@@ -1336,6 +1445,7 @@ static PyMethodDef module_methods[] = {
     {"hva_write", (PyCFunction)(void (*)(void))hva_write, METH_FASTCALL,
      "hva_write(hva, data): copy data to a host address (unchecked)"},
     {"set_error_type", set_error_type, METH_O, "the exception type raised (dmarw.DmaError)"},
+    {"set_lockstat", set_lockstat, METH_O, "count and time acquisitions in dmarw.lockstat"},
     {"set_gil_threshold", set_gil_threshold, METH_O,
      "copies of at least this many bytes release the GIL; returns the old value"},
     {NULL, NULL, 0, NULL},
@@ -1353,7 +1463,10 @@ PyInit__native(void)
     str_exited = PyUnicode_InternFromString("_exited");
     str_kthread = PyUnicode_InternFromString("kthread");
     str_released = PyUnicode_InternFromString("released");
-    if (str_exited == NULL || str_kthread == NULL || str_released == NULL)
+    str_active = PyUnicode_InternFromString("_active");
+    str_timed = PyUnicode_InternFromString("timed");
+    if (str_exited == NULL || str_kthread == NULL || str_released == NULL || str_active == NULL ||
+        str_timed == NULL)
         return NULL;
     if (PyType_Ready(&MmRefType) < 0 || PyType_Ready(&TableType) < 0 ||
         PyType_Ready(&CoreType) < 0)

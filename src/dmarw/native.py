@@ -27,7 +27,7 @@ import errno
 from collections.abc import Iterable
 from typing import Any
 
-from . import _native  # type: ignore[attr-defined]
+from . import _native, lockstat  # type: ignore[attr-defined]
 from .bitmap import DirtyBitmap, NoDirty, bitmap_bytes, from_bytes, to_bytes
 from .errors import DmaError, fail
 from .kvm import Memslot, Vm
@@ -35,6 +35,7 @@ from .mm import PAGE_SHIFT, AddressSpace
 from .type1 import Buffer, Container, _Table
 
 _native.set_error_type(DmaError)
+_native.set_lockstat(lockstat.__dict__)
 
 cycles = _native.cycles
 tsc_hz = _native.tsc_hz
@@ -103,7 +104,16 @@ class NativeContainer(Container):
         self._core: Any = None
         self._py_table = _Table()
         super().__init__(pgsize=pgsize, lock=lock, mm_ref=mm_ref)
-        self._core = _native.Core(lock=lock, mm_ref=mm_ref, kvm=False, shift=self.shift, name=lock)
+        self._core = _native.Core(
+            lock=lock,
+            mm_ref=mm_ref,
+            kvm=False,
+            shift=self.shift,
+            name=lock,
+            read_class=lockstat.lock_class("iommu.rcu" if lock == "rcu" else "iommu.lock"),
+            write_class=lockstat.lock_class("iommu.lock"),
+            task_class=lockstat.lock_class("task_lock"),
+        )
         self._lock = self._core  # the same lock for Python writers and native readers
         self._install(self._py_table)
         # the hot path: a bound C method, no Python frame in between
@@ -176,7 +186,9 @@ class NativeVm(Vm):
         self._core: Any = None
         self._py_table: tuple[tuple[Memslot, ...], list[int]] = ((), [])
         super().__init__(space)
-        self._core = _native.Core(lock="rcu", kvm=True, shift=PAGE_SHIFT, name="kvm.srcu")
+        self._core = _native.Core(
+            lock="rcu", kvm=True, shift=PAGE_SHIFT, name="kvm.srcu", read_class=lockstat.lock_class("kvm.srcu")
+        )
         self.srcu = self._core
         self.read_guest = self._core.read_guest  # type: ignore[method-assign]
         self.read_guest_into = self._core.read_guest_into  # type: ignore[method-assign]

@@ -1,0 +1,441 @@
+"""The native core (issue 6): same behaviour as the Python reference, checked three ways.
+
+1. The core behaviour suites (``test_type1``, ``test_kvm``, ``test_vfio``) are collected here
+   a second time with their ``Container``/``Vm`` swapped for the native classes, so every
+   rule and errno there runs against both cores (the ``core`` of a test id is its module).
+2. A hypothesis differential test runs identical random operation sequences on both cores
+   and requires identical results, errnos, host memory and bitmaps.
+3. Native-only pieces: atomic bitmaps, the counter, core selection, memory safety when host
+   memory goes away under a mapping, concurrent readers against unmap and dirty gets.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import test_kvm
+import test_type1
+import test_vfio
+from dmarw import AddressSpace, Container, DmaError, Prot, Vm, _native, bitmap_pages, core
+from dmarw.bitmap import DirtyBitmap, bitmap_bytes, to_bytes
+from dmarw.native import NativeContainer, NativeDirtyBitmap, NativeVm, mm_ref
+from test_kvm import *  # noqa: F403  (the KVM suite, run again on the native core)
+from test_type1 import *  # noqa: F403  (the type1 suite, run again on the native core)
+
+
+class TestVfioOnNative:
+    """The VFIO suite (its ``env`` clashes with the type1 suite's, hence a class)."""
+
+    @pytest.fixture
+    def env(self, container_kwargs: dict[str, str]) -> Iterator[test_vfio.Env]:
+        e = test_vfio.make_env(container_kwargs)
+        yield e
+        test_vfio.teardown_env(e)
+
+    @pytest.fixture
+    def detached(self, container_kwargs: dict[str, str]) -> Iterator[test_vfio.Env]:
+        e = test_vfio.make_env(container_kwargs, attach=False)
+        yield e
+        test_vfio.teardown_env(e)
+
+
+for _name, _fn in list(vars(test_vfio).items()):
+    if _name.startswith("test_") and callable(_fn):
+        setattr(TestVfioOnNative, _name, staticmethod(_fn))
+
+
+P = 4096
+RW = Prot.READ | Prot.WRITE
+
+
+@pytest.fixture(autouse=True)
+def _native_core(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The borrowed suites build ``Container``/``Vm`` from their module globals: swap them."""
+    for mod in (test_type1, test_vfio):
+        monkeypatch.setattr(mod, "Container", NativeContainer, raising=False)
+    monkeypatch.setattr(test_kvm, "Vm", NativeVm)
+    yield
+
+
+# -- bitmaps ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "first,last",
+    [(0, 0), (0, 63), (63, 64), (1, 62), (5, 200), (64, 127), (0, 255), (130, 130), (70, 250)],
+)
+def test_bitmap_mark_ranges(first: int, last: int) -> None:
+    words = bytearray(bitmap_bytes(256))
+    _native.bitmap_mark(words, first, last)
+    assert bitmap_pages(bytes(words)) == list(range(first, last + 1))
+
+
+def test_bitmap_mark_bounds_and_alignment() -> None:
+    words = bytearray(16)
+    with pytest.raises(ValueError):
+        _native.bitmap_mark(words, 0, 128)
+    with pytest.raises(ValueError):
+        _native.bitmap_mark(words, 5, 4)
+    with pytest.raises(ValueError):
+        _native.bitmap_mark(bytearray(12), 0, 1)
+    with pytest.raises(BufferError):
+        _native.bitmap_mark(b"\0" * 8, 0, 1)  # read-only
+
+
+def test_bitmap_take_clears_and_keeps() -> None:
+    words = bytearray(bitmap_bytes(200))
+    _native.bitmap_mark(words, 3, 70)
+    out = _native.bitmap_take(words, keep=[150, 4])
+    assert bitmap_pages(out) == [*range(3, 71), 150]
+    assert bitmap_pages(bytes(words)) == [4, 150]
+    assert bitmap_pages(_native.bitmap_take(words)) == [4, 150]
+    assert bytes(words) == bytes(len(words))
+    with pytest.raises(ValueError):
+        _native.bitmap_take(words, keep=[200 * 64])
+
+
+def test_native_dirty_bitmap_interface_matches_python() -> None:
+    py, nat = DirtyBitmap([1, 2]), NativeDirtyBitmap(100, [1, 2])
+    for b in (py, nat):
+        b.mark(10, 70)
+        b.mark(99, 99)
+    assert py.peek() == nat.peek()
+    assert py.take([5]) == nat.take([5])
+    assert py.peek() == nat.peek() == {5}
+    assert nat.take_bytes() == to_bytes({5}, 100)
+    assert nat.tracking is True
+
+
+def test_bitmap_no_mark_is_lost_under_concurrent_take() -> None:
+    """Writers mark disjoint pages while a harvester takes: every page is seen exactly once."""
+    npages = 64 * 64
+    words = bytearray(bitmap_bytes(npages))
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def writer(base: int) -> None:
+        for p in range(base, npages, 4):
+            _native.bitmap_mark(words, p, p)
+
+    def harvester() -> None:
+        while not stop.is_set():
+            seen.append(_native.bitmap_take(words))
+
+    h = threading.Thread(target=harvester)
+    h.start()
+    ws = [threading.Thread(target=writer, args=(b,)) for b in range(4)]
+    for w in ws:
+        w.start()
+    for w in ws:
+        w.join()
+    stop.set()
+    h.join()
+    seen.append(_native.bitmap_take(words))
+    total = [0] * npages
+    for b in seen:
+        for p in bitmap_pages(b):
+            total[p] += 1
+    assert total == [1] * npages
+
+
+# -- counter, copies, selection -----------------------------------------------------------
+def test_counter_is_monotonic_and_calibrated() -> None:
+    a = _native.cycles()
+    b = _native.cycles()
+    assert b >= a
+    assert _native.counter_kind() in ("rdtsc", "clock_monotonic")
+    assert _native.tsc_hz() > 1e6
+
+
+def test_hva_copies_and_gil_threshold() -> None:
+    space = AddressSpace()
+    hva = space.mmap(16 * P)
+    old = _native.set_gil_threshold(P)
+    try:
+        for n in (1, P - 1, P, 8 * P):  # below and above the threshold
+            data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+            _native.hva_write(hva, data)
+            assert space.read(hva, n) == data
+            out = bytearray(n)
+            _native.hva_read(hva, out)
+            assert bytes(out) == data
+    finally:
+        _native.set_gil_threshold(old)
+        space.close()
+
+
+def test_core_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DMARW_CORE", raising=False)
+    assert core.resolve() == "native"
+    assert core.classes() == (NativeContainer, NativeVm)
+    monkeypatch.setenv("DMARW_CORE", "python")
+    assert core.classes() == (Container, Vm)
+    assert type(core.container(lock="rcu")) is Container
+    monkeypatch.setenv("DMARW_CORE", "native")
+    assert type(core.container(lock="rcu")) is NativeContainer
+    monkeypatch.setenv("DMARW_CORE", "fortran")
+    with pytest.raises(ValueError):
+        core.resolve()
+    assert core.cycles_source("native")[0] == _native.counter_kind()
+
+
+def test_native_forced_without_the_extension_fails_loudly(tmp_path: Any) -> None:
+    """A copy of the package without the .so: DMARW_CORE=native raises, python still works."""
+    import shutil
+
+    import dmarw
+
+    pkg = tmp_path / "dmarw"
+    shutil.copytree(os.path.dirname(dmarw.__file__), pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    code = (
+        "import dmarw.core as c\n"
+        "assert c.resolve('python') == 'python' and c.resolve(None) == 'python'\n"
+        "try:\n    c.resolve('native')\nexcept c.CoreUnavailable as e:\n    print('LOUD', e)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "DMARW_CORE": ""}
+    out = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert "LOUD" in out.stdout, out.stderr
+
+
+# -- native-only behaviour ----------------------------------------------------------------
+@pytest.mark.parametrize("lock", ["mutex", "rwsem", "rcu"])
+def test_host_munmap_under_a_mapping_is_efault_not_a_crash(lock: str) -> None:
+    space = AddressSpace()
+    hva = space.mmap(4 * P)
+    c = NativeContainer(lock=lock)
+    c.map_dma(0, 4 * P, hva, space)
+    c.dma_write(0, b"x" * 10)
+    space.munmap(hva, 4 * P)  # the table's buffer export keeps the pages mapped
+    with pytest.raises(DmaError) as info:
+        c.dma_read(0, 10)
+    assert info.value.errno == errno.EFAULT
+    vm = NativeVm(space)
+    hva2 = space.mmap(4 * P)
+    vm.set_memslot(0, 0, 4 * P, hva2)
+    space.munmap(hva2, 4 * P)
+    with pytest.raises(DmaError) as info:
+        vm.read_guest(0, 8)
+    assert info.value.errno == errno.EFAULT
+    c.unmap_dma(0, 4 * P)
+    vm.close()
+    space.close()
+    assert space.released
+
+
+def test_mm_user_count_is_native_and_balanced() -> None:
+    space = AddressSpace()
+    hva = space.mmap(4 * P)
+    for mode in ("get_task_mm", "mmget_not_zero"):
+        c = NativeContainer(mm_ref=mode)
+        c.map_dma(0, 4 * P, hva, space)
+        c.dma_write(P - 2, b"abcd")  # two pages, one mapping
+        assert mm_ref(space).users == 0
+        c.unmap_dma(0, 4 * P)
+    space.close()
+
+
+@pytest.mark.parametrize("lock", ["mutex", "rwsem", "rcu"])
+@pytest.mark.parametrize("size", [64, 3 * P + 5, 96 * 1024])
+def test_readers_race_unmap_and_dirty_gets(lock: str, size: int) -> None:
+    """Readers and writers against map/unmap and gets: no crash, no lost dirty bit, and
+    after unmap_dma returns, memory written through the old mapping stays untouched."""
+    old = _native.set_gil_threshold(32 * 1024)  # 96 KiB copies run without the GIL
+    space = AddressSpace()
+    npages = 64
+    hva = space.mmap(npages * P)
+    c = NativeContainer(lock=lock)
+    c.dirty_pages_start()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    written: set[int] = set()
+    lock_w = threading.Lock()
+    iters = [0, 0]
+
+    def device(k: int) -> None:
+        buf = bytearray(size)
+        i = 0
+        while not stop.is_set():
+            iters[k] += 1
+            iova = ((i * 7 + k) % (npages - (size + P - 1) // P)) * P
+            try:
+                c.dma_rw(iova, buf, True)
+                with lock_w:
+                    written.update(range(iova // P, (iova + size - 1) // P + 1))
+            except DmaError as e:
+                if e.errno != errno.EINVAL:
+                    errors.append(e)
+            i += 1
+
+    threads = [threading.Thread(target=device, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    harvested: set[int] = set()
+    try:
+        for _ in range(30):
+            c.map_dma(0, npages * P, hva, space)
+            harvested.update(bitmap_pages(c.get_dirty_bitmap(0, npages * P)))
+            _, bm = c.unmap_dma(0, npages * P, get_dirty_bitmap=True)  # type: ignore[misc]
+            harvested.update(bitmap_pages(bm))
+        # unmapped now: whatever the devices still try must not reach the memory
+        space.write(hva, bytes(npages * P))
+        seen = list(iters)
+        while min(a - b for a, b in zip(iters, seen, strict=True)) < 20:
+            os.sched_yield()
+        stop.set()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        _native.set_gil_threshold(old)
+    assert not errors
+    assert written <= harvested  # every completed write's pages were reported
+    assert space.read(hva, npages * P) == bytes(npages * P)  # nothing wrote after unmap
+    space.close()
+
+
+def test_large_read_releases_the_gil_and_stays_correct() -> None:
+    old = _native.set_gil_threshold(0)
+    try:
+        space = AddressSpace()
+        hva = space.mmap(256 * P)
+        data = os.urandom(256 * P)
+        space.write(hva, data)
+        c = NativeContainer(lock="rcu")
+        c.map_dma(0, 128 * P, hva, space)
+        c.map_dma(128 * P, 128 * P, hva + 128 * P, space)  # a copy across two mappings
+        assert c.dma_read(5, 200 * P) == data[5 : 5 + 200 * P]
+        vm = NativeVm(space)
+        vm.set_memslot(1, 0, 256 * P, hva)
+        assert vm.read_guest(7, 100 * P) == data[7 : 7 + 100 * P]
+        vm.close()
+        c.unmap_dma(0, 256 * P)
+        space.close()
+    finally:
+        _native.set_gil_threshold(old)
+
+
+# -- differential: identical random sequences on both cores --------------------------------
+NP = 16  # pages of guest RAM in the differential runs
+
+addr_page = st.integers(0, NP + 2)
+npg = st.integers(0, 6)
+op = st.one_of(
+    st.tuples(st.just("map"), addr_page, st.integers(1, 6), st.integers(0, NP - 1), st.sampled_from([1, 2, 3])),
+    st.tuples(st.just("unmap"), addr_page, npg, st.booleans()),
+    st.tuples(st.just("rw"), st.integers(0, (NP + 2) * P), st.integers(0, 3 * P), st.booleans(), st.integers(0, 255)),
+    st.tuples(st.just("rw_top"), st.integers(0, 8), st.integers(0, 16), st.booleans()),
+    st.tuples(st.just("pin"), addr_page, npg, st.sampled_from([1, 2, 3])),
+    st.tuples(st.just("unpin"), addr_page, npg),
+    st.tuples(st.just("bitmap"), addr_page, npg),
+    st.tuples(st.just("start"),),
+    st.tuples(st.just("stop"),),
+    st.tuples(st.just("slot"), st.integers(0, 2), addr_page, st.integers(0, 4), st.integers(0, NP - 1), st.booleans(), st.booleans()),
+    st.tuples(st.just("guest"), st.integers(0, (NP + 2) * P), st.integers(0, 2 * P), st.booleans(), st.integers(0, 255)),
+    st.tuples(st.just("log"), st.integers(0, 2)),
+)
+
+
+# a starting point where most accesses succeed: mappings of every prot, two memslots (one
+# read-only, one logging), tracking on; the random operations then change all of it
+PROLOGUE: list[tuple[Any, ...]] = [
+    ("map", 0, 4, 0, 3),
+    ("map", 4, 2, 6, 1),
+    ("map", 6, 2, 2, 2),
+    ("map", 8, 6, 8, 3),
+    ("slot", 0, 0, 8, 0, False, True),
+    ("slot", 1, 8, 4, 8, True, False),
+    ("start",),
+    ("pin", 1, 2, 3),
+]
+
+
+def _run(cls_c: type[Container], cls_v: type[Vm], lock: str, mm: str, ops: list[tuple[Any, ...]]) -> list[Any]:
+    space = AddressSpace()
+    hva = space.mmap(NP * P, backing="memfd")
+    space.write(hva, bytes(i * 7 & 0xFF for i in range(NP * P)))
+    c = cls_c(lock=lock, mm_ref=mm)  # type: ignore[call-arg]
+    vm = cls_v(space)
+    c.register_unmap_notifier(lambda iova, size: [
+        c.unpin_pages(p, 1) for p, n in sorted(c.pinned().items()) if iova <= p < iova + size for _ in range(n)
+    ])
+    trace: list[Any] = []
+
+    def call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        try:
+            r = fn(*args, **kw)
+        except DmaError as e:
+            return ("err", e.errno)
+        return ("ok", r)
+
+    for o in ops:
+        kind = o[0]
+        if kind == "map":
+            trace.append(call(c.map_dma, o[1] * P, o[2] * P, hva + min(o[3], NP - o[2]) * P if o[2] <= NP else hva, space, Prot(o[4])))
+        elif kind == "unmap":
+            trace.append(call(c.unmap_dma, o[1] * P, o[2] * P, get_dirty_bitmap=o[3]))
+        elif kind in ("rw", "rw_top"):
+            if kind == "rw":
+                iova, n, write, seed = o[1], o[2], o[3], o[4]
+            else:
+                iova, n, write, seed = (1 << 64) - o[1], o[2], o[3], 1
+            buf = bytearray((seed + i) & 0xFF for i in range(n))
+            r = call(c.dma_rw, iova, buf, write)
+            trace.append((r, bytes(buf)))
+        elif kind == "pin":
+            trace.append(call(c.pin_pages, o[1] * P, o[2], Prot(o[3])))
+        elif kind == "unpin":
+            trace.append(call(c.unpin_pages, o[1] * P, o[2]))
+        elif kind == "bitmap":
+            trace.append(call(c.get_dirty_bitmap, o[1] * P, o[2] * P))
+        elif kind == "start":
+            trace.append(call(c.dirty_pages_start))
+        elif kind == "stop":
+            trace.append(call(c.dirty_pages_stop))
+        elif kind == "slot":
+            _, slot, gpa_pg, n, hpg, ro, log = o
+            trace.append(call(vm.set_memslot, slot, gpa_pg * P, n * P, hva + min(hpg, NP - n) * P, readonly=ro, dirty_log=log))
+        elif kind == "guest":
+            _, gpa, n, write, seed = o
+            if write:
+                trace.append(call(vm.write_guest, gpa, bytes((seed + i) & 0xFF for i in range(n))))
+            else:
+                trace.append(call(vm.read_guest, gpa, n))
+        elif kind == "log":
+            trace.append(call(vm.get_dirty_log, o[1]))
+        trace.append((c.mappings(), c.pinned(), c.tracking))
+    trace.append(space.read(hva, NP * P))
+    if c.tracking:
+        trace.append([(d[0], call(c.get_dirty_bitmap, d[0], d[1])) for d in c.mappings()])
+    trace.append([(s.slot, call(vm.get_dirty_log, s.slot)) for s in vm.memslots()])
+    vm.close()
+    for iova, size, _, _ in c.mappings():
+        for p, n in list(c.pinned().items()):
+            if iova <= p < iova + size:
+                for _ in range(n):
+                    c.unpin_pages(p, 1)
+        c.unmap_dma(iova, size)
+    space.close()
+    return trace
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lock=st.sampled_from(["mutex", "rwsem", "rcu"]),
+    mm=st.sampled_from(["get_task_mm", "mmget_not_zero"]),
+    ops=st.lists(op, min_size=1, max_size=40),
+)
+def test_differential_python_vs_native(lock: str, mm: str, ops: list[tuple[Any, ...]]) -> None:
+    ops = PROLOGUE + ops
+    ref = _run(Container, Vm, lock, mm, ops)
+    got = _run(NativeContainer, NativeVm, lock, mm, ops)
+    assert len(ref) == len(got)
+    for i, (a, b) in enumerate(zip(ref, got, strict=True)):
+        assert a == b, f"divergence at step {i}: {ops[i // 2] if i // 2 < len(ops) else 'final'}"

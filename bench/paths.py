@@ -236,6 +236,7 @@ def render(console: Console, rows: list[dict[str, object]], meta: dict[str, obje
             t.add_row(*cells)
         console.print(t)
     console.print(
+        f"core: {meta['core']} (container and Vm; the per-call group layer is Python in both); "
         f"{meta['rounds']} rounds × {meta['calls_per_sample']} calls per sample, medians; "
         f"paths interleaved in a random order each round (seed {meta['seed']})."
     )
@@ -258,14 +259,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--passes", type=int, default=8, help=f"passes over {NPAGES} pages per sample (default 8)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the interleaving order")
     ap.add_argument("--json", metavar="FILE", help="also write every number to FILE")
+    ap.add_argument(
+        "--core",
+        choices=("python", "native"),
+        help="container/Vm core (default: $DMARW_CORE, else native when built)",
+    )
     args = ap.parse_args(argv)
     if args.rounds < 3 or args.passes < 1:
         ap.error("--rounds must be >= 3 and --passes >= 1")
+    if args.core:
+        os.environ["DMARW_CORE"] = args.core  # VmEnv resolves the core from it
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)
     envs, loops = build()
     try:
+        cores = {getattr(env, "core", "python") for env in envs.values()}
         check(envs, loops)
         started = time.perf_counter()
         samples = measure(loops, args.rounds, args.passes, args.seed)
@@ -275,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         close(envs)
     rows = results(samples)
     meta: dict[str, object] = {
+        "core": "/".join(sorted(cores)),
         "rounds": args.rounds,
         "calls_per_sample": args.passes * NPAGES,
         "seed": args.seed,

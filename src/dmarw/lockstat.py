@@ -7,9 +7,10 @@ only while at least one :func:`collect` block is active anywhere in the process,
 off path is a single global flag test.
 
 Time is reported in ns (``time.perf_counter_ns``) and in CPU cycles.  Cycles are derived as
-``ns * cpu_hz / 1e9`` where ``cpu_hz`` is the TSC frequency the kernel reports
-(``/proc/cpuinfo`` "cpu MHz" or the cpufreq maximum), see :func:`cpu_hz`; the native core
-(when built) reads the TSC itself.  :func:`timer_overhead_ns` measures the cost of one
+``ns * cpu_hz / 1e9`` where ``cpu_hz`` is the TSC rate: measured by the native core against
+``CLOCK_MONOTONIC`` when it is built and the CPU has an invariant TSC, else the frequency the
+kernel reports (``tsc_freq_khz``, ``/proc/cpuinfo`` "cpu MHz" or the cpufreq maximum), see
+:func:`cpu_hz` and :func:`cycles_source`.  :func:`timer_overhead_ns` measures the cost of one
 timestamp pair, which the seed says adds ~20 cycles to each of its figures; ours is
 reported, and the lab subtracts it.
 
@@ -97,7 +98,15 @@ def collecting() -> bool:
 
 @functools.cache
 def _cpu_hz_and_source() -> tuple[float, str]:
-    """The first frequency the kernel reports, and which file said it."""
+    """The TSC rate (measured by the native core when built, else as the kernel reports it),
+    and where it came from."""
+    try:  # the native core times rdtsc against CLOCK_MONOTONIC (invariant TSC only)
+        from . import _native  # type: ignore[attr-defined]
+
+        if _native.counter_kind() == "rdtsc":
+            return float(_native.tsc_hz()), "TSC rate measured by dmarw._native"
+    except (ImportError, AttributeError):
+        pass
     try:
         with open("/sys/devices/system/cpu/cpu0/tsc_freq_khz") as f:
             return float(f.read()) * 1e3, "tsc_freq_khz (TSC)"

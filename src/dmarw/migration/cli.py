@@ -1,0 +1,189 @@
+"""``dmarw migrate``: migrate a guest while its vCPUs and a device write, then verify it.
+
+Exit status: 0 only when every page of the destination equals the source's; 1 when the
+verification names differing pages; 2 when the migration itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import asdict
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..errors import DmaError
+from ..mm import PAGE_SIZE
+from .harness import Config, Outcome, run
+from .source import RoundStats
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``1G``, ``64MiB``, ``4096`` → bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 1G, 64M, 262144K)")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+def _area(o: Outcome, gpa: int) -> str:
+    ram, pinned = o.config.ram, o.config.pinned
+    if gpa >= ram - pinned * PAGE_SIZE:
+        return "pinned"
+    return "device" if gpa >= (ram * 3 // 4) // PAGE_SIZE * PAGE_SIZE else "vCPU"
+
+
+def report(o: Outcome, con: Console) -> int:
+    """Print the rounds, totals, throughput and the verification line; returns the exit code."""
+    r = o.report
+    t = Table(title="pre-copy rounds")
+    for col in ("round", "dirtied", "kvm log", "vfio log", "pinned", "sent", "bytes", "time"):
+        t.add_column(col, justify="right")
+    for st in r.rounds:
+        t.add_row(
+            "final" if st.final else str(st.round),
+            f"{st.dirtied:,}",
+            f"{st.kvm:,}",
+            f"{st.vfio:,}",
+            f"{st.pinned:,}",
+            f"{st.sent:,}",
+            f"{st.bytes:,}",
+            f"{st.seconds * 1e3:,.1f} ms",
+        )
+    con.print(t)
+    iters = len(r.rounds) - 1
+    why = "dirty set under the threshold" if r.converged else f"round limit {o.config.max_rounds}"
+    con.print(
+        f"total: {iters} pre-copy round(s) + final ({why}); {r.pages_sent:,} pages, "
+        f"{r.bytes_sent:,} bytes ({_mib(r.bytes_sent)}) in {r.total_seconds:.3f} s; "
+        f"downtime {r.downtime_seconds * 1e3:.2f} ms (pause → destination complete)"
+    )
+    con.print(f"writes during the migration: {', '.join(f'{k} {v:,}' for k, v in o.writes.items())}")
+    if o.plain is not None and r.total_seconds > 0:
+        mig = r.bytes_sent / r.total_seconds
+        ram_rate = o.config.ram / r.total_seconds
+        con.print(
+            f"plain copy of the same RAM over the same kind of stream (socketpair, no framing): "
+            f"{_mib(o.plain.bytes)} in {o.plain.seconds:.3f} s = {_mib(o.plain.rate)}/s"
+        )
+        con.print(
+            f"throughput vs plain copy: migration wire {_mib(mig)}/s = {mig / o.plain.rate:.2f}x; "
+            f"RAM moved per second {_mib(ram_rate)}/s = {ram_rate / o.plain.rate:.2f}x"
+        )
+    n = r.npages
+    if o.ok:
+        con.print(f"verification: OK, {n} pages identical")
+        return 0
+    areas: dict[str, int] = {}
+    for g in o.differing:
+        areas[_area(o, g)] = areas.get(_area(o, g), 0) + 1
+    shown = ", ".join(f"{g:#x}" for g in o.differing[:16])
+    more = f" (first 16 of {len(o.differing)})" if len(o.differing) > 16 else ""
+    by = ", ".join(f"{k} area {v}" for k, v in sorted(areas.items()))
+    con.print(f"verification: FAILED, {len(o.differing)} of {n} pages differ ({by}): gpa {shown}{more}")
+    return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = Config(
+        ram=args.ram,
+        seed=args.seed,
+        vcpu_rate=args.vcpu_rate,
+        dma_rate=args.dma_rate,
+        pinned=args.pinned,
+        threshold=args.threshold,
+        max_rounds=args.max_rounds,
+        device_bypass=args.device_bypass,
+        no_vfio_log=args.no_vfio_log,
+        ops=args.ops,
+    )
+    con = Console(soft_wrap=True)
+    if not con.is_terminal:  # a pipe or a file: keep the table's numbers whole
+        con = Console(soft_wrap=True, width=max(con.width, 120))
+    mode = "device writes bypass dma_rw (raw hva)" if cfg.device_bypass else "device writes via dma_rw"
+    if cfg.no_vfio_log:
+        mode += "; the container's dirty bitmap is ignored"
+    con.print(
+        f"dmarw migrate: {_mib(cfg.ram)} guest RAM ({cfg.ram // PAGE_SIZE:,} pages), seed {cfg.seed}; "
+        f"vCPU {cfg.vcpu_rate:g} + device {cfg.dma_rate:g} writes per MiB streamed "
+        f"({cfg.profile} workload writes), {cfg.pinned} pinned pages; {mode}"
+    )
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        auto_refresh=False,  # no refresh thread: the run forks processes
+        disable=args.no_progress,
+    )
+    state: dict[str, int] = {"task": -1, "frames": 0}
+
+    def round_start(rnd: int, pages: int) -> None:
+        if state["task"] >= 0:
+            progress.remove_task(state["task"])  # type: ignore[arg-type]
+        state["task"] = progress.add_task(f"round {rnd}", total=max(pages, 1))
+        progress.refresh()
+
+    def sent(_n: int, pages: int) -> None:
+        progress.advance(state["task"], pages)  # type: ignore[arg-type]
+        state["frames"] += 1
+        if state["frames"] % 16 == 0:
+            progress.refresh()
+
+    def round_end(st: RoundStats) -> None:
+        progress.refresh()
+
+    try:
+        with progress:
+            outcome = run(cfg, on_sent=sent, on_round_start=round_start, on_round_end=round_end)
+    except DmaError as e:
+        con.print(f"[red]migration failed[/]: {e}")
+        return 2
+    rc = report(outcome, con)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(
+                {
+                    "config": asdict(cfg),
+                    "report": asdict(outcome.report),
+                    "plain_copy": asdict(outcome.plain) if outcome.plain else None,
+                    "writes": outcome.writes,
+                    "differing_gpas": outcome.differing,
+                    "ok": outcome.ok,
+                },
+                f,
+                indent=1,
+            )
+    return rc
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "migrate",
+        help="live-migrate a guest while vCPUs and a device write, and verify every page",
+        description="Pre-copy migration driven by the KVM and VFIO dirty logs, to a second process.",
+    )
+    p.add_argument("--ram", type=parse_size, default=1 << 30, help="guest RAM size (default 1G)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vcpu-rate", type=float, default=64.0, help="vCPU writes per MiB streamed (default 64)")
+    p.add_argument("--dma-rate", type=float, default=32.0, help="device writes per MiB streamed (default 32)")
+    p.add_argument("--pinned", type=int, default=16, help="pages the device pins and writes by hva (default 16)")
+    p.add_argument("--threshold", type=int, default=256, help="stop iterating at this many dirty pages (default 256)")
+    p.add_argument("--max-rounds", type=int, default=16, help="pre-copy round limit (default 16)")
+    p.add_argument("--ops", type=int, default=20_000, help="workload records per writer, cycled (default 20000)")
+    p.add_argument("--device-bypass", action="store_true", help="negative control: device writes the raw hva")
+    p.add_argument("--no-vfio-log", action="store_true", help="negative control: ignore the container's dirty bitmap")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", metavar="FILE", help="write every number of the run as JSON")
+    p.set_defaults(func=_run)

@@ -1,0 +1,215 @@
+"""The destination: its own guest RAM, filled from a validated stream, then verified.
+
+:class:`Destination` owns an :class:`~dmarw.mm.AddressSpace` with one memfd mapping per RAM
+region of the expected layout.  It applies only events the :class:`~.stream.Decoder` has
+validated, so a refused frame writes nothing; but pages of earlier frames are in, so the
+memory stays marked incomplete (``complete`` False, ``error`` set) unless END arrived.
+
+:func:`serve` is the destination process's main: receive from a socket, then answer on the
+same socket with a reply message (``DONE`` + pages, or ``FAIL`` + the error) and, after
+``DONE``, the digest of every page.  :func:`start` forks that process.  No locks: one thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import multiprocessing
+import os
+import socket
+import struct
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+
+from ..errors import DmaError
+from ..mm import AddressSpace
+from .stream import NEED_DATA, Decoder, End, Header, Layout, Pages, RoundEnd, StreamError
+
+RECV_CHUNK = 4 << 20
+DIGEST = "sha1"
+DIGEST_SIZE = hashlib.new(DIGEST).digest_size
+_MSG = struct.Struct("<4sQ")  # tag, payload length
+
+
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python 3.11's mmap module does not name it
+
+
+def prefault(space: AddressSpace, hva: int, size: int) -> None:
+    """Allocate and map guest RAM before it is used, as a VMM does before an incoming
+    migration: ``fallocate`` the memfd, then populate the page tables (best effort)."""
+    region, off = space.region(hva, size)
+    if region.fd is not None:
+        os.posix_fallocate(region.fd, off, size)
+    try:
+        region.map.madvise(MADV_POPULATE_WRITE, off, size)
+    except OSError:  # older kernel: pages fault in on first touch instead
+        pass
+
+
+def page_digests(space: AddressSpace, hvas: list[tuple[int, int]], page_size: int) -> bytes:
+    """The concatenated digest of every page of ``hvas`` ((hva, size) in layout order)."""
+    out = bytearray()
+    for hva, size in hvas:
+        region, off = space.region(hva, size)
+        with memoryview(region.map) as mv:
+            for o in range(off, off + size, page_size):
+                out += hashlib.new(DIGEST, mv[o : o + page_size]).digest()
+    return bytes(out)
+
+
+class Destination:
+    """Guest RAM receiving a migration; ``complete`` only after a valid END."""
+
+    def __init__(self, page_size: int, layout: Layout) -> None:
+        self.page_size = page_size
+        self.layout = tuple(layout)
+        self.space = AddressSpace()
+        self._hvas: list[tuple[int, int, int]] = []  # (gpa, size, hva)
+        for gpa, size in self.layout:
+            hva = self.space.mmap(size, backing="memfd")
+            prefault(self.space, hva, size)
+            self._hvas.append((gpa, size, hva))
+        self.decoder = Decoder(page_size, self.layout)
+        self.complete = False
+        self.error: StreamError | None = None
+        self.pages_applied = 0
+        self.rounds = 0
+
+    @property
+    def npages(self) -> int:
+        return sum(s for _, s in self.layout) // self.page_size
+
+    def _hva(self, gpa: int) -> tuple[int, int]:
+        """The hva of ``gpa`` and the gpa where its region ends."""
+        for g, s, h in self._hvas:
+            if g <= gpa < g + s:
+                return h + gpa - g, g + s
+        raise DmaError(errno.EFAULT, f"destination: gpa {gpa:#x} outside the layout")
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Decode ``data`` (``b""``: end of input) and apply every complete, valid frame."""
+        try:
+            self.decoder.receive_data(data)
+            while True:
+                ev = self.decoder.next_event()
+                if ev is NEED_DATA:
+                    return
+                self._apply(ev)  # type: ignore[arg-type]
+        except StreamError as e:
+            self.error = e
+            self.complete = False
+            raise
+
+    def _apply(self, ev: Header | Pages | RoundEnd | End) -> None:
+        if isinstance(ev, Pages):
+            ps = self.page_size
+            gpas = ev.gpas
+            i = 0
+            data = memoryview(ev.data)
+            while i < len(gpas):  # one write per run of consecutive pages in one region
+                hva, region_end = self._hva(gpas[i])
+                j = i + 1
+                while j < len(gpas) and gpas[j] == gpas[j - 1] + ps and gpas[j] < region_end:
+                    j += 1
+                self.space.write(hva, data[i * ps : j * ps])
+                i = j
+            self.pages_applied += len(gpas)
+        elif isinstance(ev, RoundEnd):
+            self.rounds += 1
+        elif isinstance(ev, End):
+            self.complete = True
+
+    def receive(self, sock: socket.socket) -> None:
+        """Read the whole stream from ``sock`` (until END, or EOF which must follow END)."""
+        buf = bytearray(RECV_CHUNK)
+        view = memoryview(buf)
+        while not self.complete:
+            n = sock.recv_into(view)
+            self.feed(view[:n])
+            if n == 0:
+                break
+        if not self.complete:  # EOF without END is refused by the decoder; be explicit anyway
+            raise self.error or StreamError("truncated", "input ended before END")
+
+    def digests(self) -> bytes:
+        return page_digests(self.space, [(h, s) for _, s, h in self._hvas], self.page_size)
+
+    def read(self, gpa: int, n: int) -> bytes:
+        return self.space.read(self._hva(gpa)[0], n)
+
+    def close(self) -> None:
+        self.space.close()
+
+
+# -- the destination process ---------------------------------------------------------------
+def send_msg(sock: socket.socket, tag: bytes, payload: bytes = b"") -> None:
+    sock.sendall(_MSG.pack(tag, len(payload)) + payload)
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise DmaError(errno.EPIPE, f"destination closed the reply channel after {got} of {n} bytes")
+        got += k
+    return bytes(buf)
+
+
+def recv_msg(sock: socket.socket) -> tuple[bytes, bytes]:
+    tag, n = _MSG.unpack(recv_exact(sock, _MSG.size))
+    return tag, recv_exact(sock, n)
+
+
+def serve(sock: socket.socket, page_size: int, layout: Layout) -> int:
+    """Destination main: ``READY`` once its RAM exists; receive; reply ``DONE``/``FAIL``;
+    then send every page's digest (``HASH``)."""
+    dest = Destination(page_size, layout)
+    send_msg(sock, b"REDY")
+    try:
+        dest.receive(sock)
+    except (StreamError, OSError) as e:
+        try:
+            send_msg(sock, b"FAIL", str(e).encode())
+        except OSError:
+            pass
+        return 1
+    send_msg(sock, b"DONE", struct.pack("<QI", dest.pages_applied, dest.rounds))
+    send_msg(sock, b"HASH", dest.digests())
+    return 0
+
+
+def _child(sock: socket.socket, other: socket.socket, page_size: int, layout: Layout) -> None:
+    other.close()  # the source's end, inherited: keep it open and EOF would never come
+    rc = serve(sock, page_size, layout)
+    sock.close()
+    raise SystemExit(rc)
+
+
+def start(
+    page_size: int, layout: Layout, target: Callable[..., None] = _child
+) -> tuple[BaseProcess, socket.socket]:
+    """Fork the destination process, wait until its RAM is ready; returns it and the
+    source's end of a socketpair.
+
+    Fork before starting any thread in the caller (a forked child inherits only the calling
+    thread, and a lock held by another thread would stay held).
+    """
+    ours, theirs = socket.socketpair()
+    ctx = multiprocessing.get_context("fork")
+    proc = ctx.Process(target=target, args=(theirs, ours, page_size, layout), name="dmarw-migrate-dest", daemon=True)
+    proc.start()
+    theirs.close()
+    try:
+        tag, _ = recv_msg(ours)
+    except BaseException:
+        ours.close()
+        proc.join()
+        raise
+    if tag != b"REDY":
+        ours.close()
+        proc.join()
+        raise DmaError(errno.EPROTO, f"destination process sent {tag!r} instead of READY")
+    return proc, ours

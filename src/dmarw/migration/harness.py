@@ -1,0 +1,269 @@
+"""One migration end to end: a source guest with writers, a destination process, verification.
+
+Guest RAM layout (one memslot, one container mapping, iova == gpa)::
+
+    [0, 3/4 RAM)                 vCPU area: Vm.write_guest            (KVM dirty log)
+    [3/4 RAM, RAM - pinned)      device area: dma_rw via ExternalUser (container bitmap)
+    [RAM - pinned, RAM)          pinned pages: written through their hva (always resent)
+
+The areas are disjoint on purpose: a device page is dirtied only by the device, so when a
+negative control loses the device's writes nothing else resends those pages, and because
+each writer completes :attr:`Config.after_round0` writes between round 0 and the first
+harvest, every control run loses at least one page, deterministically.
+
+Processes: the source (this process, with the writer threads) and a forked destination
+with its own memfd guest RAM; a forked receiver also times a plain copy of the same RAM
+over the same kind of socket before the writers start.  Forks happen while this process
+has no other thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import multiprocessing
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import DmaError
+from ..kvm import Vm
+from ..mm import PAGE_SIZE, AddressSpace
+from ..type1 import Container, Prot
+from ..vfio import ExternalUser, Group
+from . import dest
+from .source import MigrationReport, RoundStats, Source, differing_pages
+from .writers import Writer, Writers, fill, place
+
+_group_ids = itertools.count(1)
+PIN_EVERY = 8  # one device write in PIN_EVERY goes to a pinned page
+
+
+@dataclass
+class Config:
+    """Everything one run depends on (defaults: the ``dmarw migrate`` defaults)."""
+
+    ram: int = 1 << 30
+    seed: int = 0
+    vcpu_rate: float = 64.0  # vCPU writes per MiB streamed
+    dma_rate: float = 32.0  # device writes per MiB streamed
+    pinned: int = 16
+    threshold: int = 256
+    max_rounds: int = 16
+    device_bypass: bool = False
+    no_vfio_log: bool = False
+    profile: str = "glmark2"
+    ops: int = 20_000  # workload records generated per writer (cycled)
+    after_round0: int = 16
+    plain_copy: bool = True
+
+    def check(self) -> None:
+        if self.ram % PAGE_SIZE or self.ram < 256 * 1024:
+            raise DmaError(errno.EINVAL, f"--ram {self.ram:#x} must be a multiple of 4096 and >= 256 KiB")
+        if not 0 <= self.pinned <= min(512, self.ram // PAGE_SIZE // 8):
+            raise DmaError(errno.EINVAL, f"--pinned {self.pinned} must be in 0..{min(512, self.ram // PAGE_SIZE // 8)}")
+        if self.vcpu_rate < 0 or self.dma_rate < 0:
+            raise DmaError(errno.EINVAL, "rates must be >= 0")
+
+
+@dataclass
+class PlainCopy:
+    bytes: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.bytes / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Outcome:
+    config: Config
+    report: MigrationReport
+    differing: list[int]
+    plain: PlainCopy | None
+    writes: dict[str, int] = field(default_factory=dict)
+    setup_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.differing
+
+
+class SourceGuest:
+    """The source VM: memfd RAM, a dirty-logging memslot, a tracked container, a device."""
+
+    def __init__(self, ram: int, seed: int, npinned: int) -> None:
+        self.ram = ram
+        self.space = AddressSpace()
+        self.hva = self.space.mmap(ram, backing="memfd")
+        fill(self.space, self.hva, ram, seed)
+        self.vm = Vm(self.space)
+        self.vm.set_memslot(0, 0, ram, self.hva, dirty_log=True)
+        self.container = Container()
+        self.container.map_dma(0, ram, self.hva, self.space, Prot.READ | Prot.WRITE)
+        self.group = Group(f"dmarw-migrate-{os.getpid()}-{next(_group_ids)}")
+        device = self.group.add_device("0000:00:02.0")
+        self.group.set_container(self.container)
+        self.ext = ExternalUser.from_device(device)
+        self.notifier = self.container.register_unmap_notifier(self._unmapped)
+        self.pin_iova = ram - npinned * PAGE_SIZE
+        self.npinned = npinned
+        self.pinned_hvas = self.ext.pin_pages(self.pin_iova, npinned, Prot.READ | Prot.WRITE) if npinned else []
+
+    def _unmapped(self, iova: int, size: int) -> None:
+        """Unmap notifier: drop our pins inside the range."""
+        lo, hi = max(iova, self.pin_iova), min(iova + size, self.pin_iova + self.npinned * PAGE_SIZE)
+        if lo < hi and self.pinned_hvas:
+            self.ext.unpin_pages(lo, (hi - lo) // PAGE_SIZE)
+            self.pinned_hvas = []
+
+    @property
+    def areas(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(base, span) of the vCPU area and of the device area."""
+        vcpu = (self.ram * 3 // 4) // PAGE_SIZE * PAGE_SIZE
+        return (0, vcpu), (vcpu, self.pin_iova - vcpu)
+
+    def close(self) -> None:
+        self.container.unmap_dma(0, self.ram)  # the notifier unpins
+        self.container.unregister_unmap_notifier(self.notifier)
+        self.ext.close()
+        self.group.remove()
+        self.vm.close()
+        self.space.close()
+
+
+def build_writers(guest: SourceGuest, cfg: Config) -> Writers:
+    """The vCPU and device writers over the lab's workload ``cfg.profile``."""
+    from ..lab.workload import generate  # the lab's generator (issue 4)
+
+    (vbase, vspan), (dbase, dspan) = guest.areas
+    vcpu_w = generate(cfg.profile, cfg.ops, cfg.seed * 2 + 1, vspan).writes()
+    dev_w = generate(cfg.profile, cfg.ops, cfg.seed * 2 + 2, dspan).writes()
+    vm_write = guest.vm.write_guest
+    space, hva = guest.space, guest.hva
+    if cfg.device_bypass:
+
+        def dev_write(iova: int, data: bytes) -> None:  # the device writes the raw hva
+            space.write(hva + iova, data)
+
+    else:
+        dev_write = guest.ext.dma_write
+
+    def pin_write(hva_: int, data: bytes) -> None:
+        space.write(hva_, data)
+
+    vops: list[tuple[Callable[[int, bytes], None], int, int]] = [
+        (vm_write, a, n) for a, n in place(vcpu_w, vbase, vspan)
+    ]
+    dops: list[tuple[Callable[[int, bytes], None], int, int]] = []
+    for i, (a, n) in enumerate(place(dev_w, dbase, dspan)):
+        if guest.pinned_hvas and i % PIN_EVERY == PIN_EVERY - 1:
+            k = (i // PIN_EVERY) % len(guest.pinned_hvas)
+            dops.append((pin_write, guest.pinned_hvas[k] + a % PAGE_SIZE, min(n, PAGE_SIZE - a % PAGE_SIZE)))
+        else:
+            dops.append((dev_write, a, n))
+    return Writers([Writer("vcpu", cfg.vcpu_rate, vops), Writer("device", cfg.dma_rate, dops)])
+
+
+# -- plain copy --------------------------------------------------------------------------
+def _plain_receiver(sock: socket.socket, other: socket.socket, size: int) -> None:
+    other.close()
+    space = AddressSpace()
+    hva = space.mmap(size, backing="memfd")
+    dest.prefault(space, hva, size)  # prepared like the destination's RAM, before timing
+    sock.sendall(b"R")
+    region, off = space.region(hva, size)
+    got = 0
+    with memoryview(region.map) as mv:
+        while got < size:
+            n = sock.recv_into(mv[off + got : off + min(size, got + dest.RECV_CHUNK)])
+            if n == 0:
+                break
+            got += n
+    sock.sendall(b"K" if got == size else b"E")
+    sock.close()
+    raise SystemExit(0 if got == size else 1)
+
+
+def plain_copy(space: AddressSpace, hva: int, size: int, chunk: int = 1 << 20) -> PlainCopy:
+    """Time a plain copy of ``size`` bytes of RAM to a forked receiver's RAM (no framing)."""
+    ours, theirs = socket.socketpair()
+    proc = multiprocessing.get_context("fork").Process(
+        target=_plain_receiver, args=(theirs, ours, size), name="dmarw-plain-copy", daemon=True
+    )
+    proc.start()
+    theirs.close()
+    try:
+        if ours.recv(1) != b"R":
+            raise DmaError(errno.EPIPE, f"plain copy of {size:#x} bytes: receiver did not start")
+        t0 = time.perf_counter()
+        for off in range(0, size, chunk):
+            ours.sendall(space.read(hva + off, min(chunk, size - off)))
+        ack = ours.recv(1)
+        t1 = time.perf_counter()
+    finally:
+        ours.close()
+        proc.join()
+    if ack != b"K":
+        raise DmaError(errno.EPIPE, f"plain copy of {size:#x} bytes: receiver failed")
+    return PlainCopy(size, t1 - t0)
+
+
+# -- one run -----------------------------------------------------------------------------
+def run(
+    cfg: Config,
+    *,
+    on_sent: Callable[[int, int], None] | None = None,
+    on_round_start: Callable[[int, int], None] | None = None,
+    on_round_end: Callable[[RoundStats], None] | None = None,
+) -> Outcome:
+    """Set up, (time a plain copy,) migrate with the writers running, verify every page."""
+    cfg.check()
+    t0 = time.perf_counter()
+    guest = SourceGuest(cfg.ram, cfg.seed, cfg.pinned)
+    try:
+        writers = build_writers(guest, cfg)
+        setup = time.perf_counter() - t0
+        plain = plain_copy(guest.space, guest.hva, cfg.ram) if cfg.plain_copy else None
+        src = Source(
+            guest.vm,
+            guest.container,
+            threshold=cfg.threshold,
+            max_rounds=cfg.max_rounds,
+            use_vfio_log=not cfg.no_vfio_log,
+        )
+        proc, sock = dest.start(src.page_size, src.layout)
+        writers.start()
+
+        def sent(n: int, pages: int) -> None:
+            writers.grant(n)
+            if on_sent is not None:
+                on_sent(n, pages)
+
+        def round_end(st: RoundStats) -> None:
+            if st.round == 0 and not st.final:
+                writers.force(cfg.after_round0)
+            if on_round_end is not None:
+                on_round_end(st)
+
+        try:
+            report = src.migrate(sock, writers.pause, on_sent=sent, on_round_start=on_round_start, on_round_end=round_end)
+            t_v = time.perf_counter()
+            mine = src.digests()  # writers are paused: this is the source's final memory
+            tag, theirs = dest.recv_msg(sock)
+            if tag != b"HASH":
+                raise DmaError(errno.EPROTO, f"destination sent {tag!r} instead of its page digests")
+        finally:
+            writers.stop()
+            sock.close()
+            proc.join()
+        writers.raise_error()
+        differing = differing_pages(mine, theirs, src.layout, src.page_size, dest.DIGEST_SIZE)
+        verify = time.perf_counter() - t_v
+        return Outcome(cfg, report, differing, plain, writers.done(), setup, verify)
+    finally:
+        guest.close()

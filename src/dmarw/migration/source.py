@@ -1,0 +1,333 @@
+"""The source: pre-copy of a :class:`~dmarw.kvm.Vm` + :class:`~dmarw.type1.Container` pair.
+
+Rule of each round: **harvest, then copy**.  The dirty logs are got-and-cleared first
+(KVM ``get_dirty_log`` per memslot for vCPU writes, the container's ``get_dirty_bitmap``
+per mapping for device writes, and every pinned page, which a device may write at any time
+through its host address without any log seeing it); only then are those pages read and
+sent.  A write that lands after a page's harvest either is seen by the copy or sets the
+bit again for the next harvest, because both paths store the bytes before they mark the
+page.  Contents are copied out of guest RAM before the checksum is computed, so a racing
+write can never make a frame inconsistent.
+
+Round 0 sends every page (the logs are cleared first).  Each next round sends what was
+dirtied during the previous one, until the harvested set has at most ``threshold`` pages
+or ``max_rounds`` rounds were sent.  Then ``pause()`` is called (it must return only when
+every writer is quiescent), the logs are harvested once more, and the final round sends
+that set, the set harvested just before, and the pinned pages.  Downtime runs from the
+call to ``pause()`` until the destination reports it is complete.
+
+Locks: the source takes none of its own; it uses the Vm's srcu read side and the
+container's read side through their public calls.  One thread drives a :class:`Source`.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ..errors import DmaError
+from ..kvm import Vm
+from ..mm import PAGE_SIZE
+from ..type1 import Container
+from .dest import page_digests, recv_msg
+from .stream import MAX_PAGES, Encoder, Layout
+
+PAGES_PER_FRAME = 256  # 1 MiB of 4 KiB pages per PAGES frame
+
+
+@dataclass
+class RoundStats:
+    """One round: pages found dirty (union and per source), pages and bytes sent, seconds."""
+
+    round: int
+    dirtied: int
+    kvm: int
+    vfio: int
+    pinned: int
+    sent: int
+    bytes: int
+    seconds: float
+    final: bool = False
+
+
+@dataclass
+class MigrationReport:
+    rounds: list[RoundStats] = field(default_factory=list)
+    npages: int = 0
+    page_size: int = PAGE_SIZE
+    bytes_sent: int = 0
+    pages_sent: int = 0
+    total_seconds: float = 0.0
+    downtime_seconds: float = 0.0
+    converged: bool = False  # stopped because the dirty set fell under the threshold
+    dest_pages: int = 0
+    dest_rounds: int = 0
+
+
+class MigrationFailed(DmaError):
+    """The destination refused the stream (its message is included)."""
+
+
+def bitmap_indices(bitmap: bytes) -> list[int]:
+    """Set bit indices of a kernel-layout bitmap (LSB first in u64 words), word by word."""
+    out: list[int] = []
+    if len(bitmap) % 8:
+        bitmap = bitmap + bytes(8 - len(bitmap) % 8)
+    for i, w in enumerate(memoryview(bitmap).cast("Q")):
+        base = i << 6
+        while w:
+            low = w & -w
+            out.append(base + low.bit_length() - 1)
+            w ^= low
+    return out
+
+
+@dataclass
+class Harvest:
+    """Dirty gfns by where they were found; ``pages`` is their union."""
+
+    kvm: set[int] = field(default_factory=set)
+    vfio: set[int] = field(default_factory=set)
+    pinned: set[int] = field(default_factory=set)
+
+    @property
+    def pages(self) -> set[int]:
+        return self.kvm | self.vfio | self.pinned
+
+    def __or__(self, other: Harvest) -> Harvest:
+        return Harvest(self.kvm | other.kvm, self.vfio | other.vfio, self.pinned | other.pinned)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    slot: int
+    gpa: int
+    size: int
+    hva: int
+
+
+class Source:
+    """Pre-copy migration of every memslot of ``vm``; see the module docstring for the rules.
+
+    ``use_kvm_log``/``use_vfio_log`` exist for the negative controls: with
+    ``use_vfio_log=False`` the container is never asked (neither its bitmap nor its pins —
+    in the kernel, pinned pages are reported only through that bitmap).
+    """
+
+    def __init__(
+        self,
+        vm: Vm,
+        container: Container,
+        *,
+        threshold: int = 256,
+        max_rounds: int = 16,
+        use_kvm_log: bool = True,
+        use_vfio_log: bool = True,
+    ) -> None:
+        if threshold < 0 or max_rounds < 1:
+            raise DmaError(errno.EINVAL, f"threshold {threshold} must be >= 0 and max_rounds {max_rounds} >= 1")
+        slots = sorted(vm.memslots(), key=lambda s: s.gpa)
+        if not slots:
+            raise DmaError(errno.EINVAL, "migration source: the VM has no memslot")
+        for s in slots:
+            if use_kvm_log and not s.dirty.tracking:
+                raise DmaError(errno.ENXIO, f"memslot {s.slot} gpa {s.gpa:#x}+{s.size:#x} does not log dirty pages")
+        if container.pgsize % PAGE_SIZE:
+            raise DmaError(errno.EINVAL, f"container page size {container.pgsize:#x}")
+        self.vm = vm
+        self.space = vm.space
+        self.container = container
+        self.threshold = threshold
+        self.max_rounds = max_rounds
+        self.use_kvm_log = use_kvm_log
+        self.use_vfio_log = use_vfio_log
+        self.page_size = PAGE_SIZE
+        self.slots = [_Slot(s.slot, s.gpa, s.size, s.hva) for s in slots]
+        self.layout: Layout = tuple((s.gpa, s.size) for s in self.slots)
+        self.npages = sum(s.size for s in self.slots) // PAGE_SIZE
+
+    # -- address translation ---------------------------------------------------------------
+    def _gfns_of_hva(self, hva: int, size: int) -> Iterable[int]:
+        """Guest page numbers backed by host range ``[hva, hva+size)``."""
+        for s in self.slots:
+            lo, hi = max(hva, s.hva), min(hva + size, s.hva + s.size)
+            if lo < hi:
+                first = (s.gpa + lo - s.hva) >> 12
+                last = (s.gpa + hi - 1 - s.hva) >> 12
+                yield from range(first, last + 1)
+
+    def _slot_of(self, gfn: int) -> _Slot:
+        gpa = gfn << 12
+        for s in self.slots:
+            if s.gpa <= gpa < s.gpa + s.size:
+                return s
+        raise DmaError(errno.EFAULT, f"gpa {gpa:#x} is in no memslot")
+
+    # -- harvest -----------------------------------------------------------------------------
+    def harvest(self) -> Harvest:
+        """Get-and-clear both logs (as enabled) and list the pinned pages, as gfns."""
+        h = Harvest()
+        if self.use_kvm_log:
+            for s in self.slots:
+                base = s.gpa >> 12
+                h.kvm.update(base + k for k in bitmap_indices(self.vm.get_dirty_log(s.slot)))
+        if self.use_vfio_log:
+            c = self.container
+            ps = c.pgsize
+            maps = c.mappings()
+            for iova, size, hva, _prot in maps:
+                for k in bitmap_indices(c.get_dirty_bitmap(iova, size, ps)):
+                    h.vfio.update(self._gfns_of_hva(hva + k * ps, ps))
+            for piova in c.pinned():
+                for iova, size, hva, _prot in maps:
+                    if iova <= piova < iova + size:
+                        h.pinned.update(self._gfns_of_hva(hva + piova - iova, ps))
+        return h
+
+    def clear_logs(self) -> None:
+        """Start tracking (idempotent) and drop what the logs hold: round 0 sends everything."""
+        if self.use_vfio_log:
+            self.container.dirty_pages_start()
+        self.harvest()
+
+    # -- sending ---------------------------------------------------------------------------
+    def _read_pages(self, gfns: list[int]) -> bytes:
+        """Copy the pages out of guest RAM (one read per run of consecutive pages)."""
+        parts: list[bytes] = []
+        i = 0
+        while i < len(gfns):
+            s = self._slot_of(gfns[i])
+            end_gfn = (s.gpa + s.size) >> 12
+            j = i + 1
+            while j < len(gfns) and gfns[j] == gfns[j - 1] + 1 and gfns[j] < end_gfn:
+                j += 1
+            parts.append(self.space.read(s.hva + (gfns[i] << 12) - s.gpa, (j - i) << 12))
+            i = j
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _send(self, sock: socket.socket, parts: list[bytes | memoryview]) -> int:
+        n = 0
+        for p in parts:
+            sock.sendall(p)
+            n += len(p)
+        return n
+
+    def _send_round(
+        self,
+        sock: socket.socket,
+        enc: Encoder,
+        gfns: list[int],
+        on_sent: Callable[[int, int], None] | None,
+    ) -> int:
+        """Send ``gfns`` (sorted) as PAGES frames and a ROUND frame; returns bytes written."""
+        total = 0
+        step = min(PAGES_PER_FRAME, MAX_PAGES)
+        for i in range(0, len(gfns), step):
+            batch = gfns[i : i + step]
+            data = self._read_pages(batch)
+            n = self._send(sock, enc.pages_frame([g << 12 for g in batch], data))
+            total += n
+            if on_sent is not None:
+                on_sent(n, len(batch))
+        return total + self._send(sock, enc.end_round())
+
+    # -- the whole migration ---------------------------------------------------------------
+    def migrate(
+        self,
+        sock: socket.socket,
+        pause: Callable[[], None],
+        *,
+        on_sent: Callable[[int, int], None] | None = None,
+        on_round_start: Callable[[int, int], None] | None = None,
+        on_round_end: Callable[[RoundStats], None] | None = None,
+    ) -> MigrationReport:
+        """Run pre-copy over ``sock`` to a destination speaking :mod:`.dest`'s reply protocol.
+
+        ``on_sent(bytes, pages)`` after each frame; ``on_round_start(round, pages)`` and
+        ``on_round_end(stats)`` around each round.  Raises :class:`MigrationFailed` when the
+        destination refuses the stream.
+        """
+        rep = MigrationReport(npages=self.npages, page_size=self.page_size)
+        enc = Encoder(self.page_size, self.layout)
+        clock = time.perf_counter
+        try:
+            t_start = clock()
+            self._send(sock, enc.start())
+            self.clear_logs()
+            gfns = [g for s in self.slots for g in range(s.gpa >> 12, (s.gpa + s.size) >> 12)]
+            h = Harvest()
+            rnd = 0
+            while True:
+                if on_round_start is not None:
+                    on_round_start(rnd, len(gfns))
+                t0 = clock()
+                nbytes = self._send_round(sock, enc, gfns, on_sent)
+                st = RoundStats(rnd, len(gfns), len(h.kvm), len(h.vfio), len(h.pinned), len(gfns), nbytes, clock() - t0)
+                rep.rounds.append(st)
+                if on_round_end is not None:
+                    on_round_end(st)
+                rnd += 1
+                h = self.harvest()
+                pending = h.pages
+                if len(pending) <= self.threshold or rnd >= self.max_rounds:
+                    rep.converged = len(pending) <= self.threshold
+                    break
+                gfns = sorted(pending)
+            # stop-and-copy: what the last harvest found, what came since, the pinned pages
+            t_pause = clock()
+            pause()
+            h = h | self.harvest()
+            final = sorted(h.pages)
+            if on_round_start is not None:
+                on_round_start(rnd, len(final))
+            t0 = clock()
+            nbytes = self._send_round(sock, enc, final, on_sent)
+            nbytes += self._send(sock, enc.end())
+            tag, payload = recv_msg(sock)
+            t_done = clock()
+            st = RoundStats(rnd, len(final), len(h.kvm), len(h.vfio), len(h.pinned), len(final), nbytes, t_done - t0, True)
+            rep.rounds.append(st)
+            if on_round_end is not None:
+                on_round_end(st)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise self._refusal(sock, e) from e
+        if tag != b"DONE":
+            raise MigrationFailed(errno.EPROTO, f"destination refused the stream: {payload.decode(errors='replace')}")
+        rep.dest_pages, rep.dest_rounds = struct.unpack("<QI", payload)
+        rep.bytes_sent = enc.bytes
+        rep.pages_sent = enc.pages
+        rep.total_seconds = t_done - t_start
+        rep.downtime_seconds = t_done - t_pause
+        return rep
+
+    def _refusal(self, sock: socket.socket, err: OSError) -> MigrationFailed:
+        try:
+            tag, payload = recv_msg(sock)
+            if tag == b"FAIL":
+                return MigrationFailed(errno.EPROTO, f"destination refused the stream: {payload.decode(errors='replace')}")
+        except OSError:
+            pass
+        return MigrationFailed(errno.EPIPE, f"destination hung up: {err}")
+
+    def digests(self) -> bytes:
+        """Every page's digest, in layout order (call with the writers paused)."""
+        return page_digests(self.space, [(s.hva, s.size) for s in self.slots], self.page_size)
+
+
+def differing_pages(src: bytes, dst: bytes, layout: Layout, page_size: int, digest_size: int) -> list[int]:
+    """The gpas whose digests differ (every page, if the lengths do not match)."""
+    gpas = [g + o for g, s in layout for o in range(0, s, page_size)]
+    if src == dst and len(src) == len(gpas) * digest_size:
+        return []
+    if len(src) != len(dst) or len(src) != len(gpas) * digest_size:
+        return gpas
+    out = []
+    for i, gpa in enumerate(gpas):
+        a = i * digest_size
+        if src[a : a + digest_size] != dst[a : a + digest_size]:
+            out.append(gpa)
+    return out

@@ -1,0 +1,409 @@
+"""The migration stream: dmarw's own format, encoded and decoded without doing any I/O.
+
+Like h11, neither side touches a socket: :class:`Encoder` returns bytes to write,
+:class:`Decoder` is fed bytes (``receive_data``) and hands back events (``next_event``).
+The receiver validates everything; anything it cannot prove correct raises
+:class:`StreamError` and the decoder stays failed (every later call raises the same error).
+
+Layout (all integers little-endian)::
+
+    preamble  8s magic b"DMARWMIG", u16 version, u16 reserved (0)         12 bytes
+    frame     u16 kind, u16 flags (0), u32 seq, u32 length, u32 crc32      16 bytes
+              then ``length`` payload bytes
+
+``seq`` counts frames from 0 with no gap; ``crc32`` (zlib) covers the frame's first 12
+bytes and its payload, so a flipped bit anywhere in a frame is caught.  Frames:
+
+* ``HEADER`` (first frame, exactly once): u32 page size, u32 region count, then per
+  region u64 gpa, u64 size — the guest RAM layout.
+* ``PAGES``: u32 round, u32 count (1..MAX_PAGES), count × u64 gpa (page aligned, inside
+  the layout), then count × page-size bytes of page contents, in the same order.
+* ``ROUND``: u32 round, u32 pages — closes a round; ``pages`` must equal the pages of the
+  round's PAGES frames.  Rounds are numbered 0, 1, 2, … with no gap.
+* ``END``: u32 rounds, u32 frames (before END), u64 pages — totals; nothing may follow.
+
+Errors name what is wrong and where (stream offset, frame seq): ``truncated`` (the bytes
+stop before END), ``corrupt`` (checksum, impossible length or field), ``mismatch``
+(magic, version, page size or RAM layout differs from what the receiver expects),
+``protocol`` (frames out of order).
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+
+from ..errors import DmaError
+
+MAGIC = b"DMARWMIG"
+VERSION = 1
+MAX_PAGES = 512  # pages per PAGES frame
+_PREAMBLE = struct.Struct("<8sHH")
+_FRAME = struct.Struct("<HHIII")
+_CRC_SPAN = 12  # kind, flags, seq, length
+_HEADER = struct.Struct("<II")
+_REGION = struct.Struct("<QQ")
+_PAGES = struct.Struct("<II")
+_ROUND = struct.Struct("<II")
+_END = struct.Struct("<IIQ")
+MAX_REGIONS = 64
+MAX_PAGE_SIZE = 1 << 21
+
+Layout = tuple[tuple[int, int], ...]  # ((gpa, size), ...)
+
+
+class Kind(IntEnum):
+    HEADER = 1
+    PAGES = 2
+    ROUND = 3
+    END = 4
+
+
+class StreamError(DmaError):
+    """A refused stream: ``reason`` is truncated, corrupt, mismatch or protocol."""
+
+    _ERRNO = {
+        "truncated": errno.ENODATA,
+        "corrupt": errno.EBADMSG,
+        "mismatch": errno.EINVAL,
+        "protocol": errno.EPROTO,
+    }
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(self._ERRNO[reason], f"migration stream {reason}: {message}")
+        self.reason = reason
+
+
+# -- events ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Header:
+    version: int
+    page_size: int
+    layout: Layout
+
+
+@dataclass(frozen=True)
+class Pages:
+    round: int
+    gpas: tuple[int, ...]
+    data: bytes  # len(gpas) * page_size bytes, page i at data[i*page_size:]
+
+
+@dataclass(frozen=True)
+class RoundEnd:
+    round: int
+    pages: int
+
+
+@dataclass(frozen=True)
+class End:
+    rounds: int
+    frames: int
+    pages: int
+
+
+Event = Header | Pages | RoundEnd | End
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+def check_layout(page_size: int, layout: Layout) -> None:
+    """``EINVAL`` unless the page size is a power of two and regions are aligned and disjoint."""
+    if not isinstance(page_size, int) or page_size < 512 or page_size > MAX_PAGE_SIZE or page_size & (page_size - 1):
+        raise DmaError(errno.EINVAL, f"page size {page_size!r} is not a power of two in [512, {MAX_PAGE_SIZE}]")
+    if not layout or len(layout) > MAX_REGIONS:
+        raise DmaError(errno.EINVAL, f"RAM layout has {len(layout)} regions (1..{MAX_REGIONS})")
+    end = 0
+    for gpa, size in sorted(layout):
+        if size <= 0 or (gpa | size) % page_size or gpa < end or gpa + size > 1 << 64:
+            raise DmaError(errno.EINVAL, f"RAM region {gpa:#x}+{size:#x} is empty, unaligned or overlapping")
+        end = gpa + size
+
+
+def fmt_layout(layout: Layout) -> str:
+    return "[" + ", ".join(f"{g:#x}+{s:#x}" for g, s in layout) + "]"
+
+
+# -- encoder -----------------------------------------------------------------------------
+class Encoder:
+    """Builds the frames of one stream; keeps the sequence number and the totals.
+
+    Not thread-safe: one sender owns it.
+    """
+
+    def __init__(self, page_size: int, layout: Layout) -> None:
+        check_layout(page_size, layout)
+        self.page_size = page_size
+        self.layout = tuple(layout)
+        self.seq = 0
+        self.round = 0
+        self.round_pages = 0
+        self.pages = 0
+        self.bytes = 0
+        self.ended = False
+
+    def _frame(self, kind: Kind, payload_parts: tuple[bytes | memoryview, ...]) -> list[bytes | memoryview]:
+        if self.ended:
+            raise DmaError(errno.EPROTO, f"encode {kind.name}: the stream has ended")
+        length = sum(len(p) for p in payload_parts)
+        head = struct.pack("<HHII", kind, 0, self.seq, length)
+        crc = zlib.crc32(head)
+        for p in payload_parts:
+            crc = zlib.crc32(p, crc)
+        self.seq += 1
+        self.bytes += _FRAME.size + length
+        return [head + struct.pack("<I", crc), *payload_parts]
+
+    def start(self) -> list[bytes | memoryview]:
+        """The preamble and the HEADER frame."""
+        pre = _PREAMBLE.pack(MAGIC, VERSION, 0)
+        self.bytes += len(pre)
+        body = _HEADER.pack(self.page_size, len(self.layout)) + b"".join(
+            _REGION.pack(g, s) for g, s in self.layout
+        )
+        return [pre, *self._frame(Kind.HEADER, (body,))]
+
+    def pages_frame(self, gpas: list[int] | tuple[int, ...], data: bytes | memoryview) -> list[bytes | memoryview]:
+        """A PAGES frame of the current round (``data``: the pages' contents, in order)."""
+        n = len(gpas)
+        if not 1 <= n <= MAX_PAGES or len(data) != n * self.page_size:
+            raise DmaError(errno.EINVAL, f"encode PAGES: {n} pages with {len(data)} bytes of data")
+        head = _PAGES.pack(self.round, n) + struct.pack(f"<{n}Q", *gpas)
+        self.round_pages += n
+        self.pages += n
+        return self._frame(Kind.PAGES, (head, data))
+
+    def end_round(self) -> list[bytes | memoryview]:
+        """Close the current round and start the next."""
+        out = self._frame(Kind.ROUND, (_ROUND.pack(self.round, self.round_pages),))
+        self.round += 1
+        self.round_pages = 0
+        return out
+
+    def end(self) -> list[bytes | memoryview]:
+        """The END frame with the totals."""
+        out = self._frame(Kind.END, (_END.pack(self.round, self.seq, self.pages),))
+        self.ended = True
+        return out
+
+
+# -- decoder -----------------------------------------------------------------------------
+class Decoder:
+    """Validates a stream fed in pieces; ``expect`` (page size, layout) must match the header.
+
+    ``receive_data(b"")`` means end of input.  ``next_event()`` returns an event, or
+    :data:`NEED_DATA`, or raises :class:`StreamError`.
+    """
+
+    def __init__(self, page_size: int | None = None, layout: Layout | None = None) -> None:
+        self.expect_page_size = page_size
+        self.expect_layout = tuple(layout) if layout is not None else None
+        self._buf = bytearray()
+        self._pos = 0
+        self.offset = 0  # stream offset of _buf[_pos]
+        self._eof = False
+        self._error: StreamError | None = None
+        self.header: Header | None = None
+        self.seq = 0
+        self.round = 0
+        self.round_pages = 0
+        self.pages = 0
+        self.ended = False
+        self._preamble_done = False
+        self._regions: list[tuple[int, int]] = []
+
+    @property
+    def failed(self) -> StreamError | None:
+        return self._error
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Append input; empty ``data`` marks the end of the stream."""
+        if self._error is not None:
+            raise self._error
+        if not data:
+            self._eof = True
+            return
+        if self._eof:
+            raise self._fail("protocol", "data received after end of input")
+        if self._pos and self._pos >= len(self._buf) // 2:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def _fail(self, reason: str, message: str) -> StreamError:
+        self._error = StreamError(reason, message)
+        return self._error
+
+    def _avail(self) -> int:
+        return len(self._buf) - self._pos
+
+    def _truncated(self, what: str) -> StreamError:
+        return self._fail(
+            "truncated",
+            f"input ends at offset {self.offset + self._avail():#x} {what} (no END frame; destination incomplete)",
+        )
+
+    def next_event(self) -> Event | _NeedData:
+        if self._error is not None:
+            raise self._error
+        if not self._preamble_done:
+            if self._avail() < _PREAMBLE.size:
+                if self._eof:
+                    raise self._truncated("inside the preamble")
+                return NEED_DATA
+            magic, version, _ = _PREAMBLE.unpack_from(self._buf, self._pos)
+            if magic != MAGIC:
+                raise self._fail("mismatch", f"magic {magic!r} at offset 0 is not {MAGIC!r}: not a dmarw migration stream")
+            if version != VERSION:
+                raise self._fail("mismatch", f"stream version {version} at offset 0x8, this receiver speaks version {VERSION}")
+            self._consume(_PREAMBLE.size)
+            self._preamble_done = True
+        if self.ended:
+            if self._avail():
+                raise self._fail("protocol", f"{self._avail()} bytes of trailing data at offset {self.offset:#x} after the END frame")
+            return NEED_DATA
+        if self._avail() < _FRAME.size:
+            if self._eof:
+                raise self._truncated(f"before frame seq {self.seq}" if not self._avail() else f"inside the head of frame seq {self.seq}")
+            return NEED_DATA
+        kind, flags, seq, length, crc = _FRAME.unpack_from(self._buf, self._pos)
+        at = self.offset
+        limit = self._max_length()
+        if length > limit:
+            raise self._fail("corrupt", f"frame at offset {at:#x} (seq {self.seq}) claims {length:#x} payload bytes, more than {limit:#x}")
+        if self._avail() < _FRAME.size + length:
+            if self._eof:
+                raise self._truncated(
+                    f"inside frame seq {self.seq} at offset {at:#x}: "
+                    f"{self._avail() - _FRAME.size} of {length} payload bytes"
+                )
+            return NEED_DATA
+        start = self._pos + _FRAME.size
+        mv = memoryview(self._buf)
+        try:
+            got = zlib.crc32(mv[start : start + length], zlib.crc32(mv[self._pos : self._pos + _CRC_SPAN]))
+            if got != crc:
+                raise self._fail("corrupt", f"checksum of frame at offset {at:#x} (seq {self.seq}) is {got:#010x}, frame says {crc:#010x}")
+            if flags != 0:
+                raise self._fail("corrupt", f"frame at offset {at:#x} has flags {flags:#x}")
+            if seq != self.seq:
+                raise self._fail("protocol", f"frame at offset {at:#x} has seq {seq}, expected {self.seq} (frame lost or reordered)")
+            payload = mv[start : start + length]
+            event = self._parse(kind, payload, at)
+        finally:
+            mv.release()
+        self.seq += 1
+        self._consume(_FRAME.size + length)
+        return event
+
+    def _consume(self, n: int) -> None:
+        self._pos += n
+        self.offset += n
+
+    def _max_length(self) -> int:
+        if self.header is None:
+            return _HEADER.size + MAX_REGIONS * _REGION.size
+        return _PAGES.size + MAX_PAGES * (8 + self.header.page_size)
+
+    def _parse(self, kind: int, p: memoryview, at: int) -> Event:
+        where = f"frame seq {self.seq} at offset {at:#x}"
+        if self.header is None and kind != Kind.HEADER:
+            raise self._fail("protocol", f"{where}: kind {kind} before the HEADER frame")
+        if kind == Kind.HEADER:
+            return self._parse_header(p, where)
+        if kind == Kind.PAGES:
+            return self._parse_pages(p, where)
+        if kind == Kind.ROUND:
+            if len(p) != _ROUND.size:
+                raise self._fail("corrupt", f"{where}: ROUND payload of {len(p)} bytes")
+            rnd, pages = _ROUND.unpack(p)
+            if rnd != self.round or pages != self.round_pages:
+                raise self._fail(
+                    "protocol",
+                    f"{where}: ROUND {rnd} with {pages} pages, but round {self.round} carried {self.round_pages}",
+                )
+            self.round += 1
+            self.round_pages = 0
+            return RoundEnd(rnd, pages)
+        if kind == Kind.END:
+            if len(p) != _END.size:
+                raise self._fail("corrupt", f"{where}: END payload of {len(p)} bytes")
+            rounds, frames, pages = _END.unpack(p)
+            if self.round_pages:
+                raise self._fail("protocol", f"{where}: END inside round {self.round} (no ROUND frame)")
+            if (rounds, frames, pages) != (self.round, self.seq, self.pages):
+                raise self._fail(
+                    "protocol",
+                    f"{where}: END says {rounds} rounds, {frames} frames, {pages} pages; "
+                    f"received {self.round}, {self.seq}, {self.pages}",
+                )
+            self.ended = True
+            return End(rounds, frames, pages)
+        raise self._fail("corrupt", f"{where}: unknown frame kind {kind}")
+
+    def _parse_header(self, p: memoryview, where: str) -> Header:
+        if self.header is not None:
+            raise self._fail("protocol", f"{where}: a second HEADER frame")
+        if len(p) < _HEADER.size:
+            raise self._fail("corrupt", f"{where}: HEADER payload of {len(p)} bytes")
+        page_size, n = _HEADER.unpack_from(p)
+        if len(p) != _HEADER.size + n * _REGION.size:
+            raise self._fail("corrupt", f"{where}: HEADER with {n} regions has {len(p)} bytes")
+        layout = tuple(_REGION.unpack_from(p, _HEADER.size + i * _REGION.size) for i in range(n))
+        try:
+            check_layout(page_size, layout)
+        except DmaError as e:
+            raise self._fail("corrupt", f"{where}: {e.detail}") from None
+        if self.expect_page_size is not None and page_size != self.expect_page_size:
+            raise self._fail("mismatch", f"{where}: page size {page_size:#x}, destination uses {self.expect_page_size:#x}")
+        if self.expect_layout is not None and tuple(sorted(layout)) != tuple(sorted(self.expect_layout)):
+            raise self._fail(
+                "mismatch",
+                f"{where}: RAM layout {fmt_layout(layout)} differs from the destination's {fmt_layout(self.expect_layout)}",
+            )
+        self._regions = sorted(layout)
+        self.header = Header(VERSION, page_size, layout)
+        return self.header
+
+    def _inside(self, gpa: int, page_size: int) -> bool:
+        for g, s in self._regions:
+            if g <= gpa and gpa + page_size <= g + s:
+                return True
+        return False
+
+    def _parse_pages(self, p: memoryview, where: str) -> Pages:
+        assert self.header is not None
+        ps = self.header.page_size
+        if len(p) < _PAGES.size:
+            raise self._fail("corrupt", f"{where}: PAGES payload of {len(p)} bytes")
+        rnd, n = _PAGES.unpack_from(p)
+        if not 1 <= n <= MAX_PAGES or len(p) != _PAGES.size + n * (8 + ps):
+            raise self._fail("corrupt", f"{where}: PAGES of {n} pages has {len(p)} payload bytes")
+        if rnd != self.round:
+            raise self._fail("protocol", f"{where}: PAGES of round {rnd} while round {self.round} is open")
+        gpas = struct.unpack_from(f"<{n}Q", p, _PAGES.size)
+        for g in gpas:
+            if g % ps or not self._inside(g, ps):
+                raise self._fail("corrupt", f"{where}: page gpa {g:#x} is unaligned or outside the RAM layout")
+        data_at = _PAGES.size + 8 * n
+        self.round_pages += n
+        self.pages += n
+        return Pages(rnd, gpas, bytes(p[data_at:]))
+
+    def events(self) -> list[Event]:
+        """Every event available now (stops at NEED_DATA)."""
+        out: list[Event] = []
+        while True:
+            ev = self.next_event()
+            if isinstance(ev, _NeedData):
+                return out
+            out.append(ev)

@@ -1,0 +1,329 @@
+"""The native core against issue 6's targets, every figure measured in this run.
+
+Targets (ratios, so the machine cancels out):
+
+1. ``dma_rw`` of 4 KiB called from Python <= 1.5 x a bare ``memoryview`` slice copy of 4 KiB;
+2. ``dma_rw`` of 1 MiB >= 0.8 x the bandwidth of a bare 1 MiB copy;
+3. glmark2 mix per op: native >= 10 x faster than the Python core (same path, same records);
+4. glmark2 mix, one VM, native: ``vfio-external-user-mmget`` <= 1.02 x ``kvm`` and
+   ``vfio-rcu`` <= 1.00 x ``kvm``;
+5. two threads doing 64 KiB ``dma_rw`` in one process >= 1.6 x the throughput of one.
+
+Plus the measurement behind the GIL threshold: the cost of releasing the GIL around a copy,
+as a fraction of the copy, per size.
+
+Method: each figure is a median over rounds; candidates that are compared are interleaved
+within a round (fresh order each round) and a ratio is the median of per-round ratios, so
+load from other processes on the machine cancels as far as it can.  Times are
+``time.perf_counter_ns``; cycles are the native counter (``dmarw._native.cycles``,
+rdtsc on an invariant-TSC CPU) over the same interval.
+
+Run: ``.venv/bin/python bench/native.py [--quick] [--json FILE]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from dmarw import PAGE_SIZE, AddressSpace, Prot
+from dmarw.lab.paths import VmEnv
+from dmarw.lab.workload import generate
+from dmarw.native import NativeContainer, _native
+
+Thunk = Callable[[], None]
+
+
+def _time(fn: Thunk, reps: int) -> tuple[float, float]:
+    """(ns, cycles) per call of ``fn`` over ``reps`` calls."""
+    c0 = _native.cycles()
+    t0 = time.perf_counter_ns()
+    for _ in range(reps):
+        fn()
+    t1 = time.perf_counter_ns()
+    c1 = _native.cycles()
+    return (t1 - t0) / reps, (c1 - c0) / reps
+
+
+def _rounds(cands: dict[str, Thunk], reps: int, rounds: int) -> dict[str, list[float]]:
+    """ns/call of each candidate, per round, candidates in a fresh random order each round."""
+    out: dict[str, list[float]] = {k: [] for k in cands}
+    order = list(cands)
+    rng = random.Random(1)
+    for fn in cands.values():  # warm up
+        _time(fn, max(reps // 10, 1))
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for k in order:
+            out[k].append(_time(cands[k], reps)[0])
+    return out
+
+
+def _ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def _guest(ram: int, lock: str = "rcu", mm_ref: str = "mmget_not_zero") -> tuple[AddressSpace, int, NativeContainer]:
+    space = AddressSpace()
+    hva = space.mmap(ram, backing="memfd")
+    c = NativeContainer(lock=lock, mm_ref=mm_ref)
+    c.map_dma(0, ram, hva, space, Prot.READ | Prot.WRITE)
+    c.dirty_pages_start()
+    space.write(hva, bytes(ram))  # prefault
+    return space, hva, c
+
+
+# -- 1, 2: dma_rw against a bare copy ---------------------------------------------------------
+def small_copy(rounds: int, reps: int) -> dict[str, Any]:
+    space, _, c = _guest(1 << 20)
+    src = memoryview(bytearray(PAGE_SIZE))
+    dst = memoryview(bytearray(PAGE_SIZE))
+    buf = bytearray(PAGE_SIZE)
+    rw = c.dma_rw
+
+    def bare() -> None:
+        dst[:] = src
+
+    def read() -> None:
+        rw(8 * PAGE_SIZE, buf, False)
+
+    def write() -> None:
+        rw(8 * PAGE_SIZE, buf, True)
+
+    r = _rounds({"bare": bare, "read": read, "write": write}, reps, rounds)
+    c.unmap_dma(0, 1 << 20)
+    space.close()
+    return {
+        "bare_ns": statistics.median(r["bare"]),
+        "read_ns": statistics.median(r["read"]),
+        "write_ns": statistics.median(r["write"]),
+        "read_ratio": _ratio(r["read"], r["bare"]),
+        "write_ratio": _ratio(r["write"], r["bare"]),
+    }
+
+
+def big_copy(rounds: int, reps: int) -> dict[str, Any]:
+    size = 1 << 20
+    space, _, c = _guest(4 * size)
+    src = memoryview(bytearray(size))
+    dst = memoryview(bytearray(size))
+    src[:] = os.urandom(size)
+    buf = bytearray(size)
+    rw = c.dma_rw
+
+    def bare() -> None:
+        dst[:] = src
+
+    def read() -> None:
+        rw(size, buf, False)
+
+    def write() -> None:
+        rw(size, buf, True)
+
+    r = _rounds({"bare": bare, "read": read, "write": write}, reps, rounds)
+    c.unmap_dma(0, 4 * size)
+    space.close()
+    gbs = {k: size / statistics.median(v) for k, v in r.items()}  # bytes/ns == GB/s
+    return {
+        "bare_GBps": gbs["bare"],
+        "read_GBps": gbs["read"],
+        "write_GBps": gbs["write"],
+        "read_ratio": _ratio(r["bare"], r["read"]),  # bandwidth ratio = inverse time ratio
+        "write_ratio": _ratio(r["bare"], r["write"]),
+    }
+
+
+# -- GIL threshold ------------------------------------------------------------------------
+def gil_cost(rounds: int) -> dict[str, Any]:
+    """Per size: copy time holding the GIL vs releasing it; the overhead fraction."""
+    out: dict[str, Any] = {}
+    space, _, c = _guest(1 << 20)
+    rw = c.dma_rw
+    for size in (4096, 16384, 32768, 65536, 262144):
+        buf = bytearray(size)
+
+        def go(b: bytearray = buf) -> None:
+            rw(0, b, False)
+
+        reps = max(200, 2_000_000 // size)
+        held: list[float] = []
+        released: list[float] = []
+        for _ in range(rounds):
+            _native.set_gil_threshold(1 << 62)
+            held.append(_time(go, reps)[0])
+            _native.set_gil_threshold(0)
+            released.append(_time(go, reps)[0])
+        out[str(size)] = {
+            "held_ns": statistics.median(held),
+            "released_ns": statistics.median(released),
+            "overhead": _ratio(released, held) - 1,
+        }
+    _native.set_gil_threshold(65536)
+    c.unmap_dma(0, 1 << 20)
+    space.close()
+    return out
+
+
+# -- 3, 4: the glmark2 mix ----------------------------------------------------------------
+def _mix_runner(env: VmEnv, wl: Any) -> Thunk:
+    read, write = env.access()
+    recs = list(zip(wl.records.writes, wl.records.addrs, wl.records.sizes, strict=True))
+    bufs = {s: bytearray(s) for s in set(wl.records.sizes)}
+    data = {s: bytes(s) for s in bufs}
+    prepared = [(w, a, data[s] if w else memoryview(bufs[s])) for w, a, s in recs]
+
+    def run() -> None:
+        for w, a, b in prepared:
+            if w:
+                write(a, b)
+            else:
+                read(a, b)
+
+    return run
+
+
+def mix(ops: int, rounds: int, py_ops: int) -> dict[str, Any]:
+    ram = 16 << 20
+    wl = generate("glmark2", ops=ops, seed=0, ram_size=ram)
+    wl_py = generate("glmark2", ops=py_ops, seed=0, ram_size=ram)
+    paths = ("kvm", "vfio-external-user", "vfio-external-user-mmget", "vfio-rcu")
+    envs: dict[str, VmEnv] = {}
+    cands: dict[str, Thunk] = {}
+    for p in paths:
+        for core in ("native", "python"):
+            e = VmEnv(p, ram, name=f"bench-{p}-{core}", core=core)
+            e.prefault()
+            envs[f"{p}/{core}"] = e
+            cands[f"{p}/{core}"] = _mix_runner(e, wl if core == "native" else wl_py)
+    per_op = {k: (ops if k.endswith("native") else py_ops) for k in cands}
+    raw = _rounds(cands, 1, rounds)
+    ns = {k: [x / per_op[k] for x in v] for k, v in raw.items()}
+    for e in envs.values():
+        e.close()
+    res: dict[str, Any] = {"ops": ops, "python_ops": py_ops, "ns_per_op": {k: statistics.median(v) for k, v in ns.items()}}
+    res["speedup"] = {p: _ratio(ns[f"{p}/python"], ns[f"{p}/native"]) for p in paths}
+    res["vs_kvm_native"] = {p: _ratio(ns[f"{p}/native"], ns["kvm/native"]) for p in paths}
+    res["vs_kvm_python"] = {p: _ratio(ns[f"{p}/python"], ns["kvm/python"]) for p in paths}
+    return res
+
+
+# -- 5: two threads -----------------------------------------------------------------------
+def threads(lock: str, rounds: int, ops: int) -> dict[str, Any]:
+    size = 64 * 1024
+    ram = 8 << 20
+    space, _, c = _guest(ram, lock=lock)
+    rw = c.dma_rw
+
+    def worker(k: int, n: int, start: threading.Barrier) -> None:
+        buf = bytearray(size)
+        base = k * (ram // 2)
+        start.wait()
+        for i in range(n):
+            rw(base + (i % 32) * size, buf, i & 1)
+
+    def run(nthreads: int) -> float:
+        start = threading.Barrier(nthreads + 1)
+        ts = [threading.Thread(target=worker, args=(k, ops, start)) for k in range(nthreads)]
+        for t in ts:
+            t.start()
+        t0 = time.perf_counter_ns()
+        start.wait()
+        for t in ts:
+            t.join()
+        return nthreads * ops / (time.perf_counter_ns() - t0) * 1e9  # ops/s
+
+    one: list[float] = []
+    two: list[float] = []
+    run(1)
+    for r in range(rounds):
+        pair = [(1, one), (2, two)] if r % 2 else [(2, two), (1, one)]
+        for n, acc in pair:
+            acc.append(run(n))
+    c.unmap_dma(0, ram)
+    space.close()
+    return {
+        "lock": lock,
+        "one_ops_s": statistics.median(one),
+        "two_ops_s": statistics.median(two),
+        "ratio": _ratio(two, one),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (about 20 s)")
+    ap.add_argument("--json", help="write every number to this file")
+    args = ap.parse_args(argv)
+    q = args.quick
+    con = Console()
+    con.print(
+        f"counter: {_native.counter_kind()} at {_native.tsc_hz() / 1e9:.3f} GHz; "
+        f"python {platform.python_version()}; {os.cpu_count()} CPUs; "
+        f"load avg {os.getloadavg()[0]:.2f}"
+    )
+    res: dict[str, Any] = {}
+    res["small"] = small_copy(rounds=7 if q else 15, reps=20000)
+    res["big"] = big_copy(rounds=7 if q else 15, reps=20)
+    res["gil"] = gil_cost(rounds=5 if q else 9)
+    res["mix"] = mix(ops=20000 if q else 100000, rounds=5 if q else 9, py_ops=4000 if q else 20000)
+    res["threads"] = [threads(lock, rounds=5 if q else 9, ops=2000 if q else 5000) for lock in ("rcu", "rwsem", "mutex")]
+    hz = _native.tsc_hz()
+
+    t = Table(title="issue 6 targets (native core), measured in this run")
+    for col in ("target", "measured", "goal", "met"):
+        t.add_column(col)
+
+    def row(name: str, value: float, goal: str, ok: bool, unit: str = "x") -> None:
+        t.add_row(name, f"{value:.2f}{unit}", goal, "[green]yes[/]" if ok else "[red]no[/]")
+
+    s, b, m = res["small"], res["big"], res["mix"]
+    row("dma_rw 4 KiB read / bare 4 KiB copy", s["read_ratio"], "<= 1.5", s["read_ratio"] <= 1.5)
+    row("dma_rw 4 KiB write / bare 4 KiB copy", s["write_ratio"], "<= 1.5", s["write_ratio"] <= 1.5)
+    row("dma_rw 1 MiB read bandwidth / bare copy", b["read_ratio"], ">= 0.8", b["read_ratio"] >= 0.8)
+    row("dma_rw 1 MiB write bandwidth / bare copy", b["write_ratio"], ">= 0.8", b["write_ratio"] >= 0.8)
+    for p, v in m["speedup"].items():
+        row(f"glmark2 mix {p}: python / native per op", v, ">= 10", v >= 10)
+    em = m["vs_kvm_native"]["vfio-external-user-mmget"]
+    rc = m["vs_kvm_native"]["vfio-rcu"]
+    row("glmark2 native ext-user-mmget / kvm", em, "<= 1.02", em <= 1.02)
+    row("glmark2 native vfio-rcu / kvm", rc, "<= 1.00", rc <= 1.00)
+    for th in res["threads"]:
+        row(f"64 KiB dma_rw 2 threads / 1 thread ({th['lock']})", th["ratio"], ">= 1.6", th["ratio"] >= 1.6)
+    con.print(t)
+
+    d = Table(title="details")
+    d.add_column("what")
+    d.add_column("value")
+    d.add_row("bare 4 KiB copy", f"{s['bare_ns']:.0f} ns")
+    d.add_row("dma_rw 4 KiB read / write", f"{s['read_ns']:.0f} / {s['write_ns']:.0f} ns ({s['read_ns'] * hz / 1e9:.0f} / {s['write_ns'] * hz / 1e9:.0f} cycles)")
+    d.add_row("1 MiB bare / read / write", f"{b['bare_GBps']:.2f} / {b['read_GBps']:.2f} / {b['write_GBps']:.2f} GB/s")
+    for k, v in sorted(m["ns_per_op"].items()):
+        d.add_row(f"glmark2 {k}", f"{v:.0f} ns/op ({v * hz / 1e9:.0f} cycles)")
+    for p, v in m["vs_kvm_python"].items():
+        d.add_row(f"python core {p} / kvm", f"{v:.2f}x")
+    for size, g in res["gil"].items():
+        d.add_row(f"GIL release around a {int(size) // 1024} KiB copy", f"{g['held_ns']:.0f} -> {g['released_ns']:.0f} ns ({g['overhead'] * 100:+.1f}%)")
+    for th in res["threads"]:
+        d.add_row(f"64 KiB dma_rw ({th['lock']}) 1 / 2 threads", f"{th['one_ops_s']:.0f} / {th['two_ops_s']:.0f} ops/s")
+    con.print(d)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": {"python": sys.version, "cpus": os.cpu_count(), "counter": _native.counter_kind(), "tsc_hz": hz}, **res}, f, indent=2)
+        con.print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -772,3 +772,30 @@ def test_process_shared_group_lock_is_still_the_named_class(env: Env) -> None:
         assert env.space.read(env.hva, 6) == b"shared"
     finally:
         vfio._registry.lock = saved
+
+
+def test_group_reference_counters_are_exact_under_threads() -> None:
+    """``container_users``/``refs`` are lock-free counters: concurrent inc/dec lose nothing."""
+    from dmarw.vfio import _Atomic
+
+    a = _Atomic(1)
+    go = threading.Barrier(4)
+
+    def churn(k: int) -> None:
+        go.wait()
+        for _ in range(5000):
+            a.inc()
+            if k % 2:
+                a.dec()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        ts = [threading.Thread(target=churn, args=(k,)) for k in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert a.value == 1 + 2 * 5000

@@ -1,0 +1,242 @@
+"""Thread safety of the container (issue 2): the unmap fence and no lost dirty bit.
+
+* Once ``unmap_dma`` returns, no ``dma_rw`` reaches that memory: right after it returns the
+  test writes a sentinel into the host memory (``space.write``) and then frees it
+  (``space.munmap``); a racing writer would overwrite the sentinel, a racing reader would
+  return it, and either would fail with ``EFAULT`` on freed memory.
+* No dirty bit set by a completed write is lost by a concurrent get: the union of every get
+  (and of the unmap's bitmap) covers every page written by a write that returned.
+
+Every loop is bounded by a count; nothing depends on wall-clock time.  The interpreter's
+switch interval is shortened while the threads run so that they interleave finely.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import pytest
+
+from dmarw import AddressSpace, Container, DmaError, bitmap_pages
+
+P = 4096
+LOCKS = ["mutex", "rwsem", "rcu"]
+SENTINEL = b"\xc3"
+
+
+@pytest.fixture(autouse=True)
+def fine_switching() -> Iterator[None]:
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
+def _start(targets: list[Callable[[], None]]) -> list[threading.Thread]:
+    threads = [threading.Thread(target=t, daemon=True) for t in targets]
+    for t in threads:
+        t.start()
+    return threads
+
+
+class Round:
+    """One mapping raced by accessors: ``unmapping`` is set just before ``unmap_dma``."""
+
+    def __init__(self, c: Container, space: AddressSpace, npages: int) -> None:
+        self.c = c
+        self.space = space
+        self.size = npages * P
+        self.hva = space.mmap(self.size)
+        c.map_dma(0, self.size, self.hva, space)
+        self.unmapping = threading.Event()
+        self.unmapped = threading.Event()  # set once unmap_dma has returned
+        self.accessed = threading.Semaphore(0)  # one release per accessor's first success
+        self.violations: list[str] = []
+        self.written: set[int] = set()  # pages of writes that returned successfully
+        self.lock = threading.Lock()
+
+    def writer(self, seed: int) -> None:
+        rng = random.Random(seed)
+        first = True
+        for _ in range(200_000):
+            off = rng.randrange(self.size)
+            n = rng.randint(1, min(2 * P, self.size - off))
+            late = self.unmapped.is_set()  # unmap_dma had returned before this call began
+            try:
+                self.c.dma_write(off, b"W" * n)
+            except DmaError as e:
+                if e.errno == errno.EINVAL and self.unmapping.is_set():
+                    break  # the mapping is gone: what we expect after unmap
+                self.violations.append(f"write {off:#x}+{n:#x}: {e}")
+                break
+            if late:
+                self.violations.append(f"write {off:#x}+{n:#x} began after unmap and succeeded")
+            with self.lock:
+                self.written.update(range(off // P, (off + n - 1) // P + 1))
+            if first:
+                first = False
+                self.accessed.release()
+        if first:
+            self.accessed.release()
+
+    def reader(self, seed: int) -> None:
+        rng = random.Random(seed)
+        first = True
+        for _ in range(200_000):
+            off = rng.randrange(self.size)
+            n = rng.randint(1, min(2 * P, self.size - off))
+            late = self.unmapped.is_set()
+            try:
+                data = self.c.dma_read(off, n)
+            except DmaError as e:
+                if e.errno == errno.EINVAL and self.unmapping.is_set():
+                    break
+                self.violations.append(f"read {off:#x}+{n:#x}: {e}")
+                break
+            if SENTINEL in data or late:
+                self.violations.append(f"read {off:#x}+{n:#x} succeeded after unmap returned")
+            if first:
+                first = False
+                self.accessed.release()
+        if first:
+            self.accessed.release()
+
+    def unmap_and_fence(self, naccessors: int, get_dirty_bitmap: bool = False) -> bytes:
+        """Wait until every accessor has succeeded once, unmap, then poison and free."""
+        for _ in range(naccessors):
+            self.accessed.acquire()
+        self.unmapping.set()
+        out = self.c.unmap_dma(0, self.size, get_dirty_bitmap=get_dirty_bitmap)
+        self.unmapped.set()
+        self.space.write(self.hva, SENTINEL * self.size)
+        bitmap = b""
+        if get_dirty_bitmap:
+            assert isinstance(out, tuple)
+            total, bitmap = out
+        else:
+            total = out  # type: ignore[assignment]
+        assert total == self.size
+        return bitmap
+
+    def finish(self, threads: list[threading.Thread]) -> None:
+        for t in threads:
+            t.join()
+        assert self.space.read(self.hva, self.size) == SENTINEL * self.size, "a write landed after unmap"
+        self.space.munmap(self.hva, self.size)
+        assert self.violations == []
+
+
+@pytest.mark.parametrize("lock", LOCKS)
+def test_no_write_lands_after_unmap_returns(lock: str) -> None:
+    c = Container(lock=lock)
+    space = AddressSpace()
+    for rnd in range(15):
+        r = Round(c, space, npages=4)
+        threads = _start([partial(r.writer, s) for s in range(rnd * 10, rnd * 10 + 3)])
+        r.unmap_and_fence(3)
+        r.finish(threads)
+    assert c.mappings() == []
+
+
+@pytest.mark.parametrize("lock", LOCKS)
+def test_unmap_bitmap_holds_every_completed_write(lock: str) -> None:
+    c = Container(lock=lock)
+    c.dirty_pages_start()
+    space = AddressSpace()
+    for rnd in range(15):
+        r = Round(c, space, npages=8)
+        threads = _start(
+            [partial(r.writer, s) for s in range(rnd * 10, rnd * 10 + 2)]
+            + [partial(r.reader, rnd * 10 + 9)]
+        )
+        bitmap = r.unmap_and_fence(3, get_dirty_bitmap=True)
+        r.finish(threads)
+        assert r.written, "the writers never wrote"
+        assert r.written <= set(bitmap_pages(bitmap))
+
+
+@pytest.mark.parametrize("lock", LOCKS)
+def test_no_dirty_bit_lost_to_concurrent_gets(lock: str) -> None:
+    """Each writer dirties its own pages, each about once: a bit lost is never set again."""
+    c = Container(lock=lock)
+    space = AddressSpace()
+    per_writer, nwriters = 400, 3
+    npages = per_writer * nwriters
+    hva = space.mmap(npages * P + 4 * P)
+    c.map_dma(0, npages * P, hva, space)
+    c.dirty_pages_start()
+    written: list[set[int]] = [set() for _ in range(nwriters)]
+    reported: set[int] = set()
+    errors: list[BaseException] = []
+    writers_done = threading.Event()
+
+    def writer(k: int) -> None:
+        rng = random.Random(k)
+        try:
+            for i in range(per_writer):
+                page = k * per_writer + i
+                if i % 4 == 3 and i + 1 < per_writer:  # now and then straddle two pages
+                    off, n = page * P + P - 8, 16
+                else:
+                    n = rng.randint(1, P)
+                    off = page * P + rng.randrange(P - n + 1)
+                c.dma_write(off, b"d" * n)
+                written[k].update(range(off // P, (off + n - 1) // P + 1))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def getter() -> None:
+        try:
+            for _ in range(100_000):
+                if writers_done.is_set():
+                    break
+                reported.update(bitmap_pages(c.get_dirty_bitmap(0, npages * P)))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def churn() -> None:  # map/unmap elsewhere in iova space, racing the same lock
+        try:
+            for i in range(200):
+                c.map_dma(1 << 30, 4 * P, hva + npages * P, space)
+                c.dma_write((1 << 30) + (i % 4) * P, b"c")
+                assert c.unmap_dma(1 << 30, 4 * P) == 4 * P
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    writers = _start([lambda k=k: writer(k) for k in range(nwriters)])
+    others = _start([getter, getter, churn])
+    for t in writers:
+        t.join()
+    writers_done.set()
+    for t in others:
+        t.join()
+    reported.update(bitmap_pages(c.get_dirty_bitmap(0, npages * P)))
+    assert errors == []
+    all_written = set().union(*written)
+    assert len(all_written) == npages
+    assert all_written - reported == set()
+    assert reported <= set(range(npages))
+
+
+def test_rcu_readers_never_touch_memory_after_unmap_returns() -> None:
+    """rcu readers take no lock: the grace period alone must fence them off freed memory."""
+    c = Container(lock="rcu")
+    space = AddressSpace()
+    for rnd in range(25):
+        r = Round(c, space, npages=2)
+        threads = _start([partial(r.reader, s) for s in range(rnd * 10, rnd * 10 + 4)])
+        r.unmap_and_fence(4)
+        # free the host memory at once: a reader still inside would now fault (EFAULT)
+        snapshot = space.read(r.hva, r.size)
+        space.munmap(r.hva, r.size)
+        for t in threads:
+            t.join()
+        assert snapshot == SENTINEL * r.size
+        assert r.violations == []

@@ -10,7 +10,7 @@ from rich.console import Console
 from ..errors import DmaError
 from . import reproduce as R
 from . import runner
-from .paths import PATHS
+from .paths import PATHS, resolve_core
 from .workload import DEFAULT_RAM, PROFILES, Workload, generate
 
 
@@ -55,14 +55,15 @@ def add_reproduce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the access-size sweep (8)")
     p.add_argument("--json", metavar="FILE", help="write every number, the machine and the workload (docs/lab.md)")
     p.add_argument("--plot", metavar="FILE.png", help="bar charts, ours vs the seed, per table")
+    p.add_argument("--core", choices=("python", "native"), help="dmarw core (default: native when built; $DMARW_CORE)")
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
     opts = R.Options(quick=args.quick, ops=args.ops, seed=args.seed, paths=args.paths, vms=args.vms,
-                     profile=args.profile, trace=args.trace, sweep=args.sweep)
+                     profile=args.profile, trace=args.trace, sweep=args.sweep, core=args.core)
     try:
         R.reproduce(opts, args.json, args.plot, _console())
-    except (DmaError, ValueError, RuntimeError) as e:
+    except (DmaError, ValueError, RuntimeError, ImportError) as e:
         Console(stderr=True).print(f"[red]dmarw reproduce: {e}[/]")
         return 1
     return 0
@@ -89,8 +90,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 def cb(done: int, total: int, task: TaskID = task) -> None:
                     bar.update(task, completed=done, total=total)
 
-                results[path] = runner.run(path, wls, on_progress=cb)
-    except (DmaError, ValueError, RuntimeError) as e:
+                results[path] = runner.run(path, wls, on_progress=cb, core=args.core)
+    except (DmaError, ValueError, RuntimeError, ImportError) as e:
         Console(stderr=True).print(f"[red]dmarw bench: {e}[/]")
         return 1
     from rich.table import Table
@@ -99,7 +100,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     w = wls[0]
     con.print(f"workload: {w.profile} ({w.meta.get('source', f'seed {w.seed}')}), {w.ops:,} ops per VM, {args.vms} VM(s)")
-    con.print(lockstat.cycles_source())
+    con.print(f"core {resolve_core(args.core)}; {lockstat.cycles_source()}; timer overhead subtracted; ops over "
+              f"{runner.OUTLIER_FACTOR}× their class's median (descheduled) left out")
     t = Table(title="per-op cost (timer overhead subtracted)", title_justify="left")
     for c in ("path", "read ns", "write ns", "avg ns", "read cyc", "write cyc", "avg cyc", "inc cyc",
               "read cnt", "write cnt"):
@@ -156,6 +158,7 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ops", type=_positive, help="ops per VM (default 100,000; with --trace: the whole trace)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baseline", action="store_true", help="do not also run kvm for the inc column")
+    p.add_argument("--core", choices=("python", "native"), help="dmarw core (default: native when built; $DMARW_CORE)")
     p.add_argument("--json", metavar="FILE")
     p.set_defaults(func=run_bench)
 

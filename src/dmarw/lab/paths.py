@@ -14,7 +14,8 @@ Every path is dmarw's real code, set up as in the seed (dirty logging on everywh
                             (beyond the seed: lock-free readers)
 ==========================  ==============================================================
 
-The container always tracks dirty pages (``dirty_pages_start``).  Guest RAM is a memfd,
+``core`` picks the Python reference or the native core (:mod:`dmarw.core`; default: native
+when built, ``$DMARW_CORE`` overrides).  The container always tracks dirty pages (``dirty_pages_start``).  Guest RAM is a memfd,
 mapped at iova == gpa == 0.  Locks: none here; each VM lives in its own process.
 """
 
@@ -67,18 +68,41 @@ PATHS: dict[str, PathSpec] = {
 SEED_PATHS = ("kvm", "vfio-mutex", "vfio-rwsem", "vfio-external-user", "vfio-external-user-mmget")
 
 
+def resolve_core(core: str | None = None) -> str:
+    """``python`` or ``native`` (see :func:`dmarw.core.resolve`); python where there is no
+    core selector at all."""
+    try:
+        from .. import core as core_mod
+    except ImportError:
+        if core == "native":
+            raise
+        return "python"
+    return core_mod.resolve(core)
+
+
+def core_classes(core: str) -> tuple[type[Container], type[Vm]]:
+    """(Container class, Vm class) of a resolved core."""
+    if core == "python":
+        return Container, Vm
+    from .. import core as core_mod
+
+    return core_mod.classes(core)
+
+
 class VmEnv:
     """A guest of ``ram_size`` bytes with both the KVM and the VFIO view of it."""
 
-    def __init__(self, path: str, ram_size: int, name: str = "lab") -> None:
+    def __init__(self, path: str, ram_size: int, name: str = "lab", core: str | None = None) -> None:
         spec = PATHS[path]
         self.spec = spec
+        self.core = resolve_core(core)
+        container_cls, vm_cls = core_classes(self.core)
         self.ram_size = ram_size
         self.space = AddressSpace()
         self.hva = self.space.mmap(ram_size, backing="memfd")
-        self.vm = Vm(self.space)
+        self.vm: Vm = vm_cls(self.space)
         self.vm.set_memslot(0, 0, ram_size, self.hva, dirty_log=True)
-        self.container = Container(lock=spec.lock, mm_ref=spec.mm_ref)
+        self.container: Container = container_cls(lock=spec.lock, mm_ref=spec.mm_ref)
         self.container.map_dma(0, ram_size, self.hva, self.space, Prot.READ | Prot.WRITE)
         self.container.dirty_pages_start()
         self.group = Group(f"{name}-{os.getpid()}")

@@ -15,12 +15,15 @@ clock: the parent blocks on the result pipes.
 
 from __future__ import annotations
 
+import bisect
 import gc
 import multiprocessing as mp
 import os
 import random
+import statistics
 import time
 import traceback
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
@@ -41,14 +44,51 @@ _ctx = mp.get_context("fork")
 Progress = Callable[[int, int], None]  # (done, total)
 
 
+OUTLIER_FACTOR = 20  # an op slower than this many times its class's median was descheduled
+OUTLIER_FLOOR_NS = 20_000  # ... and never below this, so a cheap class keeps its slow tail
+LOCK_BLOCKS = 16  # the lock-statistics pass runs in this many collect() blocks
+
+
+@dataclass
+class ClassStats:
+    """One op class (reads or writes) of a timed pass: raw ns, timer not yet subtracted.
+
+    An op longer than ``max(OUTLIER_FACTOR * median, OUTLIER_FLOOR_NS)`` spanned a
+    deschedule of the VM process (the host is shared); it is counted in ``dropped`` and
+    left out of ``kept_ns``, the figure the tables use.
+    """
+
+    count: int = 0
+    total_ns: int = 0
+    kept: int = 0
+    kept_ns: int = 0
+    dropped: int = 0
+    dropped_ns: int = 0
+    p50_ns: float = 0.0
+    p90_ns: float = 0.0
+    p99_ns: float = 0.0
+
+    @staticmethod
+    def of(deltas: Sequence[int]) -> ClassStats:
+        if not deltas:
+            return ClassStats()
+        srt = sorted(deltas)
+        n = len(srt)
+        med = srt[n // 2]
+        limit = max(OUTLIER_FACTOR * med, OUTLIER_FLOOR_NS)
+        cut = bisect.bisect_right(srt, limit)
+        kept_ns = sum(srt[:cut])
+        total = kept_ns + sum(srt[cut:])
+        return ClassStats(n, total, cut, kept_ns, n - cut, total - kept_ns, float(med),
+                          float(srt[min(n - 1, n * 9 // 10)]), float(srt[min(n - 1, n * 99 // 100)]))
+
+
 @dataclass
 class PassResult:
-    """Raw sums of one VM's timed pass (timer overhead not yet subtracted)."""
+    """One VM's timed pass: reads and writes apart."""
 
-    reads: int = 0
-    read_ns: int = 0
-    writes: int = 0
-    write_ns: int = 0
+    reads: ClassStats
+    writes: ClassStats
 
 
 @dataclass
@@ -83,6 +123,8 @@ class RunResult:
     uncontended_mutex_cycles: float
     locks: list[dict[str, Any]]
     dirty_pages: list[int]
+    dropped: int = 0  # ops left out: they spanned a deschedule (see ClassStats)
+    dropped_share: float = 0.0  # share of the measured time those ops took
     per_vm: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -146,24 +188,24 @@ def _timed_pass(
 ) -> PassResult:
     """Time each call with ``perf_counter_ns``; only the call sits between the two reads."""
     clock = time.perf_counter_ns
-    rn = wn = rc = wc = 0
+    rd: array[int] = array("q")
+    wd: array[int] = array("q")
+    radd, wadd = rd.append, wd.append
     every = PROGRESS_EVERY - 1
     for i, (w, a, m) in enumerate(recs):
         if w:
             t0 = clock()
             write(a, m)
             t1 = clock()
-            wn += t1 - t0
-            wc += 1
+            wadd(t1 - t0)
         else:
             t0 = clock()
             read(a, m)
             t1 = clock()
-            rn += t1 - t0
-            rc += 1
+            radd(t1 - t0)
         if not i & every:
             tick(i)
-    return PassResult(rc, rn, wc, wn)
+    return PassResult(ClassStats.of(rd), ClassStats.of(wd))
 
 
 def _untimed_pass(recs: Sequence[tuple[bool, int, memoryview]], read: Access, write: Access) -> None:
@@ -174,17 +216,41 @@ def _untimed_pass(recs: Sequence[tuple[bool, int, memoryview]], read: Access, wr
             read(a, m)
 
 
-def mutex_probe(samples: int = 20000) -> dict[str, float]:
+def blocked_locks(run_block: Callable[[int], None], blocks: int = LOCK_BLOCKS) -> list[dict[str, Any]]:
+    """Lock statistics over ``blocks`` separate :func:`dmarw.lockstat.collect` blocks
+    (``run_block(k)`` runs block k): counts and times summed, and ``median_ns``, the median
+    of the per-block averages, which a deschedule inside one block cannot move."""
+    acc: dict[str, dict[str, Any]] = {}
+    for k in range(blocks):
+        with lockstat.collect() as s:
+            run_block(k)
+        for row in s.table():
+            a = acc.setdefault(str(row["name"]), {"count": 0, "total_ns": 0, "block_avgs": []})
+            a["count"] += int(row["count"])
+            a["total_ns"] += int(row["total_ns"])
+            a["block_avgs"].append(float(row["avg_ns"]))
+    return [
+        {"name": name, "count": a["count"], "total_ns": a["total_ns"],
+         "median_ns": float(statistics.median(a["block_avgs"]))}
+        for name, a in acc.items()
+    ]
+
+
+def mutex_probe(samples: int = 16000) -> dict[str, float]:
     """The seed's uncontended-mutex figure: a fresh dmarw Mutex, timed the way lockstat times
     every lock (one timestamp pair around the acquire, the timer included)."""
     m = Mutex("lab.uncontended_mutex")
-    with lockstat.collect() as s:
-        for _ in range(samples):
+    per = max(samples // LOCK_BLOCKS, 1)
+
+    def block(_k: int) -> None:
+        for _ in range(per):
             m.acquire()
             m.release()
-    for row in s.table():
+
+    for row in blocked_locks(block):
         if row["name"] == "lab.uncontended_mutex":
-            return {"avg_ns": float(row["avg_ns"]), "avg_cycles": float(row["avg_cycles"])}
+            ns = row["median_ns"]
+            return {"avg_ns": ns, "avg_cycles": lockstat.ns_to_cycles(ns)}
     raise RuntimeError("the mutex probe recorded nothing")
 
 
@@ -198,12 +264,13 @@ def _vm_main(
     barrier: Any,
     progress: Any,
     conn: Connection,
+    core: str | None = None,
 ) -> None:
     """One VM process: build, warm up, time, lock-stat pass, harvest, report on ``conn``."""
     try:
         set_group_lock(group_lock)
         t_start = time.perf_counter_ns()
-        env = VmEnv(path, wl.ram_size, name=f"lab-vm{vm}")
+        env = VmEnv(path, wl.ram_size, name=f"lab-vm{vm}", core=core)
         env.prefault()
         recs = _prepare(wl)
         read, write = env.access()
@@ -222,11 +289,16 @@ def _vm_main(
             progress[vm] = total
             probe = mutex_probe()
             barrier.wait(BARRIER_TIMEOUT)
-            with lockstat.collect() as stats:
-                _untimed_pass(recs[:lock_ops], read, write)
+            sub = recs[:lock_ops]
+            step = -(-len(sub) // LOCK_BLOCKS) if sub else 1
+
+            def block(k: int) -> None:
+                _untimed_pass(sub[k * step : (k + 1) * step], read, write)
+
+            all_locks = blocked_locks(block)
         finally:
             gc.enable()
-        locks = [row for row in stats.table() if not str(row["name"]).startswith("lab.")]
+        locks = [row for row in all_locks if not str(row["name"]).startswith("lab.")]
         dirty = env.dirty_pages()
         env.close()
         res = VmResult(
@@ -275,6 +347,7 @@ def run(
     lock_ops: int | None = None,
     warmup: int | None = None,
     on_progress: Progress | None = None,
+    core: str | None = None,
 ) -> RunResult:
     """Run ``path`` with one VM process per workload, all at once; combine their results."""
     if path not in PATHS:
@@ -293,7 +366,7 @@ def run(
         parent_end, child_end = _ctx.Pipe(duplex=False)
         p = _ctx.Process(
             target=_vm_main,
-            args=(path, i, wl, lock_ops, warmup, group_lock, barrier, progress, child_end),
+            args=(path, i, wl, lock_ops, warmup, group_lock, barrier, progress, child_end, core),
             name=f"dmarw-lab-vm{i}",
         )
         p.start()
@@ -305,28 +378,34 @@ def run(
 
 
 def combine(path: str, results: list[dict[str, Any]]) -> RunResult:
-    """Per-op averages over all VMs, each VM's own timer overhead subtracted per op."""
-    reads = sum(r["timed"]["reads"] for r in results)
-    writes = sum(r["timed"]["writes"] for r in results)
-    read_ns = sum(r["timed"]["read_ns"] - r["timer_overhead_ns"] * r["timed"]["reads"] for r in results)
-    write_ns = sum(r["timed"]["write_ns"] - r["timer_overhead_ns"] * r["timed"]["writes"] for r in results)
+    """Per-op averages over all VMs: the mean of the ops not descheduled (see
+    :class:`ClassStats`), each VM's own timer overhead subtracted per op; counts are all ops.
+    A lock's ``avg_ns`` is the mean over VMs of each VM's median block average."""
+
+    def cls(r: dict[str, Any], op: str) -> dict[str, Any]:
+        c: dict[str, Any] = r["timed"][op]
+        return c
+
+    reads = sum(cls(r, "reads")["count"] for r in results)
+    writes = sum(cls(r, "writes")["count"] for r in results)
+    kept_r = sum(cls(r, "reads")["kept"] for r in results)
+    kept_w = sum(cls(r, "writes")["kept"] for r in results)
+    read_ns = sum(cls(r, "reads")["kept_ns"] - r["timer_overhead_ns"] * cls(r, "reads")["kept"] for r in results)
+    write_ns = sum(cls(r, "writes")["kept_ns"] - r["timer_overhead_ns"] * cls(r, "writes")["kept"] for r in results)
+    r_avg = read_ns / max(kept_r, 1)
+    w_avg = write_ns / max(kept_w, 1)
     n = max(reads + writes, 1)
-    # locks: sum counts and times over VMs
-    acc: dict[str, dict[str, float]] = {}
-    order: list[str] = []
+    acc: dict[str, dict[str, Any]] = {}
     for r in results:
         for row in r["locks"]:
-            name = row["name"]
-            if name not in acc:
-                acc[name] = {"count": 0, "total_ns": 0.0}
-                order.append(name)
-            acc[name]["count"] += row["count"]
-            acc[name]["total_ns"] += row["total_ns"]
+            a = acc.setdefault(row["name"], {"count": 0, "total_ns": 0, "medians": []})
+            a["count"] += row["count"]
+            a["total_ns"] += row["total_ns"]
+            a["medians"].append(row["median_ns"])
     lock_ops = max(sum(r["lock_ops"] for r in results), 1)
     locks = []
-    for name in order:
-        a = acc[name]
-        avg_ns = a["total_ns"] / max(a["count"], 1)
+    for name, a in acc.items():
+        avg_ns = sum(a["medians"]) / len(a["medians"])
         locks.append(
             {
                 "name": name,
@@ -334,34 +413,39 @@ def combine(path: str, results: list[dict[str, Any]]) -> RunResult:
                 "per_op": a["count"] / lock_ops,
                 "avg_ns": avg_ns,
                 "avg_cycles": lockstat.ns_to_cycles(avg_ns),
+                "mean_ns": a["total_ns"] / max(a["count"], 1),
             }
         )
     probe_ns = sum(r["mutex_probe"]["avg_ns"] for r in results) / len(results)
+    dropped = sum(cls(r, op)["dropped"] for r in results for op in ("reads", "writes"))
+    total_ns = sum(cls(r, op)["total_ns"] for r in results for op in ("reads", "writes"))
+    dropped_ns = sum(cls(r, op)["dropped_ns"] for r in results for op in ("reads", "writes"))
     return RunResult(
         path=path,
         vms=len(results),
-        ops_per_vm=max(r["timed"]["reads"] + r["timed"]["writes"] for r in results),
+        ops_per_vm=max(cls(r, "reads")["count"] + cls(r, "writes")["count"] for r in results),
         seeds=[r["seed"] for r in results],
         reads=reads,
         writes=writes,
-        read_ns=read_ns / max(reads, 1),
-        write_ns=write_ns / max(writes, 1),
-        avg_ns=(read_ns + write_ns) / n,
+        read_ns=r_avg,
+        write_ns=w_avg,
+        avg_ns=(r_avg * reads + w_avg * writes) / n,
         timer_overhead_ns=sum(r["timer_overhead_ns"] for r in results) / len(results),
         uncontended_mutex_ns=probe_ns,
         uncontended_mutex_cycles=lockstat.ns_to_cycles(probe_ns),
         locks=locks,
         dirty_pages=[r["dirty_pages"] for r in results],
+        dropped=dropped,
+        dropped_share=dropped_ns / max(total_ns, 1),
         per_vm=[
             {
                 "vm": r["vm"],
                 "pid": r["pid"],
                 "seed": r["seed"],
-                "reads": r["timed"]["reads"],
-                "writes": r["timed"]["writes"],
-                "read_ns": (r["timed"]["read_ns"] / max(r["timed"]["reads"], 1)) - r["timer_overhead_ns"],
-                "write_ns": (r["timed"]["write_ns"] / max(r["timed"]["writes"], 1)) - r["timer_overhead_ns"],
+                "reads": cls(r, "reads"),
+                "writes": cls(r, "writes"),
                 "timer_overhead_ns": r["timer_overhead_ns"],
+                "uncontended_mutex_ns": r["mutex_probe"]["avg_ns"],
                 "dirty_pages": r["dirty_pages"],
                 "wall_ns": r["wall_ns"],
             }
@@ -375,34 +459,45 @@ SWEEP_SIZES = (1, 8, 64, 512, 2048, 4096, *(p * 4096 for p in (2, 3, 4, 5, 6, 8,
 
 
 def _sweep_main(
-    vfio_path: str, ram_size: int, sizes: Sequence[int], reps: int, seed: int, progress: Any, conn: Connection
+    vfio_path: str, ram_size: int, sizes: Sequence[int], reps: int, seed: int, progress: Any, conn: Connection,
+    core: str | None = None,
 ) -> None:
-    """One VM process: for each size, ``reps`` reads and writes on kvm and on ``vfio_path``,
-    interleaved in small blocks so both see the same machine state."""
+    """One VM process: ``reps`` reads and writes of each size on kvm and on ``vfio_path``.
+    Measured in rounds; each round times one block of 25 per size and path, so sizes and
+    paths see the same machine state; each figure is the median of its block averages (a
+    deschedule spoils one block, not the figure)."""
     try:
-        env = VmEnv(vfio_path, ram_size, name="lab-sweep")
+        env = VmEnv(vfio_path, ram_size, name="lab-sweep", core=core)
         env.prefault()
         rbuf, wbuf = _buffers()
         paths = {"kvm": env.access("kvm"), vfio_path: env.access(vfio_path)}
         rng = random.Random(seed)
         overhead = lockstat.timer_overhead_ns()
         clock = time.perf_counter_ns
-        rows = []
-        block = 50
+        block = 25
+        rounds = max(-(-reps // block), 1)
+        addrs = {
+            size: [rng.randrange(0, (ram_size - size) // PAGE_SIZE + 1) * PAGE_SIZE for _ in range(block)]
+            for size in sizes
+        }
+        views = {size: (rbuf[:size], wbuf[:size]) for size in sizes}
+        blocks: dict[tuple[int, str, str], list[float]] = {
+            (size, p, op): [] for size in sizes for p in paths for op in "rw"
+        }
+        for size in sizes:  # warm-up, untimed
+            rm, wm = views[size]
+            for rd, wr in paths.values():
+                for a in addrs[size][:4]:
+                    rd(a, rm)
+                    wr(a, wm)
         gc.collect()
         gc.disable()
         try:
-            for k, size in enumerate(sizes):
-                top = (ram_size - size) // PAGE_SIZE
-                addrs = [rng.randrange(0, top + 1) * PAGE_SIZE for _ in range(reps)]
-                rm, wm = rbuf[:size], wbuf[:size]
-                sums = {(p, op): 0 for p in paths for op in "rw"}
-                for _ in range(2):  # warm-up block, untimed
-                    for rd, wr in paths.values():
-                        rd(addrs[0], rm)
-                        wr(addrs[0], wm)
-                for b in range(0, reps, block):
-                    chunk = addrs[b : b + block]
+            for k in range(rounds):
+                for size in sizes:
+                    rm, wm = views[size]
+                    chunk = addrs[size]
+                    rng.shuffle(chunk)
                     for p, (rd, wr) in paths.items():
                         rn = wn = 0
                         for a in chunk:
@@ -413,22 +508,24 @@ def _sweep_main(
                             t2 = clock()
                             rn += t1 - t0
                             wn += t2 - t1
-                        sums[(p, "r")] += rn
-                        sums[(p, "w")] += wn
-                row: dict[str, Any] = {"size": size}
-                for p in paths:
-                    key = "kvm" if p == "kvm" else "vfio"
-                    r_ns = sums[(p, "r")] / reps - overhead
-                    w_ns = sums[(p, "w")] / reps - overhead
-                    row[f"{key}_read_ns"] = r_ns
-                    row[f"{key}_write_ns"] = w_ns
-                    row[f"{key}_ns"] = (r_ns + w_ns) / 2
-                rows.append(row)
-                progress[0] = k + 1
+                        blocks[(size, p, "r")].append(rn / block)
+                        blocks[(size, p, "w")].append(wn / block)
+                progress[0] = (k + 1) * len(sizes) // rounds
         finally:
             gc.enable()
+        rows = []
+        for size in sizes:
+            row: dict[str, Any] = {"size": size}
+            for p in paths:
+                key = "kvm" if p == "kvm" else "vfio"
+                r_ns = statistics.median(blocks[(size, p, "r")]) - overhead
+                w_ns = statistics.median(blocks[(size, p, "w")]) - overhead
+                row[f"{key}_read_ns"] = r_ns
+                row[f"{key}_write_ns"] = w_ns
+                row[f"{key}_ns"] = (r_ns + w_ns) / 2
+            rows.append(row)
         env.close()
-        conn.send(("ok", {"rows": rows, "timer_overhead_ns": overhead, "reps": reps}))
+        conn.send(("ok", {"rows": rows, "timer_overhead_ns": overhead, "reps": rounds * block}))
     except BaseException:
         conn.send(("error", f"size sweep ({vfio_path}): {traceback.format_exc()}"))
     finally:
@@ -443,6 +540,7 @@ def sweep(
     reps: int = 400,
     seed: int = 0,
     on_progress: Progress | None = None,
+    core: str | None = None,
 ) -> dict[str, Any]:
     """Access-size sweep, kvm vs ``vfio_path``, in one VM process.  Rows per size in ns and
     cycles (reads and writes equally weighted) and the crossover: the smallest size from
@@ -451,7 +549,7 @@ def sweep(
     parent_end, child_end = _ctx.Pipe(duplex=False)
     p = _ctx.Process(
         target=_sweep_main,
-        args=(vfio_path, ram_size, tuple(sizes), reps, seed, progress, child_end),
+        args=(vfio_path, ram_size, tuple(sizes), reps, seed, progress, child_end, core),
         name="dmarw-lab-sweep",
     )
     p.start()

@@ -407,6 +407,19 @@ def test_dirty_get_rules(env: Env) -> None:
     assert c.get_dirty_bitmap(10 * P, 64 * P) == bytes(8)  # no mapping: all clear
 
 
+def test_dirty_bitmap_size_limit(env: Env) -> None:
+    """A bitmap over more than INT_MAX pages is EINVAL, not a giant allocation."""
+    c = env.c
+    c.map_dma(0, 2 * P, env.hva, env.space)
+    c.dirty_pages_start()
+    c.dma_write(0, b"x")
+    env.fails(errno.EINVAL, c.get_dirty_bitmap, 0, TOP - P)
+    env.fails(errno.EINVAL, c.get_dirty_bitmap, 0, (1 << 31) * P)
+    env.fails(errno.EINVAL, c.unmap_dma, 0, TOP - P, get_dirty_bitmap=True)
+    assert env.dirty(0, 2 * P) == [0]
+    assert c.unmap_dma(0, TOP - P) == 2 * P  # without the bitmap any size is fine
+
+
 def test_dirty_bits_at_both_ends_of_a_write(env: Env) -> None:
     c = env.c
     c.map_dma(0, 8 * P, env.hva, env.space)

@@ -31,6 +31,7 @@ from .mm import AddressSpace, Region
 
 IOVA_LIMIT = 1 << 64
 PIN_MAX = 512  # entries per pin/unpin call, as VFIO_PIN_PAGES_MAX_ENTRIES
+BITMAP_PAGES_MAX = (1 << 31) - 1  # pages one dirty bitmap may cover (INT_MAX, 256 MiB of bits)
 MM_REFS = ("get_task_mm", "mmget_not_zero")
 
 Buffer = bytes | bytearray | memoryview
@@ -111,6 +112,13 @@ def _check_range(what: str, iova: int, size: int, mask: int) -> None:
         raise fail(errno.EINVAL, f"{what} {rng(iova, size)}: not aligned to {mask + 1:#x}")
     if iova + size > IOVA_LIMIT:
         raise fail(errno.EINVAL, f"{what} {rng(iova, size)}: wraps past 2**64")
+
+
+def _check_bitmap_pages(what: str, iova: int, size: int, shift: int) -> None:
+    """A range whose bitmap would exceed ``BITMAP_PAGES_MAX`` bits is ``EINVAL`` (the kernel's
+    ``verify_bitmap_size``), rather than an attempt to allocate it."""
+    if size >> shift > BITMAP_PAGES_MAX:
+        raise fail(errno.EINVAL, f"{what} {rng(iova, size)}: dirty bitmap over {BITMAP_PAGES_MAX} pages")
 
 
 class Container:
@@ -203,6 +211,8 @@ class Container:
         is unmapped.
         """
         _check_range("unmap_dma", iova, size, self._mask)
+        if get_dirty_bitmap:
+            _check_bitmap_pages("unmap_dma", iova, size, self.shift)
         for attempt in range(2):
             self._lock.write_acquire()
             try:
@@ -369,6 +379,7 @@ class Container:
         if pgsize != self.pgsize:
             raise fail(errno.EINVAL, f"get_dirty_bitmap {iova:#x}+{size:#x}: pgsize {pgsize:#x} is not the container's {self.pgsize:#x}")
         _check_range("get_dirty_bitmap", iova, size, self._mask)
+        _check_bitmap_pages("get_dirty_bitmap", iova, size, self.shift)
         token = self._lock.read_acquire()
         try:
             table = self._table

@@ -393,6 +393,8 @@ def test_dirty_get_rules(env: Env) -> None:
     for args in [
         (2 * P, 4 * P, 8192),  # pgsize must be the container's
         (2 * P, 4 * P, 2048),
+        (2 * P, 4 * P, None),  # not even a number: still EINVAL, not a TypeError
+        (None, 4 * P),
         (2 * P + 1, 4 * P),
         (2 * P, 4 * P - 1),
         (2 * P, 0),

@@ -128,7 +128,7 @@ class Vm:
     def _pages(self, gpa: int, n: int, write: bool) -> list[tuple[Memslot, int, int]]:
         """(slot, offset in slot, length) for each guest page of the range, or EFAULT."""
         if not isinstance(gpa, int) or gpa < 0 or gpa + n > 1 << 64:
-            raise fail(errno.EFAULT, f"gpa {rng(gpa, n)} is outside guest physical space")
+            raise fail(errno.EFAULT, f"gpa {gpa!r}+{n:#x} is outside guest physical space")
         table = self._table
         out = []
         pos = 0

@@ -376,9 +376,9 @@ class Container:
 
     def get_dirty_bitmap(self, iova: int, size: int, pgsize: int = 4096) -> bytes:
         """Get and clear the dirty bits of ``[iova, iova+size)``; pinned pages stay set."""
-        if pgsize != self.pgsize:
-            raise fail(errno.EINVAL, f"get_dirty_bitmap {iova:#x}+{size:#x}: pgsize {pgsize:#x} is not the container's {self.pgsize:#x}")
         _check_range("get_dirty_bitmap", iova, size, self._mask)
+        if pgsize != self.pgsize:
+            raise fail(errno.EINVAL, f"get_dirty_bitmap {rng(iova, size)}: pgsize {pgsize!r} is not the container's {self.pgsize:#x}")
         _check_bitmap_pages("get_dirty_bitmap", iova, size, self.shift)
         token = self._lock.read_acquire()
         try:

@@ -13,6 +13,7 @@ import socket
 import pytest
 
 from dmarw.cli import main
+from dmarw.core import native_available, resolve
 from dmarw.migration import dest
 from dmarw.migration.harness import Config, Outcome, SourceGuest, run
 from dmarw.migration.source import MigrationFailed, Source
@@ -90,6 +91,21 @@ def test_ignoring_the_vfio_log_loses_device_pages_every_run(seed: int) -> None:
     assert not o.ok and o.differing
     assert "vcpu" not in _areas(o) and "device" in _areas(o)
     assert all(st.vfio == 0 and st.pinned == 0 for st in o.report.rounds)
+
+
+OTHER_CORES = [c for c in ("python", "native") if c != resolve() and (c == "python" or native_available())]
+
+
+@pytest.mark.parametrize("core", OTHER_CORES)
+@pytest.mark.parametrize("seed", range(3))
+def test_other_core_migrates_and_controls_fail(core: str, seed: int) -> None:
+    o = run(config(seed, core=core))
+    assert o.core == core
+    check_report(o)
+    assert o.ok
+    for kw in ({"device_bypass": True}, {"no_vfio_log": True}):
+        bad = run(config(seed, core=core, **kw))
+        assert not bad.ok and "device" in _areas(bad) and "vcpu" not in _areas(bad)
 
 
 def test_destination_refusing_the_stream_fails_the_migration() -> None:

@@ -322,3 +322,15 @@ def test_bitmap_indices_match_the_core_decoder(pages: set[int]) -> None:
 
     bm = to_bytes(pages, 1024)
     assert bitmap_indices(bm) == from_bytes(bm) == sorted(pages)
+
+
+def test_pages_views_stay_valid_while_more_data_arrives() -> None:
+    stream, _ = build()
+    dec = Decoder(PS, LAYOUT)
+    held: list[Pages] = []
+    for i in range(0, len(stream), 3000):
+        dec.receive_data(stream[i : i + 3000])
+        held += [e for e in dec.events() if isinstance(e, Pages)]
+    expect = [e for e in decode_all(stream) if isinstance(e, Pages)]
+    assert held == expect
+    assert all(bytes(e.data[:1]) * PS == bytes(e.data[:PS]) for e in held)

@@ -105,6 +105,7 @@ def _run(args: argparse.Namespace) -> int:
         device_bypass=args.device_bypass,
         no_vfio_log=args.no_vfio_log,
         ops=args.ops,
+        core=args.core,
     )
     con = Console(soft_wrap=True)
     if not con.is_terminal:  # a pipe or a file: keep the table's numbers whole
@@ -150,12 +151,14 @@ def _run(args: argparse.Namespace) -> int:
     except DmaError as e:
         con.print(f"[red]migration failed[/]: {e}")
         return 2
+    con.print(f"core: {outcome.core}")
     rc = report(outcome, con)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(
                 {
                     "config": asdict(cfg),
+                    "core": outcome.core,
                     "report": asdict(outcome.report),
                     "plain_copy": asdict(outcome.plain) if outcome.plain else None,
                     "writes": outcome.writes,
@@ -184,6 +187,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ops", type=int, default=20_000, help="workload records per writer, cycled (default 20000)")
     p.add_argument("--device-bypass", action="store_true", help="negative control: device writes the raw hva")
     p.add_argument("--no-vfio-log", action="store_true", help="negative control: ignore the container's dirty bitmap")
+    p.add_argument("--core", choices=("python", "native"), help="dmarw core (default: native when built)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", metavar="FILE", help="write every number of the run as JSON")
     p.set_defaults(func=_run)

@@ -28,6 +28,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..core import container as make_container
+from ..core import resolve
+from ..core import vm as make_vm
 from ..errors import DmaError
 from ..kvm import Vm
 from ..mm import PAGE_SIZE, AddressSpace
@@ -58,6 +61,7 @@ class Config:
     ops: int = 20_000  # workload records generated per writer (cycled)
     after_round0: int = 16
     plain_copy: bool = True
+    core: str | None = None  # "python" or "native"; None: dmarw.core's default selection
 
     def check(self) -> None:
         if self.ram % PAGE_SIZE or self.ram < 256 * 1024:
@@ -85,6 +89,7 @@ class Outcome:
     differing: list[int]
     plain: PlainCopy | None
     writes: dict[str, int] = field(default_factory=dict)
+    core: str = "python"
     setup_seconds: float = 0.0
     verify_seconds: float = 0.0
 
@@ -96,14 +101,15 @@ class Outcome:
 class SourceGuest:
     """The source VM: memfd RAM, a dirty-logging memslot, a tracked container, a device."""
 
-    def __init__(self, ram: int, seed: int, npinned: int) -> None:
+    def __init__(self, ram: int, seed: int, npinned: int, core: str | None = None) -> None:
         self.ram = ram
+        self.core = resolve(core)
         self.space = AddressSpace()
         self.hva = self.space.mmap(ram, backing="memfd")
         fill(self.space, self.hva, ram, seed)
-        self.vm = Vm(self.space)
+        self.vm: Vm = make_vm(self.space, self.core)
         self.vm.set_memslot(0, 0, ram, self.hva, dirty_log=True)
-        self.container = Container()
+        self.container: Container = make_container(self.core)
         self.container.map_dma(0, ram, self.hva, self.space, Prot.READ | Prot.WRITE)
         self.group = Group(f"dmarw-migrate-{os.getpid()}-{next(_group_ids)}")
         device = self.group.add_device("0000:00:02.0")
@@ -224,7 +230,7 @@ def run(
     """Set up, (time a plain copy,) migrate with the writers running, verify every page."""
     cfg.check()
     t0 = time.perf_counter()
-    guest = SourceGuest(cfg.ram, cfg.seed, cfg.pinned)
+    guest = SourceGuest(cfg.ram, cfg.seed, cfg.pinned, cfg.core)
     try:
         writers = build_writers(guest, cfg)
         setup = time.perf_counter() - t0
@@ -264,6 +270,6 @@ def run(
         writers.raise_error()
         differing = differing_pages(mine, theirs, src.layout, src.page_size, dest.DIGEST_SIZE)
         verify = time.perf_counter() - t_v
-        return Outcome(cfg, report, differing, plain, writers.done(), setup, verify)
+        return Outcome(cfg, report, differing, plain, writers.done(), guest.core, setup, verify)
     finally:
         guest.close()

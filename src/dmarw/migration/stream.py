@@ -89,7 +89,8 @@ class Header:
 class Pages:
     round: int
     gpas: tuple[int, ...]
-    data: bytes  # len(gpas) * page_size bytes, page i at data[i*page_size:]
+    data: memoryview  # len(gpas) * page_size bytes, page i at data[i*page_size:]; read-only,
+    # a view of the decoder's buffer, valid for as long as it is referenced
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,7 @@ class Decoder:
         self.expect_page_size = page_size
         self.expect_layout = tuple(layout) if layout is not None else None
         self._buf = bytearray()
+        self._exported = False
         self._pos = 0
         self.offset = 0  # stream offset of _buf[_pos]
         self._eof = False
@@ -234,6 +236,11 @@ class Decoder:
             return
         if self._eof:
             raise self._fail("protocol", "data received after end of input")
+        if self._exported:  # PAGES events hold views of this buffer: leave it as it is
+            self._buf = self._buf[self._pos :] + data
+            self._pos = 0
+            self._exported = False
+            return
         if self._pos and self._pos >= len(self._buf) // 2:
             del self._buf[: self._pos]
             self._pos = 0
@@ -289,18 +296,14 @@ class Decoder:
             return NEED_DATA
         start = self._pos + _FRAME.size
         mv = memoryview(self._buf)
-        try:
-            got = zlib.crc32(mv[start : start + length], zlib.crc32(mv[self._pos : self._pos + _CRC_SPAN]))
-            if got != crc:
-                raise self._fail("corrupt", f"checksum of frame at offset {at:#x} (seq {self.seq}) is {got:#010x}, frame says {crc:#010x}")
-            if flags != 0:
-                raise self._fail("corrupt", f"frame at offset {at:#x} has flags {flags:#x}")
-            if seq != self.seq:
-                raise self._fail("protocol", f"frame at offset {at:#x} has seq {seq}, expected {self.seq} (frame lost or reordered)")
-            payload = mv[start : start + length]
-            event = self._parse(kind, payload, at)
-        finally:
-            mv.release()
+        got = zlib.crc32(mv[start : start + length], zlib.crc32(mv[self._pos : self._pos + _CRC_SPAN]))
+        if got != crc:
+            raise self._fail("corrupt", f"checksum of frame at offset {at:#x} (seq {self.seq}) is {got:#010x}, frame says {crc:#010x}")
+        if flags != 0:
+            raise self._fail("corrupt", f"frame at offset {at:#x} has flags {flags:#x}")
+        if seq != self.seq:
+            raise self._fail("protocol", f"frame at offset {at:#x} has seq {seq}, expected {self.seq} (frame lost or reordered)")
+        event = self._parse(kind, mv[start : start + length], at)
         self.seq += 1
         self._consume(_FRAME.size + length)
         return event
@@ -397,7 +400,8 @@ class Decoder:
         data_at = _PAGES.size + 8 * n
         self.round_pages += n
         self.pages += n
-        return Pages(rnd, gpas, bytes(p[data_at:]))
+        self._exported = True  # the buffer must not be resized from now on
+        return Pages(rnd, gpas, p[data_at:].toreadonly())
 
     def events(self) -> list[Event]:
         """Every event available now (stops at NEED_DATA)."""

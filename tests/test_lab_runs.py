@@ -83,7 +83,7 @@ def test_sweep_rows_and_crossover_shape() -> None:
 
 
 def test_reproduce_json_schema(tmp_path: Path) -> None:
-    opts = R.Options(ops=200, seed=3, vms=(1, 2), sweep=True, sweep_reps=25, lock_ops=50, core="python")
+    opts = R.Options(ops=200, seed=3, vms=(1, 2), sweep=True, sweep_reps=25, lock_ops=50, core="python", rounds=2)
     out = tmp_path / "r.json"
     png = tmp_path / "r.png"
     from rich.console import Console
@@ -99,6 +99,10 @@ def test_reproduce_json_schema(tmp_path: Path) -> None:
     assert set(back["runs"]) == {f"{p}/{v}vm" for p in PATHS for v in (1, 2)}
     assert back["workload"]["ops"] == 200 and back["workload"]["seed"] == 3
     assert back["repeat"]["seeds"] == [4]
+    assert back["options"]["rounds"] == 2
+    run = back["runs"]["vfio-mutex/2vm"]
+    assert run["vms"] == 2 and len(run["per_vm"]) == 4 and {v["round"] for v in run["per_vm"]} == {0, 1}
+    assert run["reads"] + run["writes"] == 2 * 200  # the rounds together run each VM's whole workload
     assert [t["id"] for t in back["tables"]] == [str(i) for i in range(1, 9)]
     assert len(back["conclusions"]) >= 13 and all(c["holds"] is not None for c in back["conclusions"])
     for i in range(1, 9):
@@ -115,7 +119,8 @@ def test_reproduce_json_schema(tmp_path: Path) -> None:
 def test_reproduce_subset_marks_missing_verdicts(tmp_path: Path) -> None:
     from rich.console import Console
 
-    opts = R.Options(ops=150, vms=(1,), paths=("kvm", "vfio-external-user"), sweep=False, lock_ops=50, core="python")
+    opts = R.Options(ops=150, vms=(1,), paths=("kvm", "vfio-external-user"), sweep=False, lock_ops=50, core="python",
+                     rounds=1)
     con = Console(file=open(tmp_path / "o.txt", "w"), width=150)  # noqa: SIM115
     doc = R.reproduce(opts, None, None, con)
     con.file.close()

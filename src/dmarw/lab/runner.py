@@ -350,6 +350,20 @@ def run(
     core: str | None = None,
 ) -> RunResult:
     """Run ``path`` with one VM process per workload, all at once; combine their results."""
+    raw = run_raw(path, workloads, lock_ops=lock_ops, warmup=warmup, on_progress=on_progress, core=core)
+    return combine(path, raw)
+
+
+def run_raw(
+    path: str,
+    workloads: Sequence[Workload],
+    *,
+    lock_ops: int | None = None,
+    warmup: int | None = None,
+    on_progress: Progress | None = None,
+    core: str | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`run` without combining: one result dict per VM process (for :func:`combine`)."""
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r} (have {', '.join(PATHS)})")
     vms = len(workloads)
@@ -373,14 +387,16 @@ def run(
         child_end.close()
         procs.append(p)
         conns.append(parent_end)
-    results = _wait(procs, conns, progress, sum(w.ops for w in workloads), on_progress)
-    return combine(path, results)
+    return _wait(procs, conns, progress, sum(w.ops for w in workloads), on_progress)
 
 
-def combine(path: str, results: list[dict[str, Any]]) -> RunResult:
-    """Per-op averages over all VMs: the mean of the ops not descheduled (see
-    :class:`ClassStats`), each VM's own timer overhead subtracted per op; counts are all ops.
-    A lock's ``avg_ns`` is the mean over VMs of each VM's median block average."""
+def combine(path: str, results: list[dict[str, Any]], vms: int | None = None) -> RunResult:
+    """Per-op averages over all VM processes (of every round, when a run was split into
+    rounds; ``vms`` is then the VM count of each round): the mean of the ops not
+    descheduled (see :class:`ClassStats`), each process's own timer overhead subtracted per
+    op; counts are all ops.  A lock's ``avg_ns`` is the mean of each process's median block
+    average."""
+    vms = len(results) if vms is None else vms
 
     def cls(r: dict[str, Any], op: str) -> dict[str, Any]:
         c: dict[str, Any] = r["timed"][op]
@@ -422,9 +438,9 @@ def combine(path: str, results: list[dict[str, Any]]) -> RunResult:
     dropped_ns = sum(cls(r, op)["dropped_ns"] for r in results for op in ("reads", "writes"))
     return RunResult(
         path=path,
-        vms=len(results),
-        ops_per_vm=max(cls(r, "reads")["count"] + cls(r, "writes")["count"] for r in results),
-        seeds=[r["seed"] for r in results],
+        vms=vms,
+        ops_per_vm=(reads + writes) // max(vms, 1),
+        seeds=[r["seed"] for r in results[:vms]],
         reads=reads,
         writes=writes,
         read_ns=r_avg,
@@ -434,12 +450,13 @@ def combine(path: str, results: list[dict[str, Any]]) -> RunResult:
         uncontended_mutex_ns=probe_ns,
         uncontended_mutex_cycles=lockstat.ns_to_cycles(probe_ns),
         locks=locks,
-        dirty_pages=[r["dirty_pages"] for r in results],
+        dirty_pages=[sum(r["dirty_pages"] for r in results[i::vms]) for i in range(vms)],
         dropped=dropped,
         dropped_share=dropped_ns / max(total_ns, 1),
         per_vm=[
             {
                 "vm": r["vm"],
+                "round": n // vms,
                 "pid": r["pid"],
                 "seed": r["seed"],
                 "reads": cls(r, "reads"),
@@ -449,7 +466,7 @@ def combine(path: str, results: list[dict[str, Any]]) -> RunResult:
                 "dirty_pages": r["dirty_pages"],
                 "wall_ns": r["wall_ns"],
             }
-            for r in results
+            for n, r in enumerate(results)
         ],
     )
 

@@ -310,3 +310,55 @@ def test_lookups_stay_consistent_while_other_mappings_come_and_go() -> None:
     t.join()
     sys.setswitchinterval(old_interval)
     assert errors == []
+
+
+def _close_race_round(ref: str) -> None:
+    space = AddressSpace()
+    hva = space.mmap(P)
+    space.write(hva, b"live")
+    get = getattr(space, ref)
+    errors: list[BaseException] = []
+    granted = threading.Semaphore(0)
+
+    def user() -> None:
+        first = True
+        try:
+            for _ in range(100_000):
+                if not get():
+                    break
+                try:
+                    assert space.read(hva, 4) == b"live"
+                finally:
+                    space.mmput()
+                if first:
+                    first = False
+                    granted.release()
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+        finally:
+            if first:
+                granted.release()
+
+    threads = [threading.Thread(target=user) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for _ in threads:
+        granted.acquire()
+    space.close()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert space.released and space.users == 0
+    assert not get()
+
+
+@pytest.mark.parametrize("ref", ["mmget_not_zero", "get_task_mm"])
+def test_close_racing_users_never_exposes_freed_memory(ref: str) -> None:
+    """A user that got its reference can always read; after close no reference is granted."""
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for _ in range(20):
+            _close_race_round(ref)
+    finally:
+        sys.setswitchinterval(old_interval)

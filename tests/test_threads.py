@@ -22,7 +22,7 @@ from functools import partial
 
 import pytest
 
-from dmarw import AddressSpace, Container, DmaError, bitmap_pages
+from dmarw import AddressSpace, Container, DmaError, Prot, Vm, bitmap_pages
 
 P = 4096
 LOCKS = ["mutex", "rwsem", "rcu"]
@@ -240,3 +240,227 @@ def test_rcu_readers_never_touch_memory_after_unmap_returns() -> None:
             t.join()
         assert snapshot == SENTINEL * r.size
         assert r.violations == []
+
+
+@pytest.mark.parametrize("lock", LOCKS)
+def test_pin_counts_stay_exact_under_concurrency(lock: str) -> None:
+    c = Container(lock=lock)
+    c.register_unmap_notifier(lambda iova, size: None)
+    space = AddressSpace()
+    hva = space.mmap(8 * P)
+    c.map_dma(0, 8 * P, hva, space)
+    c.dirty_pages_start()
+    errors: list[BaseException] = []
+    reported: set[int] = set()
+    done = threading.Event()
+
+    def pinner(k: int) -> None:
+        try:
+            for i in range(300):
+                iova = ((k + i) % 7) * P
+                assert c.pin_pages(iova, 2, Prot.READ) == [hva + iova, hva + iova + P]
+                c.unpin_pages(iova, 2)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def getter() -> None:
+        try:
+            for _ in range(100_000):
+                if done.is_set():
+                    break
+                reported.update(bitmap_pages(c.get_dirty_bitmap(0, 8 * P)))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    pinners = _start([partial(pinner, k) for k in range(4)])
+    g = _start([getter])
+    for t in pinners:
+        t.join()
+    done.set()
+    g[0].join()
+    reported.update(bitmap_pages(c.get_dirty_bitmap(0, 8 * P)))
+    assert errors == []
+    assert c.pinned() == {}
+    assert reported == set(range(8))  # every page was pinned while tracking: all dirty
+    assert c.unmap_dma(0, 8 * P) == 8 * P
+
+
+class PinRace:
+    """One round of pinners racing an unmap whose notifier unpins."""
+
+    def __init__(self, lock: str) -> None:
+        self.c = Container(lock=lock)
+        self.space = AddressSpace()
+        self.hva = self.space.mmap(4 * P)
+        self.c.map_dma(0, 4 * P, self.hva, self.space)
+        self.unmapping = threading.Event()
+        self.pinned_once = threading.Semaphore(0)
+        self.violations: list[str] = []
+        self.c.register_unmap_notifier(self.notifier)
+
+    def notifier(self, iova: int, size: int) -> None:
+        for page, count in self.c.pinned().items():
+            if iova <= page < iova + size:
+                for _ in range(count):
+                    try:
+                        self.c.unpin_pages(page, 1)
+                    except DmaError as e:  # a pinner's own unpin got there first
+                        if e.errno != errno.EINVAL:
+                            self.violations.append(f"notifier unpin {page:#x}: {e}")
+
+    def pinner(self, seed: int) -> None:
+        rng = random.Random(seed)
+        first = True
+        try:
+            for _ in range(100_000):
+                page = rng.randrange(4) * P
+                try:
+                    self.c.pin_pages(page, 1, Prot.READ)
+                except DmaError as e:
+                    if e.errno == errno.EINVAL and self.unmapping.is_set():
+                        break  # the mapping is gone
+                    self.violations.append(f"pin {page:#x}: {e}")
+                    break
+                if first:
+                    first = False
+                    self.pinned_once.release()
+                try:
+                    self.c.unpin_pages(page, 1)
+                except DmaError as e:
+                    if e.errno != errno.EINVAL:  # the notifier may have dropped it
+                        self.violations.append(f"unpin {page:#x}: {e}")
+        finally:
+            if first:
+                self.pinned_once.release()
+
+
+@pytest.mark.parametrize("lock", LOCKS)
+def test_unmap_never_removes_a_pinned_mapping_while_pins_race(lock: str) -> None:
+    """Pinners race an unmap whose notifier unpins: the unmap may be EBUSY, never wrong."""
+    for rnd in range(10):
+        r = PinRace(lock)
+        threads = _start([partial(r.pinner, rnd * 10 + k) for k in range(3)])
+        for _ in threads:
+            r.pinned_once.acquire()
+        r.unmapping.set()
+        for _ in range(10_000):
+            try:
+                assert r.c.unmap_dma(0, 4 * P) == 4 * P
+                break
+            except DmaError as e:
+                assert e.errno == errno.EBUSY  # re-pinned after the notifier: try again
+                assert r.c.mappings() == [(0, 4 * P, r.hva, Prot.READ | Prot.WRITE)]
+        else:  # pragma: no cover
+            pytest.fail("unmap_dma never got through")
+        for t in threads:
+            t.join()
+        assert r.violations == []
+        assert r.c.mappings() == []
+        assert r.c.pinned() == {}  # unmap succeeded only without pins; none possible after
+
+
+@pytest.mark.parametrize("lock", LOCKS)
+def test_tracking_start_stop_racing_writers(lock: str) -> None:
+    c = Container(lock=lock)
+    space = AddressSpace()
+    hva = space.mmap(16 * P)
+    c.map_dma(0, 16 * P, hva, space)
+    errors: list[BaseException] = []
+
+    def writer(k: int) -> None:
+        try:
+            for i in range(2000):
+                c.dma_write(((k * 5 + i) % 16) * P + 1, b"w" * 100)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def toggler() -> None:
+        try:
+            for _ in range(150):
+                c.dirty_pages_start()
+                try:
+                    bitmap_pages(c.get_dirty_bitmap(0, 16 * P))
+                except DmaError as e:  # only if stopped in between, which nobody does
+                    errors.append(e)
+                c.dirty_pages_stop()
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = _start([partial(writer, k) for k in range(3)] + [toggler])
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert not c.tracking
+    c.dirty_pages_start()
+    assert c.get_dirty_bitmap(0, 16 * P) == bytes(8)  # fresh bitmaps after a restart
+    c.dma_write(15 * P, b"z")
+    assert bitmap_pages(c.get_dirty_bitmap(0, 16 * P)) == [15]
+
+
+class SlotRace:
+    """One round of guest writers racing a memslot move (or delete)."""
+
+    def __init__(self, vm: Vm, move: bool) -> None:
+        self.vm = vm
+        self.move = move
+        self.old = vm.space.mmap(2 * P)
+        self.new = vm.space.mmap(2 * P)
+        vm.set_memslot(0, 0, 2 * P, self.old)
+        self.changing = threading.Event()  # set just before set_memslot
+        self.changed = threading.Event()  # set once it has returned
+        self.wrote = threading.Semaphore(0)
+        self.violations: list[str] = []
+
+    def writer(self, seed: int) -> None:
+        rng = random.Random(seed)
+        first, after = True, 0
+        try:
+            for _ in range(200_000):
+                off = rng.randrange(2 * P - 64)
+                late = self.changed.is_set()
+                try:
+                    self.vm.write_guest(off, b"G" * 64)
+                except DmaError as e:
+                    if e.errno == errno.EFAULT and self.changing.is_set() and not self.move:
+                        break  # the slot was deleted
+                    self.violations.append(f"write_guest {off:#x}: {e}")
+                    break
+                if first:
+                    first = False
+                    self.wrote.release()
+                if late:
+                    after += 1
+                    if after >= 50:
+                        break
+        finally:
+            if first:
+                self.wrote.release()
+
+
+@pytest.mark.parametrize("move", [True, False], ids=["move", "delete"])
+def test_no_guest_write_lands_after_set_memslot_returns(move: bool) -> None:
+    """KVM: once a slot is moved away (or deleted), no write_guest reaches its old memory."""
+    space = AddressSpace()
+    vm = Vm(space)
+    for rnd in range(15):
+        r = SlotRace(vm, move)
+        threads = _start([partial(r.writer, rnd * 10 + k) for k in range(3)])
+        for _ in threads:
+            r.wrote.acquire()
+        r.changing.set()
+        if move:
+            vm.set_memslot(0, 0, 2 * P, r.new)
+        else:
+            vm.set_memslot(0, 0, 0, 0)
+        r.changed.set()
+        space.write(r.old, SENTINEL * 2 * P)
+        for t in threads:
+            t.join()
+        assert r.violations == []
+        assert space.read(r.old, 2 * P) == SENTINEL * 2 * P, "a guest write landed in the old slot"
+        if move:
+            assert b"G" in space.read(r.new, 2 * P)
+            vm.set_memslot(0, 0, 0, 0)
+        space.munmap(r.old, 2 * P)
+        space.munmap(r.new, 2 * P)
+    vm.close()

@@ -80,9 +80,13 @@ class CoreMachine(RuleBasedStateMachine):
         self.pins: dict[int, int] = {}
         self.tracking = False
         self.dirty: set[int] = set()  # iova of each dirty page
+        self.closed = False  # the owner has exited (the machine keeps one user reference)
 
     def teardown(self) -> None:
-        self.space.close()
+        if self.closed:
+            self.space.mmput()
+        else:
+            self.space.close()
 
     # -- the driver's notifier ------------------------------------------------------------
     def _notify(self, iova: int, size: int) -> None:
@@ -131,7 +135,7 @@ class CoreMachine(RuleBasedStateMachine):
         got = _run(self.c.map_dma, iova, size, self.hva + hpage * P, self.space, prot)
         if self.overlapping(iova, size):
             want: Outcome = ("err", errno.EEXIST)
-        elif hpage + npages > HOST_PAGES:
+        elif hpage + npages > HOST_PAGES or self.closed:
             want = ("err", errno.EFAULT)
         else:
             want = ("ok", None)
@@ -196,7 +200,7 @@ class CoreMachine(RuleBasedStateMachine):
         want: Outcome
         if any(m is None for m in found):
             want = ("err", errno.EINVAL)
-        elif any(prot & ~m.prot for m in found if m is not None):
+        elif any(prot & ~m.prot for m in found if m is not None) or self.closed:
             want = ("err", errno.EPERM)
         else:
             hvas = []
@@ -277,6 +281,8 @@ class CoreMachine(RuleBasedStateMachine):
             seg = min(end, m.end) - pos
             chunks.append((m, pos, seg))
             pos += seg
+        if want[0] == "ok" and self.closed:
+            want = ("err", errno.EPERM)
         if want[0] == "ok":
             expect_buf = bytearray()
             for m, at, seg in chunks:
@@ -327,6 +333,16 @@ class CoreMachine(RuleBasedStateMachine):
         self.expect(_run(self.c.dirty_pages_stop), ("ok", None))
         self.tracking = False
         self.dirty = set()
+
+    @precondition(lambda self: not self.closed)
+    @rule(roll=st.integers(0, 7))
+    def owner_exits(self, roll: int) -> None:
+        """The VMM exits (rarely); an in-flight user keeps its memory and the invariant alive."""
+        if roll:
+            return
+        assert self.space.mmget_not_zero()
+        self.space.close()
+        self.closed = True
 
     @rule()
     def toggle_notifier(self) -> None:

@@ -31,6 +31,10 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <linux/membarrier.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <x86intrin.h>
@@ -43,7 +47,7 @@
 #define PROT_W 2
 #define KVM_PAGE 4096u
 
-enum { LOCK_MUTEX = 0, LOCK_RWSEM = 1, LOCK_RCU = 2 };
+enum { LOCK_MUTEX = 0, LOCK_RWSEM = 1, LOCK_RCU = 2, LOCK_SRCU = 3 };
 enum { MM_MMGET_NOT_ZERO = 0, MM_GET_TASK_MM = 1 };
 
 static PyObject *error_type;      /* dmarw.DmaError, set by set_error_type() */
@@ -539,10 +543,22 @@ mutex_lock_nogil(pthread_mutex_t *m)
     Py_END_ALLOW_THREADS
 }
 
-/* 1 if the Python attribute is true, 0 if false, -1 on error. */
+/* 1 if the Python attribute is true, 0 if false, -1 on error.  ``dict`` is the object's
+ * instance dict when known (a plain dict lookup, the common case), else NULL. */
 static int
-attr_true(PyObject *obj, PyObject *name)
+attr_true(PyObject *obj, PyObject *dict, PyObject *name)
 {
+    if (dict != NULL) {
+        PyObject *d = PyDict_GetItemWithError(dict, name);
+        if (d == Py_False)
+            return 0;
+        if (d == Py_True)
+            return 1;
+        if (d != NULL)
+            return PyObject_IsTrue(d);
+        if (PyErr_Occurred())
+            return -1;
+    }
     PyObject *v = PyObject_GetAttr(obj, name);
     if (v == NULL)
         return -1;
@@ -553,15 +569,15 @@ attr_true(PyObject *obj, PyObject *name)
 
 /* mmget_not_zero / get_task_mm on the native count: 1 counted, 0 refused, -1 error. */
 static int
-mm_get(MmRefObject *mm, PyObject *space, int mode, StatClass *task_stat)
+mm_get(MmRefObject *mm, PyObject *space, PyObject *space_dict, int mode, StatClass *task_stat)
 {
     if (mode == MM_GET_TASK_MM) {
         int coll = stats_collecting();
         uint64_t t0 = coll ? now_ns() : 0;
         mutex_lock_nogil(&mm->task_lock);
         uint64_t waited = coll ? now_ns() - t0 : 0;
-        int exited = attr_true(space, str_exited);
-        int kthread = exited == 0 ? attr_true(space, str_kthread) : 0;
+        int exited = attr_true(space, space_dict, str_exited);
+        int kthread = exited == 0 ? attr_true(space, space_dict, str_kthread) : 0;
         int ok = exited == 0 && kthread == 0;
         if (ok)
             __atomic_fetch_add(&mm->users, 1, __ATOMIC_ACQUIRE);
@@ -571,7 +587,7 @@ mm_get(MmRefObject *mm, PyObject *space, int mode, StatClass *task_stat)
             return -1;
         return ok;
     }
-    int exited = attr_true(space, str_exited);
+    int exited = attr_true(space, space_dict, str_exited);
     if (exited != 0)
         return exited < 0 ? -1 : 0;
     __atomic_fetch_add(&mm->users, 1, __ATOMIC_ACQUIRE);
@@ -596,7 +612,9 @@ typedef struct {
     Py_buffer view;  /* export on the region's mmap: keeps the memory mapped */
     Py_buffer bview; /* export on the dirty bitmap's words */
     PyObject *region; /* for the released flag */
+    PyObject *region_dict; /* its instance dict (fast flag reads), or NULL */
     PyObject *space;  /* owner's address space, or NULL (KVM) */
+    PyObject *space_dict; /* its instance dict, or NULL */
     MmRefObject *mm;  /* its native user count, or NULL (KVM) */
 } Entry;
 
@@ -616,7 +634,9 @@ Table_clear_entries(TableObject *t)
         if (e->have_bits)
             PyBuffer_Release(&e->bview);
         Py_XDECREF(e->region);
+        Py_XDECREF(e->region_dict);
         Py_XDECREF(e->space);
+        Py_XDECREF(e->space_dict);
         Py_XDECREF((PyObject *)e->mm);
     }
     PyMem_Free(t->e);
@@ -629,6 +649,22 @@ Table_dealloc(TableObject *self)
 {
     Table_clear_entries(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The object's instance dict (materialised once; later attribute stores land in it), or
+ * NULL when it has none. */
+static PyObject *
+instance_dict(PyObject *obj)
+{
+    if (PyObject_HasAttrString(obj, "__dict__") == 0)
+        return NULL;
+    PyObject *d = PyObject_GenericGetDict(obj, NULL);
+    if (d == NULL || !PyDict_Check(d)) {
+        PyErr_Clear();
+        Py_XDECREF(d);
+        return NULL;
+    }
+    return d;
 }
 
 /* Table(entries): each entry is a tuple
@@ -673,6 +709,7 @@ Table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         e->prot = prot;
         Py_INCREF(region);
         e->region = region;
+        e->region_dict = instance_dict(region);
         if (size == 0 || start + size - 1 < start ||
             (i > 0 && start < t->e[i - 1].start + t->e[i - 1].size)) {
             PyErr_SetString(PyExc_ValueError, "Table: entries must be sorted, non-empty, disjoint");
@@ -685,6 +722,7 @@ Table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
             }
             Py_INCREF(space);
             e->space = space;
+            e->space_dict = instance_dict(space);
             Py_INCREF(mm);
             e->mm = (MmRefObject *)mm;
         }
@@ -752,6 +790,151 @@ table_find(TableObject *t, uint64_t addr)
     return addr - e->start < e->size ? e : NULL;
 }
 
+/* ---- RCU: one process-wide domain, readers as cheap as the kernel's -----------------
+ * A reader stores the grace-period counter it started in into its thread's slot and, on
+ * unlock, stores 0: no atomic read-modify-write, no shared cache line.  A writer, after
+ * publishing, advances the counter, issues membarrier(PRIVATE_EXPEDITED) — a full barrier
+ * on every running thread of the process, so a reader's slot store can no longer hide in
+ * its store buffer — and waits until no slot holds a counter from before the advance
+ * (liburcu's "memb" flavour).  Without membarrier a reader issues a full fence instead.
+ * Slots are never freed (a thread's slot is reused after it exits), so a writer walks the
+ * list without a lock.  Readers nest (a per-slot depth). */
+
+typedef struct RcuSlot {
+    unsigned long ctr; /* 0 outside a read section, else the counter at entry (atomic) */
+    int nest;          /* owner thread only */
+    int owned;         /* under rcu_reg_lock */
+    struct RcuSlot *next;
+} RcuSlot;
+
+static RcuSlot *rcu_slots;           /* list head, pushed under rcu_reg_lock */
+static pthread_mutex_t rcu_reg_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t rcu_gp_lock = PTHREAD_MUTEX_INITIALIZER;
+static unsigned long rcu_gp = 1;     /* grace-period counter (atomic) */
+static pthread_key_t rcu_key;
+static _Thread_local RcuSlot *rcu_my_slot __attribute__((tls_model("initial-exec")));
+static int have_membarrier;
+
+static void
+rcu_thread_exit(void *p)
+{
+    RcuSlot *s = p;
+    __atomic_store_n(&s->ctr, 0, __ATOMIC_RELEASE);
+    pthread_mutex_lock(&rcu_reg_lock);
+    s->nest = 0;
+    s->owned = 0;
+    pthread_mutex_unlock(&rcu_reg_lock);
+}
+
+static void
+rcu_after_fork_child(void)
+{
+    /* only the forking thread exists in the child: every other slot is idle */
+    for (RcuSlot *s = rcu_slots; s != NULL; s = s->next) {
+        if (s != rcu_my_slot) {
+            s->ctr = 0;
+            s->nest = 0;
+            s->owned = 0;
+        }
+    }
+    pthread_mutex_init(&rcu_reg_lock, NULL);
+    pthread_mutex_init(&rcu_gp_lock, NULL);
+    if (have_membarrier &&
+        syscall(__NR_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) != 0)
+        have_membarrier = 0;
+}
+
+static int
+rcu_init(void)
+{
+    if (pthread_key_create(&rcu_key, rcu_thread_exit) != 0)
+        return -1;
+    long q = syscall(__NR_membarrier, MEMBARRIER_CMD_QUERY, 0, 0);
+    have_membarrier = q > 0 && (q & MEMBARRIER_CMD_PRIVATE_EXPEDITED) &&
+                      syscall(__NR_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0;
+    pthread_atfork(NULL, NULL, rcu_after_fork_child);
+    return 0;
+}
+
+static RcuSlot *
+rcu_slot(void)
+{
+    RcuSlot *s = rcu_my_slot;
+    if (s != NULL)
+        return s;
+    pthread_mutex_lock(&rcu_reg_lock); /* held briefly, never across the GIL */
+    for (s = rcu_slots; s != NULL; s = s->next)
+        if (!s->owned)
+            break;
+    if (s == NULL) {
+        s = calloc(1, sizeof *s);
+        if (s == NULL) {
+            pthread_mutex_unlock(&rcu_reg_lock);
+            return NULL;
+        }
+        s->next = rcu_slots;
+        __atomic_store_n(&rcu_slots, s, __ATOMIC_RELEASE);
+    }
+    s->owned = 1;
+    s->nest = 0;
+    pthread_mutex_unlock(&rcu_reg_lock);
+    rcu_my_slot = s;
+    pthread_setspecific(rcu_key, s);
+    return s;
+}
+
+/* 0, or -1 (out of memory: no slot) */
+static inline int
+rcu_read_lock(void)
+{
+    RcuSlot *s = rcu_slot();
+    if (s == NULL)
+        return -1;
+    if (s->nest++ == 0) {
+        __atomic_store_n(&s->ctr, __atomic_load_n(&rcu_gp, __ATOMIC_ACQUIRE), __ATOMIC_RELAXED);
+        if (have_membarrier)
+            __atomic_signal_fence(__ATOMIC_SEQ_CST); /* the writer's membarrier orders us */
+        else
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    }
+    return 0;
+}
+
+static inline void
+rcu_read_unlock(void)
+{
+    RcuSlot *s = rcu_my_slot;
+    if (s != NULL && s->nest > 0 && --s->nest == 0)
+        __atomic_store_n(&s->ctr, 0, __ATOMIC_RELEASE);
+}
+
+/* Wait for every reader that may have seen what was published before the call.
+ * Called with the GIL held; waits without it. */
+static void
+rcu_synchronize(void)
+{
+    mutex_lock_nogil(&rcu_gp_lock);
+    unsigned long old = __atomic_fetch_add(&rcu_gp, 1, __ATOMIC_SEQ_CST);
+    if (have_membarrier)
+        syscall(__NR_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0);
+    else
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    RcuSlot *mine = rcu_my_slot;
+    for (RcuSlot *s = __atomic_load_n(&rcu_slots, __ATOMIC_ACQUIRE); s != NULL; s = s->next) {
+        if (s == mine)
+            continue; /* a writer is never inside its own read section here */
+        for (;;) {
+            unsigned long c = __atomic_load_n(&s->ctr, __ATOMIC_ACQUIRE);
+            if (c == 0 || c > old)
+                break;
+            Py_BEGIN_ALLOW_THREADS
+            sched_yield();
+            Py_END_ALLOW_THREADS
+        }
+    }
+    pthread_mutex_unlock(&rcu_gp_lock);
+}
+
 /* ---- Core: the lock and the current table ----------------------------------------- */
 
 typedef struct {
@@ -789,6 +972,8 @@ Core_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         lk = LOCK_RWSEM;
     else if (strcmp(lock, "rcu") == 0)
         lk = LOCK_RCU;
+    else if (strcmp(lock, "srcu") == 0)
+        lk = LOCK_SRCU;
     else {
         PyErr_Format(PyExc_ValueError, "Core: unknown lock %s", lock);
         return NULL;
@@ -851,8 +1036,10 @@ Core_dealloc(CoreObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Reader side: mutex or rwsem read lock (waiting without the GIL), or an rcu read
- * section (the epoch's reader count).  Returns the token for read_unlock. */
+/* Reader side: mutex or rwsem read lock (waiting without the GIL), an rcu read section
+ * (a store to this thread's slot), or an srcu read section (the epoch's reader count,
+ * a full barrier each way as the kernel's srcu_read_lock/unlock).  Returns the token for
+ * read_unlock. */
 static inline int
 core_read_lock(CoreObject *c)
 {
@@ -869,6 +1056,13 @@ core_read_lock(CoreObject *c)
             Py_BEGIN_ALLOW_THREADS
             pthread_rwlock_rdlock(&c->rwsem);
             Py_END_ALLOW_THREADS
+        }
+        break;
+    case LOCK_RCU:
+        if (rcu_read_lock() < 0) {
+            /* no slot (out of memory): fall back to excluding writers */
+            mutex_lock_nogil(&c->mutex);
+            token = 2;
         }
         break;
     default:
@@ -889,6 +1083,12 @@ core_read_unlock(CoreObject *c, int token)
     case LOCK_RWSEM:
         pthread_rwlock_unlock(&c->rwsem);
         break;
+    case LOCK_RCU:
+        if (token == 2)
+            pthread_mutex_unlock(&c->mutex);
+        else
+            rcu_read_unlock();
+        break;
     default:
         __atomic_fetch_sub(&c->readers[token], 1, __ATOMIC_SEQ_CST);
     }
@@ -907,7 +1107,7 @@ Core_read_release(CoreObject *self, PyObject *token)
     long t = PyLong_AsLong(token);
     if (t == -1 && PyErr_Occurred())
         return NULL;
-    if (t != 0 && t != 1) {
+    if (t < 0 || t > 2) {
         PyErr_SetString(PyExc_ValueError, "read_release: bad token");
         return NULL;
     }
@@ -947,15 +1147,20 @@ Core_write_release(CoreObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* Grace period (rcu only): advance the epoch, then wait until no reader is left in the
- * previous epoch's parity.  Readers increment their count before loading the table
- * (seq_cst), so one that saw the old table is counted and waited for.  Waits without the
- * GIL: a reader in a large copy needs it back to finish. */
+/* Grace period.  rcu: see rcu_synchronize.  srcu: advance the epoch, then wait until no
+ * reader is left in the previous epoch's parity; readers increment their count before
+ * loading the table (seq_cst), so one that saw the old table is counted and waited for.
+ * Waits without the GIL: a reader in a large copy needs it back to finish.  mutex and
+ * rwsem: writers exclude readers, nothing to wait for. */
 static PyObject *
 Core_synchronize(CoreObject *self, PyObject *unused)
 {
     (void)unused;
-    if (self->lock != LOCK_RCU)
+    if (self->lock == LOCK_RCU) {
+        rcu_synchronize();
+        Py_RETURN_NONE;
+    }
+    if (self->lock != LOCK_SRCU)
         Py_RETURN_NONE;
     mutex_lock_nogil(&self->gp_lock);
     unsigned long old = __atomic_fetch_add(&self->epoch, 1, __ATOMIC_SEQ_CST);
@@ -1030,7 +1235,7 @@ chunks_backed(Chunk *ch, Py_ssize_t nch, Entry **gone)
         Entry *e = ch[i].e;
         if (i > 0 && e == ch[i - 1].e)
             continue;
-        int released = e->mem == NULL ? 1 : attr_true(e->region, str_released);
+        int released = e->mem == NULL ? 1 : attr_true(e->region, e->region_dict, str_released);
         if (released != 0) {
             *gone = e;
             return released < 0 ? -1 : 0;
@@ -1136,6 +1341,8 @@ core_dma_rw_locked(CoreObject *c, TableObject *t, uint64_t iova, Py_buffer *v, i
     /* one reference per distinct address space (a handful at most) */
     for (Py_ssize_t i = 0; i < nch; i++) {
         MmRefObject *mm = ch[i].e->mm;
+        if (mm == NULL)
+            continue;
         int seen = 0;
         for (Py_ssize_t j = 0; j < nheld; j++)
             seen |= held[j] == mm;
@@ -1145,7 +1352,7 @@ core_dma_rw_locked(CoreObject *c, TableObject *t, uint64_t iova, Py_buffer *v, i
             PyErr_SetString(PyExc_RuntimeError, "dma_rw: too many address spaces in one access");
             goto out;
         }
-        int got = mm_get(mm, ch[i].e->space, c->mm_mode, &c->task_stat);
+        int got = mm_get(mm, ch[i].e->space, ch[i].e->space_dict, c->mm_mode, &c->task_stat);
         if (got <= 0) {
             if (got == 0)
                 dma_error(EPERM, "dma_rw 0x%llx+0x%llx: the owner's address space has exited",
@@ -1181,10 +1388,35 @@ out:
     return ret;
 }
 
+/* Read side, table reference, the access, unlock: one whole type1 call after the
+ * argument checks. */
+static PyObject *
+core_dma_rw_run(CoreObject *c, uint64_t iova, Py_buffer *v, int write)
+{
+    int token = core_read_lock(c);
+    TableObject *t = __atomic_load_n(&c->table, __ATOMIC_SEQ_CST);
+    Py_INCREF(t);
+    PyObject *ret = core_dma_rw_locked(c, t, iova, v, write);
+    Py_DECREF(t);
+    core_read_unlock(c, token);
+    return ret;
+}
+
+static int
+check_kind(CoreObject *c, int kvm)
+{
+    if (c->kvm == kvm)
+        return 0;
+    PyErr_SetString(PyExc_TypeError, kvm ? "a container core has no guest access" : "a KVM core has no dma_rw");
+    return -1;
+}
+
 /* Core.dma_rw(iova, buf, write): the type1 rules of Container.dma_rw in one call. */
 static PyObject *
 Core_dma_rw(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (check_kind(self, 0) < 0)
+        return NULL;
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "dma_rw(iova, buf, write)");
         return NULL;
@@ -1217,12 +1449,7 @@ Core_dma_rw(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
                   (unsigned long long)iova, (unsigned long long)n);
         goto done;
     }
-    int token = core_read_lock(self);
-    TableObject *t = __atomic_load_n(&self->table, __ATOMIC_SEQ_CST);
-    Py_INCREF(t);
-    ret = core_dma_rw_locked(self, t, iova, &v, write);
-    Py_DECREF(t);
-    core_read_unlock(self, token);
+    ret = core_dma_rw_run(self, iova, &v, write);
 done:
     PyBuffer_Release(&v);
     return ret;
@@ -1252,7 +1479,7 @@ core_guest_locked(CoreObject *c, TableObject *t, uint64_t gpa, char *buf, uint64
                              (unsigned long long)g, (unsigned long long)gpa,
                              (unsigned long long)n);
         if (e != last) {
-            int released = e->mem == NULL ? 1 : attr_true(e->region, str_released);
+            int released = e->mem == NULL ? 1 : attr_true(e->region, e->region_dict, str_released);
             if (released != 0) {
                 if (released > 0)
                     dma_error(EFAULT, "gpa 0x%llx+0x%llx: backing mapping gone",
@@ -1288,12 +1515,21 @@ core_guest_locked(CoreObject *c, TableObject *t, uint64_t gpa, char *buf, uint64
 }
 
 static PyObject *
+core_guest_run(CoreObject *self, uint64_t gpa, int oor, char *buf, uint64_t n, int write);
+
+static PyObject *
 core_guest(CoreObject *self, PyObject *gpa_obj, char *buf, uint64_t n, int write)
 {
     uint64_t gpa;
     int oor;
-    if (parse_addr(gpa_obj, &gpa, &oor) < 0)
+    if (check_kind(self, 1) < 0 || parse_addr(gpa_obj, &gpa, &oor) < 0)
         return NULL;
+    return core_guest_run(self, gpa, oor, buf, n, write);
+}
+
+static PyObject *
+core_guest_run(CoreObject *self, uint64_t gpa, int oor, char *buf, uint64_t n, int write)
+{
     if (oor || past_end(gpa, n)) {
         if (oor)
             return dma_error(EFAULT, "gpa out of range (access of 0x%llx bytes) is outside guest physical space",
@@ -1369,6 +1605,114 @@ Core_write_guest(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
     return r;
 }
 
+/* Core.replay(writes, addrs, sizes, buf) -> (read_cycles, reads, write_cycles, writes):
+ * run a recorded workload (u8 write flags, u64 addresses, u32 sizes, as the lab's Records
+ * arrays) through this core's own path, timing each call with the cycle counter as the
+ * seed did around vfio_dma_rw / kvm_read_guest.  buf is the data source/sink (at least the
+ * largest size).  The first failing access raises. */
+static PyObject *
+Core_replay(CoreObject *self, PyObject *args)
+{
+    PyObject *ow, *oa, *os, *ob;
+    if (!PyArg_ParseTuple(args, "OOOO:replay", &ow, &oa, &os, &ob))
+        return NULL;
+    Py_buffer w, a, sz, b;
+    int got = 0;
+    PyObject *ret = NULL;
+    if (PyObject_GetBuffer(ow, &w, PyBUF_SIMPLE) < 0)
+        return NULL;
+    got = 1;
+    if (PyObject_GetBuffer(oa, &a, PyBUF_SIMPLE) < 0)
+        goto out;
+    got = 2;
+    if (PyObject_GetBuffer(os, &sz, PyBUF_SIMPLE) < 0)
+        goto out;
+    got = 3;
+    if (PyObject_GetBuffer(ob, &b, PyBUF_WRITABLE) < 0)
+        goto out;
+    got = 4;
+    Py_ssize_t n = w.len;
+    if (a.len != 8 * n || sz.len != 4 * n) {
+        PyErr_SetString(PyExc_ValueError, "replay: writes (u8), addrs (u64), sizes (u32) differ in length");
+        goto out;
+    }
+    const uint8_t *wf = (const uint8_t *)w.buf;
+    const uint64_t *ad = (const uint64_t *)a.buf;
+    const uint32_t *si = (const uint32_t *)sz.buf;
+    unsigned long long rc = 0, wc = 0, rn = 0, wn = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if ((Py_ssize_t)si[i] > b.len || si[i] == 0) {
+            PyErr_Format(PyExc_ValueError, "replay: record %zd size %u outside the buffer", i, si[i]);
+            goto out;
+        }
+        Py_buffer one = b;
+        one.len = si[i];
+        uint64_t t0 = read_cycles();
+        PyObject *r = self->kvm ? core_guest_run(self, ad[i], 0, (char *)b.buf, si[i], wf[i])
+                                : core_dma_rw_run(self, ad[i], &one, wf[i]);
+        uint64_t t1 = read_cycles();
+        if (r == NULL)
+            goto out;
+        Py_DECREF(r);
+        if (wf[i]) {
+            wc += t1 - t0;
+            wn++;
+        } else {
+            rc += t1 - t0;
+            rn++;
+        }
+    }
+    ret = Py_BuildValue("(KKKK)", rc, rn, wc, wn);
+out:
+    if (got >= 4)
+        PyBuffer_Release(&b);
+    if (got >= 3)
+        PyBuffer_Release(&sz);
+    if (got >= 2)
+        PyBuffer_Release(&a);
+    PyBuffer_Release(&w);
+    return ret;
+}
+
+/* timer_overhead(samples) -> median cycles of one back-to-back counter pair. */
+static PyObject *
+timer_overhead(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 1 || n > 1000000) {
+        PyErr_SetString(PyExc_ValueError, "samples must be 1..1000000");
+        return NULL;
+    }
+    uint64_t *d = PyMem_Malloc((size_t)n * sizeof(uint64_t));
+    if (d == NULL)
+        return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t t0 = read_cycles();
+        uint64_t t1 = read_cycles();
+        d[i] = t1 - t0;
+    }
+    /* median by counting sort over a small range, else a partial selection */
+    uint64_t lo = d[0];
+    for (Py_ssize_t i = 1; i < n; i++)
+        lo = d[i] < lo ? d[i] : lo;
+    Py_ssize_t counts[1024] = {0};
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t k = d[i] - lo;
+        counts[k < 1023 ? k : 1023]++;
+    }
+    PyMem_Free(d);
+    Py_ssize_t acc = 0, k = 0;
+    for (; k < 1024; k++) {
+        acc += counts[k];
+        if (2 * acc >= n)
+            break;
+    }
+    return PyLong_FromUnsignedLongLong(lo + (uint64_t)k);
+}
+
 static PyObject *
 Core_stats(CoreObject *self, PyObject *unused)
 {
@@ -1402,6 +1746,8 @@ static PyMethodDef Core_methods[] = {
      "read_guest_into(gpa, buf) (KVM rules)"},
     {"write_guest", (PyCFunction)(void (*)(void))Core_write_guest, METH_FASTCALL,
      "write_guest(gpa, data) (KVM rules)"},
+    {"replay", (PyCFunction)Core_replay, METH_VARARGS,
+     "replay(writes, addrs, sizes, buf) -> (read_cycles, reads, write_cycles, writes)"},
     {"set_table", (PyCFunction)Core_set_table, METH_O, "install a Table (write side held)"},
     {"read_acquire", (PyCFunction)Core_read_acquire, METH_NOARGS, "reader side; returns a token"},
     {"read_release", (PyCFunction)Core_read_release, METH_O, "end the reader side"},
@@ -1435,6 +1781,7 @@ static PyMethodDef module_methods[] = {
     {"cycles", cycles, METH_NOARGS, "the cycle counter (rdtsc, or CLOCK_MONOTONIC ns)"},
     {"tsc_hz", tsc_hz, METH_NOARGS, "counter ticks per second (calibrated once)"},
     {"counter_kind", counter_kind, METH_NOARGS, "'rdtsc' or 'clock_monotonic'"},
+    {"timer_overhead", timer_overhead, METH_O, "median cycles of a back-to-back counter pair"},
     {"bitmap_mark", (PyCFunction)(void (*)(void))bitmap_mark, METH_FASTCALL,
      "bitmap_mark(buf, first, last): atomically set bits first..last"},
     {"bitmap_take", (PyCFunction)(void (*)(void))bitmap_take, METH_VARARGS | METH_KEYWORDS,
@@ -1460,6 +1807,10 @@ PyMODINIT_FUNC
 PyInit__native(void)
 {
     use_tsc = cpu_has_invariant_tsc();
+    if (rcu_init() < 0) {
+        PyErr_SetString(PyExc_OSError, "dmarw._native: pthread_key_create failed");
+        return NULL;
+    }
     str_exited = PyUnicode_InternFromString("_exited");
     str_kthread = PyUnicode_InternFromString("kthread");
     str_released = PyUnicode_InternFromString("released");
@@ -1480,7 +1831,8 @@ PyInit__native(void)
     if (PyModule_AddObject(m, "MmRef", (PyObject *)&MmRefType) < 0 ||
         PyModule_AddObject(m, "Table", (PyObject *)&TableType) < 0 ||
         PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0 ||
-        PyModule_AddIntConstant(m, "HAVE_RDTSC", HAVE_RDTSC) < 0) {
+        PyModule_AddIntConstant(m, "HAVE_RDTSC", HAVE_RDTSC) < 0 ||
+        PyModule_AddIntConstant(m, "HAVE_MEMBARRIER", have_membarrier) < 0) {
         Py_DECREF(m);
         return NULL;
     }

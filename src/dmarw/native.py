@@ -187,7 +187,7 @@ class NativeVm(Vm):
         self._py_table: tuple[tuple[Memslot, ...], list[int]] = ((), [])
         super().__init__(space)
         self._core = _native.Core(
-            lock="rcu", kvm=True, shift=PAGE_SHIFT, name="kvm.srcu", read_class=lockstat.lock_class("kvm.srcu")
+            lock="srcu", kvm=True, shift=PAGE_SHIFT, name="kvm.srcu", read_class=lockstat.lock_class("kvm.srcu")
         )
         self.srcu = self._core
         self.read_guest = self._core.read_guest  # type: ignore[method-assign]

@@ -16,7 +16,7 @@ from dmarw.cli import main
 from dmarw.core import native_available, resolve
 from dmarw.migration import dest
 from dmarw.migration.harness import Config, Outcome, SourceGuest, run
-from dmarw.migration.source import MigrationFailed, Source
+from dmarw.migration.source import MigrationFailed, RoundStats, Source
 from dmarw.migration.writers import STAMP_TOP, Writer, Writers
 from dmarw.mm import PAGE_SIZE
 
@@ -174,3 +174,61 @@ def test_cli_ok_and_negative_control(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["migrate", "--ram", "1M", "--no-progress", "--device-bypass"]) == 1
     out = capsys.readouterr().out
     assert "verification: FAILED," in out and "device area" in out and "gpa 0x" in out
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_hammered_small_guest_every_round_races(seed: int) -> None:
+    """1 MiB guest, thousands of writes per MiB, threshold 0: every round copies pages
+    that are being written at that moment, and the round limit ends pre-copy."""
+    o = run(config(seed, ram=1 << 20, vcpu_rate=4096.0, dma_rate=2048.0, threshold=0, max_rounds=6, ops=2000))
+    assert o.ok, o.differing
+    # pinned pages are in every harvest, so a threshold of 0 is never met
+    assert not o.report.converged and len(o.report.rounds) == 7
+    assert all(st.pinned == 16 for st in o.report.rounds[1:])
+
+
+def test_two_memslots_and_an_iova_offset() -> None:
+    """Source over two memslots; the device sees RAM at iova != gpa (translated by hva)."""
+    from dmarw.core import container as make_container
+    from dmarw.core import vm as make_vm
+    from dmarw.migration.writers import fill
+    from dmarw.mm import AddressSpace
+    from dmarw.type1 import Prot
+
+    space = AddressSpace()
+    lo, hi = space.mmap(1 << 20, backing="memfd"), space.mmap(512 << 10, backing="memfd")
+    fill(space, lo, 1 << 20, 9)
+    fill(space, hi, 512 << 10, 9, base_gpa=1 << 32)
+    vm = make_vm(space)
+    vm.set_memslot(0, 0, 1 << 20, lo, dirty_log=True)
+    vm.set_memslot(1, 1 << 32, 512 << 10, hi, dirty_log=True)
+    c = make_container()
+    c.map_dma(0x4000_0000, 1 << 20, lo, space, Prot.READ | Prot.WRITE)
+    c.map_dma(0x8000_0000, 512 << 10, hi, space, Prot.READ | Prot.WRITE)
+    src = Source(vm, c, threshold=0, max_rounds=2)
+    assert src.layout == ((0, 1 << 20), (1 << 32, 512 << 10))
+    proc, sock = dest.start(PAGE_SIZE, src.layout)
+    writes = iter(range(1, 1000))
+
+    def between_rounds(st: RoundStats) -> None:  # device and vCPU writes after each round
+        if st.final:  # the guest is paused from then on
+            return
+        n = next(writes)
+        c.dma_write(0x8000_0000 + 0x3000 + n * 8, n.to_bytes(8, "little"))  # gpa 2**32 + 0x3000
+        vm.write_guest(0x7000 + n * 8, n.to_bytes(8, "little"))
+
+    try:
+        rep = src.migrate(sock, lambda: None, on_round_end=between_rounds)
+        tag, theirs = dest.recv_msg(sock)
+    finally:
+        sock.close()
+        proc.join()
+    assert tag == b"HASH"
+    assert rep.rounds[1].vfio >= 1 and rep.rounds[1].kvm >= 1
+    from dmarw.migration.source import differing_pages
+
+    assert differing_pages(src.digests(), theirs, src.layout, PAGE_SIZE, dest.DIGEST_SIZE) == []
+    c.unmap_dma(0x4000_0000, 1 << 20)
+    c.unmap_dma(0x8000_0000, 512 << 10)
+    vm.close()
+    space.close()

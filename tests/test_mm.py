@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import errno
 import mmap
 import os
@@ -48,6 +49,17 @@ def test_mmap_returns_page_aligned_zeroed_memory(backing: str) -> None:
     space.write(hva + P - 2, b"wxyz")  # crosses a page boundary
     assert space.read(hva + P - 2, 4) == b"wxyz"
     assert space.read(hva, 3 * P).count(0) == 3 * P - 4
+
+
+def test_write_takes_any_buffer() -> None:
+    space = AddressSpace()
+    hva = space.mmap(P)
+    words = array.array("I", [0x11223344, 0x55667788])
+    space.write(hva + 8, words)  # counted in bytes, not items
+    assert space.read(hva + 8, 8) == words.tobytes()
+    space.write(hva, memoryview(b"view"))
+    space.write(hva + 4, bytearray(b"ba"))
+    assert space.read(hva, 6) == b"viewba"
 
 
 def test_two_mappings_are_distinct() -> None:

@@ -211,9 +211,12 @@ class AddressSpace:
             raise fail(errno.EFAULT, f"hva {rng(hva, n)}: mapping gone") from e
 
     def write(self, hva: int, data: bytes | bytearray | memoryview) -> None:
-        n = len(data)
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")  # count bytes, not items, for any buffer
+        n = mv.nbytes
         r, off = self.region(hva, n)
         try:
-            r.map[off : off + n] = data
+            r.map[off : off + n] = mv
         except ValueError as e:
             raise fail(errno.EFAULT, f"hva {rng(hva, n)}: mapping gone") from e

@@ -113,8 +113,8 @@ def run_bench(args: argparse.Namespace) -> int:
                   f"{r.write_cycles:,.0f}", f"{r.avg_cycles:,.0f}", inc, f"{r.reads:,}", f"{r.writes:,}")
     con.print(t)
     r = results[args.path]
-    lt = Table(title=f"locks on {args.path} (lock-statistics pass; uncontended mutex {r.uncontended_mutex_cycles:,.0f} cycles)",
-               title_justify="left")
+    lt = Table(title=f"locks on {args.path}", caption=f"lock-statistics pass; uncontended mutex "
+               f"{r.uncontended_mutex_cycles:,.0f} cycles", title_justify="left", caption_justify="left")
     for c in ("lock", "per op", "avg ns", "avg cyc"):
         lt.add_column(c, justify="left" if c == "lock" else "right")
     for row in r.locks:
@@ -136,7 +136,7 @@ def run_workload(args: argparse.Namespace) -> int:
         Console(stderr=True).print(f"[red]dmarw workload: {e}[/]")
         return 1
     c = w.counts()
-    Console().print(
+    _console().print(
         f"wrote {args.output}: {c['ops']:,} ops ({c['reads']:,} reads, {c['page_reads']:,} of them whole pages; "
         f"{c['writes']:,} writes), profile {w.profile}, seed {w.seed}, guest RAM {w.ram_size:#x}"
     )

@@ -110,7 +110,7 @@ def plot(doc: dict[str, Any], path: str) -> None:
         a8.axvline(seed_x, color=SEED_COLOUR, linestyle="--", linewidth=0.8,
                    label=f"seed crossover ~{doc['seed']['sweep_crossover_pages']} pages")
         a8.set_xscale("log", base=2)
-        ticks = [x for x in sizes if x in (1, 64, 512, 4096, 4 * 4096, 8 * 4096, 20 * 4096)]
+        ticks = [x for x in sizes if x in (1, 64, 512, 4096, 4 * 4096, 20 * 4096)]
         a8.set_xticks(ticks)
         a8.set_xticklabels([f"{x} B" if x < 4096 else f"{x // 4096} pg" for x in ticks])
         a8.minorticks_off()

@@ -8,7 +8,9 @@ import mmap
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,7 +19,7 @@ from dmarw import PAGE_SIZE, AddressSpace, DmaError, Vm
 P = PAGE_SIZE
 
 
-def _raises(err: int, fn, *args, **kwargs) -> DmaError:  # type: ignore[no-untyped-def]
+def _raises(err: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> DmaError:
     with pytest.raises(DmaError) as info:
         fn(*args, **kwargs)
     assert info.value.errno == err, info.value

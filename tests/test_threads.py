@@ -17,7 +17,7 @@ import errno
 import random
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import pytest
@@ -39,7 +39,7 @@ def fine_switching() -> Iterator[None]:
         sys.setswitchinterval(old)
 
 
-def _start(targets: list[Callable[[], None]]) -> list[threading.Thread]:
+def _start(targets: Sequence[Callable[[], None]]) -> list[threading.Thread]:
     threads = [threading.Thread(target=t, daemon=True) for t in targets]
     for t in threads:
         t.start()
@@ -121,7 +121,7 @@ class Round:
             assert isinstance(out, tuple)
             total, bitmap = out
         else:
-            total = out  # type: ignore[assignment]
+            total = out
         assert total == self.size
         return bitmap
 
@@ -210,7 +210,7 @@ def test_no_dirty_bit_lost_to_concurrent_gets(lock: str) -> None:
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    writers = _start([lambda k=k: writer(k) for k in range(nwriters)])
+    writers = _start([partial(writer, k) for k in range(nwriters)])
     others = _start([getter, getter, churn])
     for t in writers:
         t.join()

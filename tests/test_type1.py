@@ -35,7 +35,7 @@ class Env:
     spaces: list[AddressSpace] = field(default_factory=list)
 
     def state(self) -> tuple[object, ...]:
-        mem = []
+        mem: list[tuple[int, bytes]] = []
         for s in [self.space, *self.spaces]:
             if not s.released:
                 mem.extend((r.hva, s.read(r.hva, r.size)) for r in s.regions())
@@ -242,7 +242,7 @@ def test_unmap_with_dirty_bitmap(env: Env) -> None:
     c.dirty_pages_start()
     c.dma_write(3 * P + 5, b"a")  # page 1 of the range below
     c.dma_write(8 * P - 1, b"bc")  # pages 5 and 6
-    got, bitmap = c.unmap_dma(P, 9 * P, get_dirty_bitmap=True)  # type: ignore[misc]
+    got, bitmap = c.unmap_dma(P, 9 * P, get_dirty_bitmap=True)
     assert got == 5 * P
     assert len(bitmap) == 8
     assert bitmap_pages(bitmap) == [2, 6, 7]
@@ -663,6 +663,6 @@ def test_unmap_with_bitmap_after_notifier_unpins(env: Env) -> None:
     c.dirty_pages_start()
     c.pin_pages(2 * P, 1, RW)
     c.dma_write(0, b"w")
-    total, bm = c.unmap_dma(0, 4 * P, get_dirty_bitmap=True)  # type: ignore[misc]
+    total, bm = c.unmap_dma(0, 4 * P, get_dirty_bitmap=True)
     assert total == 4 * P
     assert bitmap_pages(bm) == [0, 2]

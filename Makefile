@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean asan
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,3 +34,24 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
+
+# The native core built with AddressSanitizer + UndefinedBehaviorSanitizer, in its own
+# directory (the in-place build is untouched), and the native suite run against it with
+# the sanitizer runtimes preloaded.  Any report fails the target.
+ASAN_DIR := build/asan
+ASAN_RT = $(shell gcc -print-file-name=libasan.so):$(shell gcc -print-file-name=libubsan.so)
+asan: $(TEST_STAMP)
+	rm -rf $(ASAN_DIR)
+	mkdir -p $(ASAN_DIR)
+	cp -r src/dmarw $(ASAN_DIR)/dmarw
+	rm -f $(ASAN_DIR)/dmarw/*.so
+	DMARW_SANITIZE=1 $(BIN)/python setup.py -q build_ext --build-temp $(ASAN_DIR)/tmp --build-lib $(ASAN_DIR) 2>&1 | grep -v -i deprecat || true
+	test -n "$$(ls $(ASAN_DIR)/dmarw/_native*.so)"
+	LD_PRELOAD="$(ASAN_RT)" PYTHONPATH=$(ASAN_DIR) PYTHONMALLOC=malloc \
+	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
+	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  $(BIN)/python -c "import dmarw._native as n, sys; assert '$(ASAN_DIR)' in n.__file__, n.__file__; print('sanitized build:', n.__file__)"
+	LD_PRELOAD="$(ASAN_RT)" PYTHONPATH=$(ASAN_DIR) PYTHONMALLOC=malloc \
+	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
+	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_native.py

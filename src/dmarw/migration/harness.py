@@ -64,8 +64,8 @@ class Config:
     core: str | None = None  # "python" or "native"; None: dmarw.core's default selection
 
     def check(self) -> None:
-        if self.ram % PAGE_SIZE or self.ram < 256 * 1024:
-            raise DmaError(errno.EINVAL, f"--ram {self.ram:#x} must be a multiple of 4096 and >= 256 KiB")
+        if self.ram % PAGE_SIZE or self.ram < 1 << 20:  # each writer's area >= 64 KiB
+            raise DmaError(errno.EINVAL, f"--ram {self.ram:#x} must be a multiple of 4096 and >= 1 MiB")
         if not 0 <= self.pinned <= min(512, self.ram // PAGE_SIZE // 8):
             raise DmaError(errno.EINVAL, f"--pinned {self.pinned} must be in 0..{min(512, self.ram // PAGE_SIZE // 8)}")
         if self.vcpu_rate < 0 or self.dma_rate < 0:

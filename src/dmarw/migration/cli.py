@@ -110,6 +110,11 @@ def _run(args: argparse.Namespace) -> int:
     con = Console(soft_wrap=True)
     if not con.is_terminal:  # a pipe or a file: keep the table's numbers whole
         con = Console(soft_wrap=True, width=max(con.width, 120))
+    try:
+        cfg.check()
+    except DmaError as e:
+        con.print(f"[red]dmarw migrate[/]: {e}")
+        return 2
     mode = "device writes bypass dma_rw (raw hva)" if cfg.device_bypass else "device writes via dma_rw"
     if cfg.no_vfio_log:
         mode += "; the container's dirty bitmap is ignored"

@@ -253,3 +253,18 @@ def test_closed_vm_has_no_slots(vm: Vm, space: AddressSpace) -> None:
     assert info.value.errno == errno.EFAULT
     with pytest.raises(DmaError):
         vm.set_memslot(1, P, P, hva)
+
+
+def test_host_munmap_under_a_slot_is_efault_and_moves_no_byte(vm: Vm, space: AddressSpace) -> None:
+    live = space.mmap(P)
+    gone = space.mmap(P)
+    space.write(live, _pattern(P))
+    vm.set_memslot(0, 0, P, live, dirty_log=True)
+    vm.set_memslot(1, P, P, gone, dirty_log=True)
+    space.munmap(gone, P)
+    _fails(vm, errno.EFAULT, vm.write_guest, P - 4, b"12345678")  # the live page must not move
+    buf = bytearray(b"\x55" * 16)
+    _fails(vm, errno.EFAULT, vm.read_guest_into, P - 8, buf)
+    assert buf == b"\x55" * 16
+    assert vm.get_dirty_log(0) == bytes(8)
+    assert vm.read_guest(0, 8) == _pattern(8)

@@ -666,3 +666,21 @@ def test_unmap_with_bitmap_after_notifier_unpins(env: Env) -> None:
     total, bm = c.unmap_dma(0, 4 * P, get_dirty_bitmap=True)
     assert total == 4 * P
     assert bitmap_pages(bm) == [0, 2]
+
+
+def test_host_munmap_under_a_mapping_is_efault_and_moves_no_byte(env: Env) -> None:
+    """The VMM munmaps memory still mapped for DMA: access faults, and nothing moves."""
+    c, h = env.c, env.hva
+    gone = env.space.mmap(2 * P)
+    c.map_dma(0, 2 * P, h, env.space)
+    c.map_dma(2 * P, 2 * P, gone, env.space)
+    c.dirty_pages_start()
+    env.space.munmap(gone, 2 * P)
+    env.fails(errno.EFAULT, c.dma_write, 2 * P + 8, b"x")  # only the gone mapping
+    env.fails(errno.EFAULT, c.dma_write, P, b"y" * 2 * P)  # the first chunk must not move
+    buf = bytearray(b"\x77" * 2 * P)
+    env.fails(errno.EFAULT, c.dma_rw, P, buf, False)
+    assert buf == b"\x77" * 2 * P
+    assert env.dirty(0, 4 * P) == []
+    assert c.dma_read(0, 8) == _pattern(8)  # the live mapping still works
+    assert c.unmap_dma(0, 4 * P) == 4 * P

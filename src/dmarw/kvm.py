@@ -132,14 +132,19 @@ class Vm:
         table = self._table
         out = []
         pos = 0
+        prev: Memslot | None = None
         while pos < n:
             g = gpa + pos
             seg = min(n - pos, PAGE_SIZE - (g & _PAGE_MASK))
             s = self._find(table, g)
             if s is None:
                 raise fail(errno.EFAULT, f"gpa {g:#x} (access {rng(gpa, n)}): no memslot")
-            if write and s.readonly:
-                raise fail(errno.EFAULT, f"gpa {g:#x} (access {rng(gpa, n)}): slot {s.slot} is read-only")
+            if s is not prev:  # once per slot: a slot whose host memory is gone faults up front
+                if write and s.readonly:
+                    raise fail(errno.EFAULT, f"gpa {g:#x} (access {rng(gpa, n)}): slot {s.slot} is read-only")
+                if s.region.released:
+                    raise fail(errno.EFAULT, f"gpa {g:#x} (access {rng(gpa, n)}): slot {s.slot} host memory is gone")
+                prev = s
             out.append((s, g - s.gpa, seg))
             pos += seg
         return out

@@ -323,6 +323,9 @@ class Container:
                     if not self._mmget(d.space):
                         raise fail(errno.EPERM, f"dma_rw {rng(iova, n)}: the owner's address space has exited")
                     spaces.append(d.space)
+            for d, _, _ in chunks:  # host memory munmapped under a mapping: fault before copying
+                if d.region.released:
+                    raise fail(errno.EFAULT, f"dma_rw {rng(iova, n)}: host memory of mapping {rng(d.iova, d.size)} is gone")
             pos = 0
             try:
                 for d, off, seg in chunks:

@@ -566,8 +566,15 @@ def conclusions(res: Results) -> list[Verdict]:
         gl1, gl2 = lk(m1, "vfio.group_lock"), lk(m2, "vfio.group_lock")
         if _need(im1, im2, s1, s2, gl1, gl2):
             ri, rs, rg = im2 / im1, s2 / s1, gl2 / gl1  # type: ignore[operator]
-            holds = ri >= 1.0 and rs >= 1.0 and ri <= 2.0 and rs <= 2.0
-            why = "" if holds else "; per-VM locks are private to each VM process here, so only shared-machine effects move them"
+            rose = max(ri, rs)
+            holds = 1.0 + NOISE < rose <= 2.0
+            if holds:
+                why = ""
+            elif rose <= 1.0 + NOISE:
+                why = ("; the iommu lock and kvm->srcu are private to each VM process here (as each VM's container "
+                       "and kvm are), so a second VM does not touch them; only the shared vfio.group_lock rises")
+            else:
+                why = "; they rose by more than 2×: the shared host, not the locks, dominates"
             out.append(Verdict("C6", claim, holds,
                                f"ours iommu lock ×{ri:.2f}, kvm->srcu ×{rs:.2f}; the one lock the VMs share, "
                                f"vfio.group_lock, ×{rg:.2f} ({lockstat.ns_to_cycles(gl1 or 0):,.0f}→{lockstat.ns_to_cycles(gl2 or 0):,.0f} cycles){why}"))
@@ -683,8 +690,19 @@ def conclusions(res: Results) -> list[Verdict]:
     claim = "beyond the seed: lock-free (RCU) readers beat the mutex external user"
     if r1 and g1:
         d = (r1.avg_ns / g1.avg_ns - 1) * 100
-        why = "" if d < -NOISE * 100 else (f"; not beyond {NOISE:.0%} noise: with one reader per container there is no "
-                                           "contention to remove, and our RCU read side costs about what an uncontended mutex does")
+        rl, ml = r1.lock("iommu.rcu"), g1.lock("iommu.lock")
+        locks = (f" (read side {rl['avg_ns']:.0f} ns vs mutex {ml['avg_ns']:.0f} ns)" if rl and ml else "")
+        if d < -NOISE * 100:
+            why = ""
+        elif d <= NOISE * 100:
+            why = (f"; not beyond {NOISE:.0%} noise: with one reader per container there is no contention for RCU "
+                   f"to remove{locks}")
+        elif rl and ml and rl["avg_ns"] > 1.1 * ml["avg_ns"]:
+            why = (f"; slower here: with one reader per container there is no contention to remove, and the RCU "
+                   f"read side costs more than an uncontended mutex{locks}")
+        else:
+            why = (f"; slower here, but not in the lock{locks}: with one reader per container there is no "
+                   "contention to remove, and the rest of the gap is the shared host's drift")
         out.append(Verdict("X1", claim, d < -NOISE * 100, f"ours rcu {r1.avg_cycles:,.0f} vs mutex+mmget {g1.avg_cycles:,.0f} cycles ({d:+.1f}%){why}"))
     return out
 

@@ -683,4 +683,7 @@ def test_host_munmap_under_a_mapping_is_efault_and_moves_no_byte(env: Env) -> No
     assert buf == b"\x77" * 2 * P
     assert env.dirty(0, 4 * P) == []
     assert c.dma_read(0, 8) == _pattern(8)  # the live mapping still works
+    _notifier(env)
+    env.fails(errno.EFAULT, c.pin_pages, P, 2, Prot.READ)  # nothing pinned, not even page 1
+    assert c.pin_pages(P, 1, Prot.READ) == [h + P]
     assert c.unmap_dma(0, 4 * P) == 4 * P

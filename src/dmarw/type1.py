@@ -454,6 +454,9 @@ class Container:
                         if not self._mmget(d.space):
                             raise fail(errno.EPERM, f"pin_pages {rng(iova, size)}: the owner has exited")
                         spaces.append(d.space)
+                for d, _ in pages:  # get_user_pages on memory the VMM munmapped: EFAULT
+                    if d.region.released:
+                        raise fail(errno.EFAULT, f"pin_pages {rng(iova, size)}: host memory of mapping {rng(d.iova, d.size)} is gone")
             finally:
                 for s in spaces:
                     s.mmput()

@@ -53,6 +53,7 @@ def add_reproduce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=PROFILES, default="glmark2", help="built-in workload profile")
     p.add_argument("--trace", metavar="FILE", help="replay this trace file in every VM instead of a profile")
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the access-size sweep (8)")
+    p.add_argument("--rounds", type=_positive, help="round-robin rounds per configuration (default 8; quick 4)")
     p.add_argument("--json", metavar="FILE", help="write every number, the machine and the workload (docs/lab.md)")
     p.add_argument("--plot", metavar="FILE.png", help="bar charts, ours vs the seed, per table")
     p.add_argument("--core", choices=("python", "native"), help="dmarw core (default: native when built; $DMARW_CORE)")
@@ -60,7 +61,8 @@ def add_reproduce_args(p: argparse.ArgumentParser) -> None:
 
 def run_reproduce(args: argparse.Namespace) -> int:
     opts = R.Options(quick=args.quick, ops=args.ops, seed=args.seed, paths=args.paths, vms=args.vms,
-                     profile=args.profile, trace=args.trace, sweep=args.sweep, core=args.core)
+                     profile=args.profile, trace=args.trace, sweep=args.sweep, core=args.core,
+                     rounds=args.rounds)
     try:
         R.reproduce(opts, args.json, args.plot, _console())
     except (DmaError, ValueError, RuntimeError, ImportError) as e:

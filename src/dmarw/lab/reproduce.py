@@ -194,7 +194,12 @@ def measure(opts: Options, console: Console | None = None) -> Results:
             bar.advance(overall)
             return out
 
-        full = {key: workloads_for(opts, v, seed) for key, _p, v, seed in configs}
+        drawn: dict[tuple[int, int], list[Workload]] = {}  # (VMs, seed) -> workloads, drawn once
+        full: dict[str, list[Workload]] = {}
+        for key, _p, v, seed in configs:
+            if (v, seed) not in drawn:
+                drawn[(v, seed)] = workloads_for(opts, v, seed)
+            full[key] = drawn[(v, seed)]
         raw: dict[str, list[dict[str, Any]]] = {key: [] for key, *_ in configs}
         for v in opts.vms:
             for k in range(rounds):

@@ -382,6 +382,7 @@ def run_raw(
             target=_vm_main,
             args=(path, i, wl, lock_ops, warmup, group_lock, barrier, progress, child_end, core),
             name=f"dmarw-lab-vm{i}",
+            daemon=True,  # never outlive an interrupted parent
         )
         p.start()
         child_end.close()
@@ -568,6 +569,7 @@ def sweep(
         target=_sweep_main,
         args=(vfio_path, ram_size, tuple(sizes), reps, seed, progress, child_end, core),
         name="dmarw-lab-sweep",
+        daemon=True,
     )
     p.start()
     child_end.close()

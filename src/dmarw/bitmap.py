@@ -84,11 +84,10 @@ def set_bits(out: bytearray, pages: Iterable[int], base: int = 0) -> None:
 
 
 def from_bytes(bitmap: bytes) -> list[int]:
-    """Decode a bitmap to the sorted list of set bit indices."""
-    value = int.from_bytes(bitmap, "little")
+    """Decode a bitmap to the sorted list of set bit indices (zero bytes skipped: linear)."""
     out = []
-    while value:
-        low = value & -value
-        out.append(low.bit_length() - 1)
-        value ^= low
+    for i, byte in enumerate(bitmap):
+        if byte:
+            base = i << 3
+            out.extend(base + bit for bit in range(8) if byte >> bit & 1)
     return out

@@ -14,6 +14,7 @@ switch interval is shortened while the threads run so that they interleave finel
 from __future__ import annotations
 
 import errno
+import gc
 import random
 import sys
 import threading
@@ -23,6 +24,7 @@ from functools import partial
 import pytest
 
 from dmarw import AddressSpace, Container, DmaError, Prot, Vm, bitmap_pages
+from dmarw.locks import Rcu
 
 P = 4096
 LOCKS = ["mutex", "rwsem", "rcu"]
@@ -464,3 +466,26 @@ def test_no_guest_write_lands_after_set_memslot_returns(move: bool) -> None:
         space.munmap(r.old, 2 * P)
         space.munmap(r.new, 2 * P)
     vm.close()
+
+
+def test_rcu_forgets_readers_of_exited_threads() -> None:
+    """Each thread's reader record dies with the thread: synchronize() scans live ones only."""
+    rcu = Rcu("test.rcu")
+
+    def read_once() -> None:
+        rcu.read_unlock(rcu.read_lock())
+
+    for _ in range(40):
+        t = threading.Thread(target=read_once)
+        t.start()
+        t.join()
+    gc.collect()
+    assert len(rcu._readers) == 0  # white-box: the registry the grace period scans
+    rec = rcu.read_lock()  # a live reader is still waited for
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (rcu.synchronize(), done.set()))
+    t.start()
+    assert not done.is_set()  # cannot finish while this reader is inside
+    rcu.read_unlock(rec)
+    t.join()
+    assert done.is_set()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from typing import Any, Protocol
 
 from . import lockstat
@@ -114,7 +115,7 @@ class RwSem:
 
 
 class _Reader:
-    __slots__ = ("ctr",)
+    __slots__ = ("ctr", "__weakref__")
 
     def __init__(self) -> None:
         self.ctr = 0
@@ -137,14 +138,16 @@ class Rcu:
         self._count = self._cls._count
         self._gp = 1
         self._local = threading.local()
-        self._readers: list[_Reader] = []
+        # weak: a record lives as long as its thread's local, so exited threads drop out and
+        # synchronize() scans only live readers (a list grew by one per thread ever seen)
+        self._readers: weakref.WeakSet[_Reader] = weakref.WeakSet()
         self._registry_lock = threading.Lock()
         self._gp_lock = threading.Lock()
 
     def _record(self) -> _Reader:
         rec = _Reader()
         with self._registry_lock:
-            self._readers.append(rec)
+            self._readers.add(rec)
         self._local.rec = rec
         return rec
 

@@ -85,7 +85,7 @@ def set_bits(out: bytearray, pages: Iterable[int], base: int = 0) -> None:
 
 def from_bytes(bitmap: bytes) -> list[int]:
     """Decode a bitmap to the sorted list of set bit indices (zero bytes skipped: linear)."""
-    out = []
+    out: list[int] = []
     for i, byte in enumerate(bitmap):
         if byte:
             base = i << 3

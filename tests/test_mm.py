@@ -6,6 +6,7 @@ import array
 import errno
 import mmap
 import os
+import pickle
 import sys
 import threading
 from collections.abc import Callable
@@ -29,6 +30,18 @@ def _raises(err: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> DmaE
 
 def _memory(space: AddressSpace) -> list[tuple[int, bytes]]:
     return [(r.hva, space.read(r.hva, r.size)) for r in space.regions()]
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def test_dma_error_is_an_oserror_with_the_errno_and_survives_pickling() -> None:
+    e = DmaError(errno.EFAULT, "hva 0x1000+0x10 is not mapped")
+    assert isinstance(e, OSError) and e.errno == errno.EFAULT
+    assert "0x1000" in str(e) and os.strerror(errno.EFAULT) in str(e)
+    f = pickle.loads(pickle.dumps(e))
+    assert type(f) is DmaError
+    assert (f.errno, f.detail, f.args, str(f)) == (e.errno, e.detail, e.args, str(e))
 
 
 # -- mmap sizes and backings ----------------------------------------------------------------

@@ -19,6 +19,11 @@ class DmaError(OSError):
     def __str__(self) -> str:  # "[Errno 22] EINVAL: ..." reads better than the default
         return f"[Errno {self.errno}] {os.strerror(self.errno or 0)}: {self.detail}"
 
+    def __reduce__(self) -> tuple[type[DmaError], tuple[int, str]]:
+        """Pickle as the constructor's arguments (errors cross process boundaries in the lab);
+        the default would rebuild from ``args`` and prefix the errno name twice."""
+        return (type(self), (self.errno or 0, self.detail))
+
 
 def fail(err: int, message: str) -> DmaError:
     """Build the error to raise: ``raise fail(EINVAL, f"iova {iova:#x} ...")``."""

@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -865,9 +866,14 @@ def reproduce(
     """Measure, print, and write the JSON and PNG; returns the JSON document."""
     con = console or Console()
     progress_con = Console(stderr=True)
+    t0 = time.perf_counter()
     res = measure(opts, progress_con)
+    elapsed = time.perf_counter() - t0
     tabs, verdicts = report(res, con)
+    con.print(f"measured in {elapsed:.1f} s ({len(res.runs) + (res.repeat is not None)} configurations × "
+              f"{opts.n_rounds()} rounds{', + the size sweep' if res.sweep else ''})")
     doc = to_json(res, tabs, verdicts)
+    doc["elapsed_s"] = elapsed
     problems = validate(doc)
     if problems:
         raise RuntimeError("results do not match the schema: " + "; ".join(problems))

@@ -24,7 +24,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from dmarw import AddressSpace, Container, DmaError, Prot, bitmap_pages
+from dmarw import AddressSpace, Container, DmaError, Prot, Vm, bitmap_pages
 
 P = 4096
 IOVA_PAGES = 12  # the iova window the machine plays in
@@ -368,6 +368,152 @@ class CoreMachine(RuleBasedStateMachine):
         assert self.space.read(self.hva, HOST_PAGES * P) == self.host
 
 
+@dataclass(frozen=True)
+class S:
+    """A model memslot."""
+
+    gpa: int
+    size: int
+    hpage: int
+    readonly: bool
+    log: bool
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class VmMachine(RuleBasedStateMachine):
+    """The KVM path against the same kind of model: slots, host bytes, per-slot dirty pages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.space = AddressSpace()
+        self.hva = self.space.mmap(HOST_PAGES * P)
+        self.vm = Vm(self.space)
+        self.slots: dict[int, S] = {}
+        self.host = bytearray(HOST_PAGES * P)
+        self.dirty: dict[int, set[int]] = {}  # slot -> page indices within the slot
+
+    def teardown(self) -> None:
+        self.vm.close()
+        self.space.close()
+
+    def find(self, gpa: int) -> tuple[int, S] | None:
+        for k, sl in self.slots.items():
+            if sl.gpa <= gpa < sl.end:
+                return k, sl
+        return None
+
+    @initialize()
+    def some_slots(self) -> None:
+        pattern = bytes((i * 13) & 0xFF for i in range(HOST_PAGES * P))
+        self.space.write(self.hva, pattern)
+        self.host[:] = pattern
+        for k, (gpage, npages, hpage, ro, log) in enumerate([(0, 3, 0, False, True), (3, 2, 5, True, True), (6, 3, 2, False, False)]):
+            self.vm.set_memslot(k, gpage * P, npages * P, self.hva + hpage * P, readonly=ro, dirty_log=log)
+            self.slots[k] = S(gpage * P, npages * P, hpage, ro, log)
+            self.dirty[k] = set()
+
+    @rule(
+        slot=st.integers(0, 3),
+        gpage=st.integers(0, IOVA_PAGES - 1),
+        npages=st.integers(0, 4),
+        hpage=st.integers(0, HOST_PAGES - 1),
+        readonly=st.booleans(),
+        log=st.booleans(),
+    )
+    def set_memslot(self, slot: int, gpage: int, npages: int, hpage: int, readonly: bool, log: bool) -> None:
+        gpa, size = gpage * P, npages * P
+        got = _run(self.vm.set_memslot, slot, gpa, size, self.hva + hpage * P, readonly=readonly, dirty_log=log)
+        want: Outcome
+        others = {k: sl for k, sl in self.slots.items() if k != slot}
+        if size == 0:
+            if slot in self.slots:
+                want = ("ok", None)
+                del self.slots[slot]
+                del self.dirty[slot]
+            else:
+                want = ("err", errno.EINVAL)
+        elif any(sl.gpa < gpa + size and gpa < sl.end for sl in others.values()):
+            want = ("err", errno.EEXIST)
+        elif hpage + npages > HOST_PAGES:
+            want = ("err", errno.EFAULT)
+        else:
+            want = ("ok", None)
+            self.slots[slot] = S(gpa, size, hpage, readonly, log)
+            self.dirty[slot] = set()
+        assert got == want, f"vm {got!r} != model {want!r}"
+
+    def _walk(self, gpa: int, n: int, write: bool) -> list[tuple[int, S, int, int]] | None:
+        out = []
+        pos = 0
+        while pos < n:
+            g = gpa + pos
+            seg = min(n - pos, P - g % P)
+            found = self.find(g)
+            if found is None or (write and found[1].readonly):
+                return None
+            out.append((found[0], found[1], g - found[1].gpa, seg))
+            pos += seg
+        return out
+
+    @rule(
+        gpage=st.integers(0, IOVA_PAGES - 1),
+        off=st.sampled_from([0, 1, P // 2, P - 2, P - 1]),
+        n=st.sampled_from([1, 2, 5, P - 1, P, P + 1, 2 * P + 3]),
+        write=st.booleans(),
+        seed=st.integers(0, 255),
+    )
+    def guest_access(self, gpage: int, off: int, n: int, write: bool, seed: int) -> None:
+        gpa = gpage * P + off
+        pages = self._walk(gpa, n, write)
+        if write:
+            data = bytes((seed + i * 5) & 0xFF for i in range(n))
+            got = _run(self.vm.write_guest, gpa, data)
+            if pages is None:
+                assert got == ("err", errno.EFAULT)
+                return
+            assert got == ("ok", None)
+            pos = 0
+            for k, sl, o, seg in pages:
+                h = sl.hpage * P + o
+                self.host[h : h + seg] = data[pos : pos + seg]
+                if sl.log:
+                    self.dirty[k].add(o // P)
+                pos += seg
+        else:
+            buf = bytearray(b"\xa5" * n)
+            got = _run(self.vm.read_guest_into, gpa, buf)
+            if pages is None:
+                assert got == ("err", errno.EFAULT)
+                assert buf == b"\xa5" * n
+                return
+            assert got == ("ok", None)
+            want = b"".join(bytes(self.host[sl.hpage * P + o : sl.hpage * P + o + seg]) for _, sl, o, seg in pages)
+            assert buf == want
+
+    @rule(slot=st.integers(0, 3))
+    def get_dirty_log(self, slot: int) -> None:
+        got = _run(self.vm.get_dirty_log, slot)
+        if slot not in self.slots:
+            assert got == ("err", errno.EINVAL)
+        elif not self.slots[slot].log:
+            assert got == ("err", errno.ENXIO)
+        else:
+            npages = self.slots[slot].size // P
+            assert got[0] == "ok" and len(got[1]) == (npages + 63) // 64 * 8
+            assert bitmap_pages(got[1]) == sorted(self.dirty[slot])
+            self.dirty[slot] = set()
+
+    @invariant()
+    def same_state(self) -> None:
+        want = sorted((sl.gpa, k, sl.size, self.hva + sl.hpage * P, sl.readonly, sl.log) for k, sl in self.slots.items())
+        got = [(m.gpa, m.slot, m.size, m.hva, m.readonly, m.dirty.tracking) for m in self.vm.memslots()]
+        assert got == want
+        assert self.space.read(self.hva, HOST_PAGES * P) == self.host
+
+
 SETTINGS = settings(
     max_examples=60,
     stateful_step_count=50,
@@ -395,3 +541,5 @@ TestModelRwsem = RwsemMachine.TestCase
 TestModelRwsem.settings = SETTINGS
 TestModelRcu = RcuMachine.TestCase
 TestModelRcu.settings = SETTINGS
+TestModelVm = VmMachine.TestCase
+TestModelVm.settings = SETTINGS

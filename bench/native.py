@@ -335,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     res["small"] = small_copy(rounds=7 if q else 15, reps=20000)
     res["big"] = big_copy(rounds=7 if q else 15, reps=20)
     res["gil"] = gil_cost(rounds=5 if q else 9)
-    res["mix"] = mix(ops=20000 if q else 100000, rounds=5 if q else 9, py_ops=4000 if q else 20000)
-    res["replay"] = replay(ops=50000 if q else 200000, rounds=5 if q else 9)
+    res["mix"] = mix(ops=20000 if q else 50000, rounds=7 if q else 21, py_ops=4000 if q else 10000)
+    res["replay"] = replay(ops=20000 if q else 50000, rounds=11 if q else 31)
     res["threads"] = [threads(lock, rounds=5 if q else 9, ops=2000 if q else 5000) for lock in ("bare", "rcu", "rwsem", "mutex")]
     hz = _native.tsc_hz()
 

@@ -539,3 +539,27 @@ def test_rcu_reader_in_a_forked_child_is_not_waited_for() -> None:
     t.join()
     assert os.WEXITSTATUS(status) == 0
     space.close()
+
+
+def test_external_user_calls_the_native_entry_until_closed() -> None:
+    from dmarw import ExternalUser, Group
+
+    space = AddressSpace()
+    hva = space.mmap(4 * P)
+    c = NativeContainer(lock="rcu")
+    c.map_dma(0, 4 * P, hva, space)
+    g = Group(f"native-eu-{id(c)}")
+    dev = g.add_device("0000:00:02.0")
+    g.set_container(c)
+    user = ExternalUser.from_device(dev)
+    assert user.dma_rw == c.native_dma_rw  # no Python frame between the handle and C
+    user.dma_rw(P, b"abc", True)
+    assert c.dma_read(P, 3) == b"abc"
+    user.close()
+    with pytest.raises(DmaError) as info:
+        user.dma_rw(P, bytearray(3), False)
+    assert info.value.errno == errno.EINVAL
+    g.unset_container()
+    g.remove()
+    c.unmap_dma(0, 4 * P)
+    space.close()

@@ -116,8 +116,10 @@ class NativeContainer(Container):
         )
         self._lock = self._core  # the same lock for Python writers and native readers
         self._install(self._py_table)
-        # the hot path: a bound C method, no Python frame in between
+        # the hot path: a bound C method, no Python frame in between (ExternalUser uses
+        # native_dma_rw the same way while it is open)
         self.dma_rw = self._core.dma_rw  # type: ignore[method-assign]
+        self.native_dma_rw = self._core.dma_rw
 
     @property
     def _table(self) -> _Table:

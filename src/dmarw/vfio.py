@@ -273,6 +273,9 @@ class ExternalUser:
         self.group = group
         self.container: Container | None = container
         self._lock = threading.Lock()
+        native_rw = getattr(container, "native_dma_rw", None)
+        if native_rw is not None:  # native core: call its C entry directly until close()
+            self.dma_rw = native_rw  # type: ignore[method-assign]
 
     @classmethod
     def from_device(cls, device: Device) -> ExternalUser:
@@ -324,6 +327,7 @@ class ExternalUser:
             if self.container is None:
                 return
             self.container = None
+            self.__dict__.pop("dma_rw", None)
         _leave(self.group)
 
     def __enter__(self) -> ExternalUser:

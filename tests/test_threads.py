@@ -489,3 +489,47 @@ def test_rcu_forgets_readers_of_exited_threads() -> None:
     rcu.read_unlock(rec)
     t.join()
     assert done.is_set()
+
+
+def test_no_kvm_dirty_bit_lost_to_concurrent_get_dirty_log() -> None:
+    """The KVM log: every page written by a completed write_guest shows up in some get."""
+    space = AddressSpace()
+    vm = Vm(space)
+    per_writer, nwriters = 300, 3
+    npages = per_writer * nwriters
+    hva = space.mmap(npages * P)
+    vm.set_memslot(0, 0, npages * P, hva, dirty_log=True)
+    reported: set[int] = set()
+    errors: list[BaseException] = []
+    writers_done = threading.Event()
+
+    def writer(k: int) -> None:
+        rng = random.Random(k)
+        try:
+            for i in range(per_writer):
+                page = k * per_writer + i
+                n = rng.randint(1, P)
+                vm.write_guest(page * P + rng.randrange(P - n + 1), b"k" * n)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def getter() -> None:
+        try:
+            for _ in range(100_000):
+                if writers_done.is_set():
+                    break
+                reported.update(bitmap_pages(vm.get_dirty_log(0)))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    writers = _start([partial(writer, k) for k in range(nwriters)])
+    getters = _start([getter, getter])
+    for t in writers:
+        t.join()
+    writers_done.set()
+    for t in getters:
+        t.join()
+    reported.update(bitmap_pages(vm.get_dirty_log(0)))
+    assert errors == []
+    assert reported == set(range(npages))
+    vm.close()

@@ -201,7 +201,9 @@ def test_munmap_whole_mapping_only() -> None:
     _raises(errno.EINVAL, space.munmap, hva + P, P)
     _raises(errno.EINVAL, space.munmap, hva, 3 * P)
     assert space.read(hva, 1) == b"\0"
+    (region,) = [r for r in space.regions() if r.hva == hva]
     space.munmap(hva, 2 * P)
+    assert region.released and region.map.closed  # really unmapped, not just forgotten
     _raises(errno.EFAULT, space.read, hva, 1)
     _raises(errno.EFAULT, space.write, hva, b"x")
     _raises(errno.EINVAL, space.munmap, hva, 2 * P)  # already gone
@@ -247,8 +249,10 @@ def test_memory_outlives_the_owner_while_a_reference_is_held() -> None:
     assert space.closed and not space.released and space.users == 1
     assert space.mmget_not_zero() is False and space.get_task_mm() is False
     assert space.read(hva, 5) == b"alive"  # still mapped for the user that holds it
+    regions = space.regions()
     space.mmput()
     assert space.released and space.users == 0
+    assert all(r.released and r.map.closed for r in regions)
     _raises(errno.EFAULT, space.read, hva, 5)
 
 

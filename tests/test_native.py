@@ -563,3 +563,30 @@ def test_external_user_calls_the_native_entry_until_closed() -> None:
     g.remove()
     c.unmap_dma(0, 4 * P)
     space.close()
+
+
+def test_bitmap_in_shared_memory_is_harvested_by_another_process() -> None:
+    """Words in a MAP_SHARED mapping: a child process marks, the parent gets and clears."""
+    import mmap
+
+    npages = 300
+    m = mmap.mmap(-1, bitmap_bytes(npages), flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    words = memoryview(m)
+    parent = NativeDirtyBitmap(npages, words=words)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child = NativeDirtyBitmap(npages, words=words)
+            child.mark(3, 70)
+            child.mark(299, 299)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert parent.take() == {*range(3, 71), 299}
+    assert parent.peek() == set()
+    with pytest.raises(ValueError):
+        NativeDirtyBitmap(npages + 64, words=words)
+    del parent, words
+    m.close()

@@ -64,9 +64,14 @@ class NativeDirtyBitmap:
     __slots__ = ("npages", "words")
     tracking = True
 
-    def __init__(self, npages: int, pages: Iterable[int] = ()) -> None:
+    def __init__(self, npages: int, pages: Iterable[int] = (), words: Any = None) -> None:
+        """``words``: a writable buffer of ``bitmap_bytes(npages)`` bytes to keep the bits in
+        (e.g. a slice of a shared ``mmap``, so another process can harvest); default a new
+        ``bytearray``."""
         self.npages = npages
-        self.words = bytearray(bitmap_bytes(npages))
+        self.words = bytearray(bitmap_bytes(npages)) if words is None else words
+        if len(memoryview(self.words).cast("B")) != bitmap_bytes(npages):
+            raise ValueError(f"bitmap of {npages} pages needs {bitmap_bytes(npages)} bytes")
         for p in pages:
             _native.bitmap_mark(self.words, p, p)
 
@@ -93,7 +98,7 @@ def _native_dirty(dirty: DirtyBitmap | NoDirty | NativeDirtyBitmap, npages: int)
     return dirty
 
 
-def _words(dirty: object) -> bytearray | None:
+def _words(dirty: object) -> Any:
     return dirty.words if isinstance(dirty, NativeDirtyBitmap) else None
 
 

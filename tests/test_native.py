@@ -590,3 +590,27 @@ def test_bitmap_in_shared_memory_is_harvested_by_another_process() -> None:
         NativeDirtyBitmap(npages + 64, words=words)
     del parent, words
     m.close()
+
+
+@pytest.mark.parametrize("mm", ["get_task_mm", "mmget_not_zero"])
+def test_cached_flags_follow_the_python_objects(mm: str) -> None:
+    """The native core caches the owner's exit flag and the region's released flag until
+    their object changes: a call after the change sees it."""
+    space = AddressSpace()
+    hva = space.mmap(8 * P)
+    hva2 = space.mmap(4 * P)
+    c = NativeContainer(mm_ref=mm)
+    c.map_dma(0, 8 * P, hva, space)
+    c.map_dma(8 * P, 4 * P, hva2, space)
+    for _ in range(3):
+        c.dma_write(8 * P, b"ok")  # flags read and cached
+        c.dma_read(0, 4)
+    space.munmap(hva2, 4 * P)
+    with pytest.raises(DmaError) as info:
+        c.dma_read(8 * P, 2)
+    assert info.value.errno == errno.EFAULT
+    c.dma_read(0, 4)  # the other mapping is still fine
+    space.close()
+    with pytest.raises(DmaError) as info:
+        c.dma_read(0, 4)
+    assert info.value.errno == errno.EPERM

@@ -131,17 +131,53 @@ set_lockstat(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* A flag read from a Python object's dict, cached until the dict changes: CPython 3.11
+ * gives every dict mutation a new ma_version_tag, so an unchanged tag means an unchanged
+ * value.  Read and refreshed only with the GIL held. */
+typedef struct {
+    uint64_t version; /* 0: nothing cached */
+    int value;
+} FlagCache;
+
+static inline int
+dict_flag(PyObject *dict, PyObject *name, FlagCache *fc)
+{
+    uint64_t ver = ((PyDictObject *)dict)->ma_version_tag;
+    if (fc->version != 0 && fc->version == ver)
+        return fc->value;
+    PyObject *v = PyDict_GetItemWithError(dict, name);
+    if (v == NULL) {
+        if (PyErr_Occurred())
+            return -1;
+        return -2; /* not in the dict */
+    }
+    int r = v == Py_True ? 1 : v == Py_False ? 0 : PyObject_IsTrue(v);
+    if (r >= 0) {
+        fc->version = ver;
+        fc->value = r;
+    }
+    return r;
+}
+
+static FlagCache stats_cache;
+
 static inline int
 stats_collecting(void)
 {
     if (lockstat_dict == NULL)
         return 0;
+    uint64_t ver = ((PyDictObject *)lockstat_dict)->ma_version_tag;
+    if (stats_cache.version != 0 && stats_cache.version == ver)
+        return stats_cache.value;
     PyObject *v = PyDict_GetItemWithError(lockstat_dict, str_active);
     if (v == NULL) {
         PyErr_Clear();
         return 0;
     }
-    return PyLong_Check(v) && Py_SIZE(v) > 0;
+    int r = PyLong_Check(v) && Py_SIZE(v) > 0;
+    stats_cache.version = ver;
+    stats_cache.value = r;
+    return r;
 }
 
 typedef struct {
@@ -546,18 +582,12 @@ mutex_lock_nogil(pthread_mutex_t *m)
 /* 1 if the Python attribute is true, 0 if false, -1 on error.  ``dict`` is the object's
  * instance dict when known (a plain dict lookup, the common case), else NULL. */
 static int
-attr_true(PyObject *obj, PyObject *dict, PyObject *name)
+attr_true(PyObject *obj, PyObject *dict, PyObject *name, FlagCache *fc)
 {
     if (dict != NULL) {
-        PyObject *d = PyDict_GetItemWithError(dict, name);
-        if (d == Py_False)
-            return 0;
-        if (d == Py_True)
-            return 1;
-        if (d != NULL)
-            return PyObject_IsTrue(d);
-        if (PyErr_Occurred())
-            return -1;
+        int r = dict_flag(dict, name, fc);
+        if (r != -2)
+            return r;
     }
     PyObject *v = PyObject_GetAttr(obj, name);
     if (v == NULL)
@@ -569,15 +599,16 @@ attr_true(PyObject *obj, PyObject *dict, PyObject *name)
 
 /* mmget_not_zero / get_task_mm on the native count: 1 counted, 0 refused, -1 error. */
 static int
-mm_get(MmRefObject *mm, PyObject *space, PyObject *space_dict, int mode, StatClass *task_stat)
+mm_get(MmRefObject *mm, PyObject *space, PyObject *space_dict, FlagCache *fc, int mode,
+       StatClass *task_stat)
 {
     if (mode == MM_GET_TASK_MM) {
         int coll = stats_collecting();
         uint64_t t0 = coll ? now_ns() : 0;
         mutex_lock_nogil(&mm->task_lock);
         uint64_t waited = coll ? now_ns() - t0 : 0;
-        int exited = attr_true(space, space_dict, str_exited);
-        int kthread = exited == 0 ? attr_true(space, space_dict, str_kthread) : 0;
+        int exited = attr_true(space, space_dict, str_exited, &fc[0]);
+        int kthread = exited == 0 ? attr_true(space, space_dict, str_kthread, &fc[1]) : 0;
         int ok = exited == 0 && kthread == 0;
         if (ok)
             __atomic_fetch_add(&mm->users, 1, __ATOMIC_ACQUIRE);
@@ -587,7 +618,7 @@ mm_get(MmRefObject *mm, PyObject *space, PyObject *space_dict, int mode, StatCla
             return -1;
         return ok;
     }
-    int exited = attr_true(space, space_dict, str_exited);
+    int exited = attr_true(space, space_dict, str_exited, &fc[0]);
     if (exited != 0)
         return exited < 0 ? -1 : 0;
     __atomic_fetch_add(&mm->users, 1, __ATOMIC_ACQUIRE);
@@ -615,6 +646,8 @@ typedef struct {
     PyObject *region_dict; /* its instance dict (fast flag reads), or NULL */
     PyObject *space;  /* owner's address space, or NULL (KVM) */
     PyObject *space_dict; /* its instance dict, or NULL */
+    FlagCache released_fc;  /* region.released */
+    FlagCache space_fc[2];  /* space._exited, space.kthread */
     MmRefObject *mm;  /* its native user count, or NULL (KVM) */
 } Entry;
 
@@ -1235,7 +1268,7 @@ chunks_backed(Chunk *ch, Py_ssize_t nch, Entry **gone)
         Entry *e = ch[i].e;
         if (i > 0 && e == ch[i - 1].e)
             continue;
-        int released = e->mem == NULL ? 1 : attr_true(e->region, e->region_dict, str_released);
+        int released = e->mem == NULL ? 1 : attr_true(e->region, e->region_dict, str_released, &e->released_fc);
         if (released != 0) {
             *gone = e;
             return released < 0 ? -1 : 0;
@@ -1352,7 +1385,8 @@ core_dma_rw_locked(CoreObject *c, TableObject *t, uint64_t iova, Py_buffer *v, i
             PyErr_SetString(PyExc_RuntimeError, "dma_rw: too many address spaces in one access");
             goto out;
         }
-        int got = mm_get(mm, ch[i].e->space, ch[i].e->space_dict, c->mm_mode, &c->task_stat);
+        int got = mm_get(mm, ch[i].e->space, ch[i].e->space_dict, ch[i].e->space_fc, c->mm_mode,
+                         &c->task_stat);
         if (got <= 0) {
             if (got == 0)
                 dma_error(EPERM, "dma_rw 0x%llx+0x%llx: the owner's address space has exited",
@@ -1479,7 +1513,7 @@ core_guest_locked(CoreObject *c, TableObject *t, uint64_t gpa, char *buf, uint64
                              (unsigned long long)g, (unsigned long long)gpa,
                              (unsigned long long)n);
         if (e != last) {
-            int released = e->mem == NULL ? 1 : attr_true(e->region, e->region_dict, str_released);
+            int released = e->mem == NULL ? 1 : attr_true(e->region, e->region_dict, str_released, &e->released_fc);
             if (released != 0) {
                 if (released > 0)
                     dma_error(EFAULT, "gpa 0x%llx+0x%llx: backing mapping gone",

@@ -614,3 +614,32 @@ def test_cached_flags_follow_the_python_objects(mm: str) -> None:
     with pytest.raises(DmaError) as info:
         c.dma_read(0, 4)
     assert info.value.errno == errno.EPERM
+
+
+def test_native_entries_take_keywords_like_the_python_methods() -> None:
+    import functools
+
+    space = AddressSpace()
+    hva = space.mmap(4 * P)
+    c = NativeContainer()
+    c.map_dma(0, 4 * P, hva, space)
+    write = functools.partial(c.dma_rw, write=True)  # as the lab binds its paths
+    write(P, b"kw")
+    buf = bytearray(2)
+    c.dma_rw(iova=P, buf=buf, write=False)
+    assert buf == b"kw"
+    vm = NativeVm(space)
+    vm.set_memslot(0, 0, 4 * P, hva)
+    vm.write_guest(gpa=2 * P, data=b"vm")
+    assert vm.read_guest(gpa=2 * P, n=2) == b"vm"
+    vm.read_guest_into(2 * P, buf=buf)
+    assert buf == b"vm"
+    with pytest.raises(TypeError):
+        c.dma_rw(P, buf, False, write=True)
+    with pytest.raises(TypeError):
+        c.dma_rw(P, buf)
+    with pytest.raises(TypeError):
+        vm.read_guest(0, size=3)
+    vm.close()
+    c.unmap_dma(0, 4 * P)
+    space.close()

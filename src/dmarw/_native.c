@@ -1422,6 +1422,46 @@ out:
     return ret;
 }
 
+/* Bind positional and keyword arguments of a METH_FASTCALL|METH_KEYWORDS method to the
+ * parameter names, as a Python def would. */
+static int
+bind_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *const *names,
+          int n, PyObject **out, const char *fname)
+{
+    nargs = PyVectorcall_NARGS(nargs);
+    if (kwnames == NULL && nargs == n) {
+        for (int i = 0; i < n; i++)
+            out[i] = args[i];
+        return 0;
+    }
+    if (nargs > n) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %d arguments (%zd given)", fname, n, nargs);
+        return -1;
+    }
+    for (int i = 0; i < n; i++)
+        out[i] = i < nargs ? args[i] : NULL;
+    Py_ssize_t nk = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t k = 0; k < nk; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        int j = 0;
+        while (j < n && PyUnicode_CompareWithASCIIString(key, names[j]) != 0)
+            j++;
+        if (j == n || out[j] != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() got %s argument %R", fname,
+                         j == n ? "an unexpected keyword" : "multiple values for", key);
+            return -1;
+        }
+        out[j] = args[nargs + k];
+    }
+    for (int i = 0; i < n; i++) {
+        if (out[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() missing argument '%s'", fname, names[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* Read side, table reference, the access, unlock: one whole type1 call after the
  * argument checks. */
 static PyObject *
@@ -1447,14 +1487,14 @@ check_kind(CoreObject *c, int kvm)
 
 /* Core.dma_rw(iova, buf, write): the type1 rules of Container.dma_rw in one call. */
 static PyObject *
-Core_dma_rw(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+Core_dma_rw(CoreObject *self, PyObject *const *args_in, Py_ssize_t nargs, PyObject *kwnames)
 {
+    static const char *const names[] = {"iova", "buf", "write"};
+    PyObject *args[3];
+    if (bind_args(args_in, nargs, kwnames, names, 3, args, "dma_rw") < 0)
+        return NULL;
     if (check_kind(self, 0) < 0)
         return NULL;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "dma_rw(iova, buf, write)");
-        return NULL;
-    }
     int write = PyObject_IsTrue(args[2]);
     if (write < 0)
         return NULL;
@@ -1582,12 +1622,12 @@ core_guest_run(CoreObject *self, uint64_t gpa, int oor, char *buf, uint64_t n, i
 
 /* Core.read_guest(gpa, n) -> bytes */
 static PyObject *
-Core_read_guest(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+Core_read_guest(CoreObject *self, PyObject *const *args_in, Py_ssize_t nargs, PyObject *kwnames)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "read_guest(gpa, n)");
+    static const char *const names[] = {"gpa", "n"};
+    PyObject *args[2];
+    if (bind_args(args_in, nargs, kwnames, names, 2, args, "read_guest") < 0)
         return NULL;
-    }
     Py_ssize_t n = PyLong_AsSsize_t(args[1]);
     if (n == -1 && PyErr_Occurred())
         return NULL;
@@ -1609,12 +1649,12 @@ Core_read_guest(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* Core.read_guest_into(gpa, buf) */
 static PyObject *
-Core_read_guest_into(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+Core_read_guest_into(CoreObject *self, PyObject *const *args_in, Py_ssize_t nargs, PyObject *kwnames)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "read_guest_into(gpa, buf)");
+    static const char *const names[] = {"gpa", "buf"};
+    PyObject *args[2];
+    if (bind_args(args_in, nargs, kwnames, names, 2, args, "read_guest_into") < 0)
         return NULL;
-    }
     Py_buffer v;
     if (PyObject_GetBuffer(args[1], &v, PyBUF_WRITABLE) < 0)
         return NULL;
@@ -1625,12 +1665,12 @@ Core_read_guest_into(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* Core.write_guest(gpa, data) */
 static PyObject *
-Core_write_guest(CoreObject *self, PyObject *const *args, Py_ssize_t nargs)
+Core_write_guest(CoreObject *self, PyObject *const *args_in, Py_ssize_t nargs, PyObject *kwnames)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "write_guest(gpa, data)");
+    static const char *const names[] = {"gpa", "data"};
+    PyObject *args[2];
+    if (bind_args(args_in, nargs, kwnames, names, 2, args, "write_guest") < 0)
         return NULL;
-    }
     Py_buffer v;
     if (PyObject_GetBuffer(args[1], &v, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -1772,13 +1812,13 @@ Core_get_table(CoreObject *self, void *closure)
 }
 
 static PyMethodDef Core_methods[] = {
-    {"dma_rw", (PyCFunction)(void (*)(void))Core_dma_rw, METH_FASTCALL,
+    {"dma_rw", (PyCFunction)(void (*)(void))Core_dma_rw, METH_FASTCALL | METH_KEYWORDS,
      "dma_rw(iova, buf, write): translate, check, copy and dirty-mark in one call"},
-    {"read_guest", (PyCFunction)(void (*)(void))Core_read_guest, METH_FASTCALL,
+    {"read_guest", (PyCFunction)(void (*)(void))Core_read_guest, METH_FASTCALL | METH_KEYWORDS,
      "read_guest(gpa, n) -> bytes (KVM rules)"},
-    {"read_guest_into", (PyCFunction)(void (*)(void))Core_read_guest_into, METH_FASTCALL,
+    {"read_guest_into", (PyCFunction)(void (*)(void))Core_read_guest_into, METH_FASTCALL | METH_KEYWORDS,
      "read_guest_into(gpa, buf) (KVM rules)"},
-    {"write_guest", (PyCFunction)(void (*)(void))Core_write_guest, METH_FASTCALL,
+    {"write_guest", (PyCFunction)(void (*)(void))Core_write_guest, METH_FASTCALL | METH_KEYWORDS,
      "write_guest(gpa, data) (KVM rules)"},
     {"replay", (PyCFunction)Core_replay, METH_VARARGS,
      "replay(writes, addrs, sizes, buf) -> (read_cycles, reads, write_cycles, writes)"},

@@ -38,7 +38,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dmarw import PAGE_SIZE, AddressSpace, Prot
+from dmarw import PAGE_SIZE, AddressSpace, Prot, native
 from dmarw.lab.paths import VmEnv
 from dmarw.lab.workload import generate
 from dmarw.native import NativeContainer, _native
@@ -242,22 +242,22 @@ def replay(ops: int, rounds: int) -> dict[str, Any]:
     buf = bytearray(PAGE_SIZE)
     paths = ("kvm", "vfio-external-user", "vfio-external-user-mmget", "vfio-rcu")
     envs = {p: VmEnv(p, ram, name=f"replay-{p}", core="native") for p in paths}
-    cores: dict[str, Any] = {}
+    targets: dict[str, Any] = {}
     for p, e in envs.items():
         e.prefault()
-        cores[p] = e.vm._core if p == "kvm" else e.container._core  # type: ignore[attr-defined]
+        targets[p] = e.vm if p == "kvm" else e.container
     per: dict[str, dict[str, list[float]]] = {p: {"read": [], "write": [], "avg": []} for p in paths}
     order = list(paths)
     rng = random.Random(2)
     for p in paths:
-        cores[p].replay(r.writes, r.addrs, r.sizes, buf)  # warm up
+        native.replay(targets[p], r.writes, r.addrs, r.sizes, buf)  # warm up
     for _ in range(rounds):
         rng.shuffle(order)
         for p in order:
-            rc, rn, wc, wn = cores[p].replay(r.writes, r.addrs, r.sizes, buf)
-            per[p]["read"].append(rc / rn)
-            per[p]["write"].append(wc / wn)
-            per[p]["avg"].append((rc + wc) / (rn + wn))
+            got = native.replay(targets[p], r.writes, r.addrs, r.sizes, buf)
+            per[p]["read"].append(got["read_avg"])
+            per[p]["write"].append(got["write_avg"])
+            per[p]["avg"].append(got["avg"])
     for e in envs.values():
         e.close()
     return {

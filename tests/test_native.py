@@ -467,6 +467,13 @@ def test_replay_runs_the_records_through_the_path() -> None:
     assert info.value.errno == errno.EINVAL
     with pytest.raises(ValueError):
         c._core.replay(array("B", [0]), array("Q", [0, 1]), array("I", [8]), buf)
+    for addr, size, err in (((1 << 64) - 4, 8, errno.EOVERFLOW), (0, 0, errno.EINVAL)):
+        with pytest.raises(DmaError) as info:  # the argument rules of dma_rw apply too
+            c._core.replay(array("B", [1]), array("Q", [addr]), array("I", [size]), buf)
+        assert info.value.errno == err
+        with pytest.raises(DmaError) as info:
+            c.dma_rw(addr, bytearray(size), True)
+        assert info.value.errno == err
     with pytest.raises(TypeError):
         vm._core.dma_rw(0, buf, False)  # a KVM core has no type1 path
     with pytest.raises(TypeError):

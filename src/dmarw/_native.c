@@ -1476,6 +1476,26 @@ core_dma_rw_run(CoreObject *c, uint64_t iova, Py_buffer *v, int write)
     return ret;
 }
 
+/* The argument rules of dma_rw (EINVAL empty or a read into a read-only buffer, EOVERFLOW
+ * past 2**64), then the call. */
+static PyObject *
+core_dma_rw_checked(CoreObject *c, uint64_t iova, int oor, Py_buffer *v, int write)
+{
+    uint64_t n = (uint64_t)v->len;
+    if (n == 0) {
+        if (oor)
+            return dma_error(EINVAL, "dma_rw at iova out of range: zero length");
+        return dma_error(EINVAL, "dma_rw at iova 0x%llx: zero length", (unsigned long long)iova);
+    }
+    if (oor || past_end(iova, n))
+        return dma_error(EOVERFLOW, "dma_rw 0x%llx+0x%llx: wraps past 2**64",
+                         (unsigned long long)iova, (unsigned long long)n);
+    if (!write && v->readonly)
+        return dma_error(EINVAL, "dma_rw read 0x%llx+0x%llx: buffer is read-only",
+                         (unsigned long long)iova, (unsigned long long)n);
+    return core_dma_rw_run(c, iova, v, write);
+}
+
 static int
 check_kind(CoreObject *c, int kvm)
 {
@@ -1506,24 +1526,7 @@ Core_dma_rw(CoreObject *self, PyObject *const *args_in, Py_ssize_t nargs, PyObje
     PyObject *ret = NULL;
     if (parse_addr(args[0], &iova, &oor) < 0)
         goto done;
-    if (n == 0) {
-        if (oor)
-            dma_error(EINVAL, "dma_rw at iova out of range: zero length");
-        else
-            dma_error(EINVAL, "dma_rw at iova 0x%llx: zero length", (unsigned long long)iova);
-        goto done;
-    }
-    if (oor || past_end(iova, n)) {
-        dma_error(EOVERFLOW, "dma_rw 0x%llx+0x%llx: wraps past 2**64", (unsigned long long)iova,
-                  (unsigned long long)n);
-        goto done;
-    }
-    if (!write && v.readonly) {
-        dma_error(EINVAL, "dma_rw read 0x%llx+0x%llx: buffer is read-only",
-                  (unsigned long long)iova, (unsigned long long)n);
-        goto done;
-    }
-    ret = core_dma_rw_run(self, iova, &v, write);
+    ret = core_dma_rw_checked(self, iova, oor, &v, write);
 done:
     PyBuffer_Release(&v);
     return ret;
@@ -1715,7 +1718,7 @@ Core_replay(CoreObject *self, PyObject *args)
     const uint32_t *si = (const uint32_t *)sz.buf;
     unsigned long long rc = 0, wc = 0, rn = 0, wn = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if ((Py_ssize_t)si[i] > b.len || si[i] == 0) {
+        if ((Py_ssize_t)si[i] > b.len) {
             PyErr_Format(PyExc_ValueError, "replay: record %zd size %u outside the buffer", i, si[i]);
             goto out;
         }
@@ -1723,7 +1726,7 @@ Core_replay(CoreObject *self, PyObject *args)
         one.len = si[i];
         uint64_t t0 = read_cycles();
         PyObject *r = self->kvm ? core_guest_run(self, ad[i], 0, (char *)b.buf, si[i], wf[i])
-                                : core_dma_rw_run(self, ad[i], &one, wf[i]);
+                                : core_dma_rw_checked(self, ad[i], 0, &one, wf[i]);
         uint64_t t1 = read_cycles();
         if (r == NULL)
             goto out;

@@ -7,15 +7,22 @@
  *     one fetch_or per word, get-and-clear is one exchange per non-zero word;
  *   - raw copies between a host virtual address and a Python buffer;
  *   - Table: an immutable native copy of a container's (or VM's) mapping snapshot;
- *   - Core: the lock (mutex, rwsem or rcu) plus the current Table, with the one-call paths
- *     dma_rw (type1 rules) and read_guest/write_guest (KVM rules);
+ *   - Core: the lock (mutex, rwsem, rcu, or srcu for KVM) plus the current Table, with the
+ *     one-call paths dma_rw (type1 rules) and read_guest/write_guest (KVM rules), and
+ *     replay() of a recorded workload timed per call;
  *   - MmRef: the address space user count as a real atomic, and task_lock as a mutex.
+ *
+ * Python-side flags the rules need (the owner's exit, a region's release, whether lockstat
+ * is collecting) are read from the objects' dicts and cached until the dict's version tag
+ * changes.  Every acquisition is counted in the same dmarw.lockstat classes as the Python
+ * locks.  Everything here runs with the GIL held except the copies and any wait.
  *
  * Memory safety: a Table holds a buffer export on every mapping's mmap object, so the
  * memory it points at cannot be unmapped while the Table lives (mmap.close() refuses with
  * BufferError).  A reader takes a strong reference to the Table under the GIL before it
- * may drop the GIL for a large copy.  The grace period (rcu) or the lock (mutex/rwsem)
- * make unmap wait for readers, so after unmap returns no access reaches the old mapping.
+ * may drop the GIL for a large copy.  The grace period (rcu/srcu) or the lock
+ * (mutex/rwsem) makes unmap wait for readers, so after unmap returns no access reaches the
+ * old mapping.
  *
  * The GIL is released around copies of at least gil_threshold bytes, chosen by
  * measurement (bench/native.py) and settable with set_gil_threshold().

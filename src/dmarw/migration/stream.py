@@ -267,11 +267,13 @@ class Decoder:
                 if self._eof:
                     raise self._truncated("inside the preamble")
                 return NEED_DATA
-            magic, version, _ = _PREAMBLE.unpack_from(self._buf, self._pos)
+            magic, version, reserved = _PREAMBLE.unpack_from(self._buf, self._pos)
             if magic != MAGIC:
                 raise self._fail("mismatch", f"magic {magic!r} at offset 0 is not {MAGIC!r}: not a dmarw migration stream")
             if version != VERSION:
                 raise self._fail("mismatch", f"stream version {version} at offset 0x8, this receiver speaks version {VERSION}")
+            if reserved != 0:
+                raise self._fail("corrupt", f"reserved preamble field {reserved:#x} at offset 0xa is not 0")
             self._consume(_PREAMBLE.size)
             self._preamble_done = True
         if self.ended:

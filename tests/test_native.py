@@ -653,3 +653,147 @@ def test_native_entries_take_keywords_like_the_python_methods() -> None:
     vm.close()
     c.unmap_dma(0, 4 * P)
     space.close()
+
+
+# -- the native VFIO group layer ----------------------------------------------------------
+needs_native_groups = pytest.mark.skipif(
+    not __import__("dmarw.vfio").vfio._default_native, reason="groups are Python (DMARW_CORE=python)"
+)
+
+
+def _native_group_env(lock: str = "mutex", mm: str = "get_task_mm") -> tuple[Any, ...]:
+    from dmarw import Group
+
+    space = AddressSpace()
+    hva = space.mmap(16 * P)
+    c = NativeContainer(lock=lock, mm_ref=mm)
+    c.map_dma(0, 16 * P, hva, space)
+    c.dirty_pages_start()
+    g = Group(f"native-group-{id(c)}-{threading.get_ident()}")
+    dev = g.add_device("0000:00:02.0")
+    g.set_container(c)
+    return space, hva, c, g, dev
+
+
+def _native_group_close(space: Any, c: Any, g: Any) -> None:
+    g.unset_container()
+    g.remove()
+    c.unmap_dma(0, 16 * P)
+    space.close()
+
+
+@needs_native_groups
+def test_per_call_path_is_one_native_call_without_a_python_frame() -> None:
+    """On a native group and container, vfio_dma_rw runs no Python function at all; the
+    group's locks and counters are the native ones, shared with the Python methods."""
+    from dmarw import vfio, vfio_dma_rw
+
+    space, hva, c, g, dev = _native_group_env()
+    assert vfio_dma_rw is _native.vfio_dma_rw
+    assert isinstance(g.mutex, _native.Lock) and isinstance(vfio._registry.lock, _native.Lock)
+    assert g._state.unbound_lock is g.unbound_lock and g._state.refs is g.refs
+    events: list[tuple[str, str]] = []
+    sys.setprofile(lambda frame, ev, arg: events.append((ev, frame.f_code.co_name)))
+    try:
+        vfio_dma_rw(dev, P, b"native", True)
+    finally:
+        sys.setprofile(None)
+    assert [e for e in events if e[0] == "call"] == []  # only C calls
+    assert space.read(hva + P, 6) == b"native"
+    dev.unbind()
+    assert (g._state.unbound, g._state.devices_unbound) == (1, 1)
+    dev.bind()
+    assert (g._state.unbound, g._state.devices_unbound) == (0, 0)
+    assert g._state.container is c
+    _native_group_close(space, c, g)
+    assert g._state.container is None
+
+
+@needs_native_groups
+def test_vfio_replay_runs_the_per_call_path_per_record() -> None:
+    from array import array
+
+    from dmarw import lockstat
+
+    space, hva, c, g, dev = _native_group_env()
+    buf = bytearray(b"q" * P)
+    writes, addrs, sizes = array("B", [1, 0, 1, 0]), array("Q", [2 * P, 0, 7 * P - 4, P]), array("I", [8, P, 8, 64])
+    deltas = array("Q", bytes(8 * 4))
+    with lockstat.collect() as stats:
+        rc, rn, wc, wn = _native.vfio_replay(dev, writes, addrs, sizes, buf, deltas)
+    assert (rn, wn) == (2, 2) and rc + wc == sum(deltas) and min(deltas) > 0
+    want = dict.fromkeys(("vfio.group_lock", "group.unbound_lock", "group.device_lock", "group.mutex"), 4)
+    want.update({"iommu.lock": 4, "task_lock": 4})
+    assert stats.counts() == want
+    assert bitmap_pages(c.get_dirty_bitmap(0, 16 * P)) == [2, 6, 7]  # the last one crosses
+    assert space.read(hva + 2 * P, 8) == b"q" * 8  # written before the first read refilled buf
+    assert g.refs.value == 1 and g.container_users.value == 0
+    dev.unbind()
+    with pytest.raises(DmaError) as info:  # not viable: EINVAL, references dropped
+        _native.vfio_replay(dev, writes, addrs, sizes, buf)
+    assert info.value.errno == errno.EINVAL and g.refs.value == 1
+    dev.bind()
+    rc, rn, wc, wn = c._core.replay(writes, addrs, sizes, buf, deltas)
+    assert rc + wc == sum(deltas)
+    _native_group_close(space, c, g)
+    with pytest.raises(DmaError) as info:  # detached
+        _native.vfio_replay(dev, writes, addrs, sizes, buf)
+    assert info.value.errno == errno.ENODEV
+
+
+def test_process_shared_lock_excludes_across_processes() -> None:
+    """Two processes increment a shared counter with a non-atomic read-modify-write under a
+    process-shared native Lock made before fork: no increment is lost."""
+    import mmap
+
+    from dmarw import lockstat
+
+    lock = _native.Lock(lockstat.lock_class("test.shared_lock"), shared=True)
+    assert lock.shared and lock.name == "test.shared_lock"
+    mem = mmap.mmap(-1, 8)
+    each = 3000
+
+    def work() -> None:
+        for _ in range(each):
+            with lock:
+                v = int.from_bytes(mem[0:8], "little")
+                mem[0:8] = (v + 1).to_bytes(8, "little")
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            work()
+        finally:
+            os._exit(0)
+    before = lockstat.lock_class("test.shared_lock").count
+    work()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert int.from_bytes(mem[0:8], "little") == 2 * each
+    assert lockstat.lock_class("test.shared_lock").count - before == each  # this process's own
+
+
+@needs_native_groups
+def test_set_group_lock_takes_a_process_shared_native_lock() -> None:
+    from dmarw import lockstat, new_group_lock, set_group_lock, vfio, vfio_dma_rw
+
+    space, hva, c, g, dev = _native_group_env()
+    saved = vfio._registry.lock
+    shared = new_group_lock()
+    assert isinstance(shared, _native.Lock) and shared.shared
+    set_group_lock(shared)
+    try:
+        events: list[str] = []
+        sys.setprofile(lambda frame, ev, arg: events.append(ev))
+        try:
+            vfio_dma_rw(dev, 0, b"shared", True)
+        finally:
+            sys.setprofile(None)
+        assert "call" not in events  # still the native path
+        with lockstat.collect() as stats:  # (timing reports through LockClass.timed, Python)
+            vfio_dma_rw(dev, 0, b"shared", True)
+        assert stats.counts()["vfio.group_lock"] == 1
+        assert space.read(hva, 6) == b"shared"
+    finally:
+        set_group_lock(saved)
+    _native_group_close(space, c, g)

@@ -771,7 +771,7 @@ def test_process_shared_group_lock_is_still_the_named_class(env: Env) -> None:
         assert stats.counts()["vfio.group_lock"] == 1
         assert env.space.read(env.hva, 6) == b"shared"
     finally:
-        vfio._registry.lock = saved
+        set_group_lock(saved)
 
 
 def test_group_reference_counters_are_exact_under_threads() -> None:

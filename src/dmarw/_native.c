@@ -40,6 +40,7 @@
 #include <time.h>
 #include <linux/membarrier.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -220,9 +221,10 @@ stat_class_clear(StatClass *sc)
     Py_CLEAR(sc->count);
 }
 
-/* Record one acquisition: timed (ns) while collecting, else only counted. */
+/* Record one acquisition: timed (counter ticks, reported to lockstat in ns) while
+ * collecting, else only counted. */
 static void
-stat_hit(StatClass *sc, int collecting, uint64_t ns);
+stat_hit(StatClass *sc, int collecting, uint64_t ticks);
 
 /* ---- cycle counter ----------------------------------------------------------------- */
 
@@ -283,37 +285,46 @@ counter_kind(PyObject *self, PyObject *unused)
     return PyUnicode_FromString(use_tsc ? "rdtsc" : "clock_monotonic");
 }
 
-/* Counter ticks per second: measured once against CLOCK_MONOTONIC over >= 20 ms. */
-static PyObject *
-tsc_hz(PyObject *self, PyObject *unused)
+/* Counter ticks per second: measured once against CLOCK_MONOTONIC over >= 20 ms.
+ * nogil: release the GIL while measuring (callers that hold it may say no). */
+static double
+calibrate(int nogil)
 {
-    (void)self;
-    (void)unused;
     if (!use_tsc)
-        return PyFloat_FromDouble(1e9);
+        return 1e9;
     if (tsc_hz_cached == 0.0) {
         uint64_t t0, c0, t1, c1;
-        Py_BEGIN_ALLOW_THREADS
+        PyThreadState *ts = nogil ? PyEval_SaveThread() : NULL;
         t0 = now_ns();
         c0 = read_cycles();
         do {
             t1 = now_ns();
             c1 = read_cycles();
         } while (t1 - t0 < 20000000u);
-        Py_END_ALLOW_THREADS
+        if (ts != NULL)
+            PyEval_RestoreThread(ts);
         tsc_hz_cached = (double)(c1 - c0) * 1e9 / (double)(t1 - t0);
     }
-    return PyFloat_FromDouble(tsc_hz_cached);
+    return tsc_hz_cached;
+}
+
+static PyObject *
+tsc_hz(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyFloat_FromDouble(calibrate(1));
 }
 
 static void
-stat_hit(StatClass *sc, int collecting, uint64_t ns)
+stat_hit(StatClass *sc, int collecting, uint64_t ticks)
 {
     if (sc->cls == NULL)
         return;
     PyObject *r;
     if (collecting) {
-        PyObject *v = PyLong_FromUnsignedLongLong(ns);
+        /* ns from the native counter: ticks / (ticks per ns); exact ticks when rdtsc */
+        PyObject *v = PyFloat_FromDouble((double)ticks * 1e9 / calibrate(0));
         r = v ? PyObject_CallMethodOneArg(sc->cls, str_timed, v) : NULL;
         Py_XDECREF(v);
     } else {
@@ -611,9 +622,9 @@ mm_get(MmRefObject *mm, PyObject *space, PyObject *space_dict, FlagCache *fc, in
 {
     if (mode == MM_GET_TASK_MM) {
         int coll = stats_collecting();
-        uint64_t t0 = coll ? now_ns() : 0;
+        uint64_t t0 = coll ? read_cycles() : 0;
         mutex_lock_nogil(&mm->task_lock);
-        uint64_t waited = coll ? now_ns() - t0 : 0;
+        uint64_t waited = coll ? read_cycles() - t0 : 0;
         int exited = attr_true(space, space_dict, str_exited, &fc[0]);
         int kthread = exited == 0 ? attr_true(space, space_dict, str_kthread, &fc[1]) : 0;
         int ok = exited == 0 && kthread == 0;
@@ -1084,7 +1095,7 @@ static inline int
 core_read_lock(CoreObject *c)
 {
     int coll = stats_collecting();
-    uint64_t t0 = coll ? now_ns() : 0;
+    uint64_t t0 = coll ? read_cycles() : 0;
     int token = 0;
     __atomic_fetch_add(&c->reads, 1, __ATOMIC_RELAXED);
     switch (c->lock) {
@@ -1109,7 +1120,7 @@ core_read_lock(CoreObject *c)
         token = (int)(__atomic_load_n(&c->epoch, __ATOMIC_SEQ_CST) & 1);
         __atomic_fetch_add(&c->readers[token], 1, __ATOMIC_SEQ_CST);
     }
-    stat_hit(&c->read_stat, coll, coll ? now_ns() - t0 : 0);
+    stat_hit(&c->read_stat, coll, coll ? read_cycles() - t0 : 0);
     return token;
 }
 
@@ -1161,7 +1172,7 @@ Core_write_acquire(CoreObject *self, PyObject *unused)
 {
     (void)unused;
     int coll = stats_collecting();
-    uint64_t t0 = coll ? now_ns() : 0;
+    uint64_t t0 = coll ? read_cycles() : 0;
     __atomic_fetch_add(&self->writes, 1, __ATOMIC_RELAXED);
     if (self->lock == LOCK_RWSEM) {
         if (pthread_rwlock_trywrlock(&self->rwsem) != 0) {
@@ -1172,7 +1183,7 @@ Core_write_acquire(CoreObject *self, PyObject *unused)
     } else {
         mutex_lock_nogil(&self->mutex);
     }
-    stat_hit(&self->write_stat, coll, coll ? now_ns() - t0 : 0);
+    stat_hit(&self->write_stat, coll, coll ? read_cycles() - t0 : 0);
     Py_RETURN_NONE;
 }
 
@@ -1689,55 +1700,98 @@ Core_write_guest(CoreObject *self, PyObject *const *args_in, Py_ssize_t nargs, P
     return r;
 }
 
-/* Core.replay(writes, addrs, sizes, buf) -> (read_cycles, reads, write_cycles, writes):
- * run a recorded workload (u8 write flags, u64 addresses, u32 sizes, as the lab's Records
- * arrays) through this core's own path, timing each call with the cycle counter as the
- * seed did around vfio_dma_rw / kvm_read_guest.  buf is the data source/sink (at least the
- * largest size).  The first failing access raises. */
-static PyObject *
-Core_replay(CoreObject *self, PyObject *args)
+/* The records of a replay: u8 write flags, u64 addresses, u32 sizes (the lab's Records
+ * arrays), the data buffer, and optionally a u64 per record for each call's ticks. */
+typedef struct {
+    Py_buffer w, a, sz, b, d;
+    int got;
+    int have_d;
+    Py_ssize_t n;
+} Records;
+
+static void
+records_release(Records *r)
 {
-    PyObject *ow, *oa, *os, *ob;
-    if (!PyArg_ParseTuple(args, "OOOO:replay", &ow, &oa, &os, &ob))
-        return NULL;
-    Py_buffer w, a, sz, b;
-    int got = 0;
-    PyObject *ret = NULL;
-    if (PyObject_GetBuffer(ow, &w, PyBUF_SIMPLE) < 0)
-        return NULL;
-    got = 1;
-    if (PyObject_GetBuffer(oa, &a, PyBUF_SIMPLE) < 0)
-        goto out;
-    got = 2;
-    if (PyObject_GetBuffer(os, &sz, PyBUF_SIMPLE) < 0)
-        goto out;
-    got = 3;
-    if (PyObject_GetBuffer(ob, &b, PyBUF_WRITABLE) < 0)
-        goto out;
-    got = 4;
-    Py_ssize_t n = w.len;
-    if (a.len != 8 * n || sz.len != 4 * n) {
+    if (r->have_d)
+        PyBuffer_Release(&r->d);
+    if (r->got >= 4)
+        PyBuffer_Release(&r->b);
+    if (r->got >= 3)
+        PyBuffer_Release(&r->sz);
+    if (r->got >= 2)
+        PyBuffer_Release(&r->a);
+    if (r->got >= 1)
+        PyBuffer_Release(&r->w);
+    r->got = 0;
+    r->have_d = 0;
+}
+
+static int
+records_get(Records *r, PyObject *ow, PyObject *oa, PyObject *os, PyObject *ob, PyObject *od)
+{
+    memset(r, 0, sizeof *r);
+    if (PyObject_GetBuffer(ow, &r->w, PyBUF_SIMPLE) < 0)
+        return -1;
+    r->got = 1;
+    if (PyObject_GetBuffer(oa, &r->a, PyBUF_SIMPLE) < 0)
+        goto fail;
+    r->got = 2;
+    if (PyObject_GetBuffer(os, &r->sz, PyBUF_SIMPLE) < 0)
+        goto fail;
+    r->got = 3;
+    if (PyObject_GetBuffer(ob, &r->b, PyBUF_WRITABLE) < 0)
+        goto fail;
+    r->got = 4;
+    r->n = r->w.len;
+    if (r->a.len != 8 * r->n || r->sz.len != 4 * r->n) {
         PyErr_SetString(PyExc_ValueError, "replay: writes (u8), addrs (u64), sizes (u32) differ in length");
-        goto out;
+        goto fail;
     }
-    const uint8_t *wf = (const uint8_t *)w.buf;
-    const uint64_t *ad = (const uint64_t *)a.buf;
-    const uint32_t *si = (const uint32_t *)sz.buf;
-    unsigned long long rc = 0, wc = 0, rn = 0, wn = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if ((Py_ssize_t)si[i] > b.len) {
-            PyErr_Format(PyExc_ValueError, "replay: record %zd size %u outside the buffer", i, si[i]);
-            goto out;
+    if (od != NULL && od != Py_None) {
+        if (PyObject_GetBuffer(od, &r->d, PyBUF_WRITABLE) < 0)
+            goto fail;
+        r->have_d = 1;
+        if (r->d.len != 8 * r->n || ((uintptr_t)r->d.buf & 7u) != 0) {
+            PyErr_SetString(PyExc_ValueError, "replay: deltas must be one aligned u64 per record");
+            goto fail;
         }
-        Py_buffer one = b;
-        one.len = si[i];
+    }
+    const uint32_t *si = (const uint32_t *)r->sz.buf;
+    for (Py_ssize_t i = 0; i < r->n; i++) {
+        if ((Py_ssize_t)si[i] > r->b.len) {
+            PyErr_Format(PyExc_ValueError, "replay: record %zd size %u outside the buffer", i, si[i]);
+            goto fail;
+        }
+    }
+    return 0;
+fail:
+    records_release(r);
+    return -1;
+}
+
+typedef PyObject *(*ReplayOne)(PyObject *target, uint64_t addr, Py_buffer *one, int write);
+
+/* Run every record through one(target, ...), each call between two counter reads (the
+ * seed's get_cycles() pair); the first failing call raises. */
+static PyObject *
+replay_records(Records *r, ReplayOne one, PyObject *target)
+{
+    const uint8_t *wf = (const uint8_t *)r->w.buf;
+    const uint64_t *ad = (const uint64_t *)r->a.buf;
+    const uint32_t *si = (const uint32_t *)r->sz.buf;
+    uint64_t *dl = r->have_d ? (uint64_t *)r->d.buf : NULL;
+    unsigned long long rc = 0, wc = 0, rn = 0, wn = 0;
+    for (Py_ssize_t i = 0; i < r->n; i++) {
+        Py_buffer v = r->b;
+        v.len = si[i];
         uint64_t t0 = read_cycles();
-        PyObject *r = self->kvm ? core_guest_run(self, ad[i], 0, (char *)b.buf, si[i], wf[i])
-                                : core_dma_rw_checked(self, ad[i], 0, &one, wf[i]);
+        PyObject *res = one(target, ad[i], &v, wf[i]);
         uint64_t t1 = read_cycles();
-        if (r == NULL)
-            goto out;
-        Py_DECREF(r);
+        if (res == NULL)
+            return NULL;
+        Py_DECREF(res);
+        if (dl != NULL)
+            dl[i] = t1 - t0;
         if (wf[i]) {
             wc += t1 - t0;
             wn++;
@@ -1746,15 +1800,34 @@ Core_replay(CoreObject *self, PyObject *args)
             rn++;
         }
     }
-    ret = Py_BuildValue("(KKKK)", rc, rn, wc, wn);
-out:
-    if (got >= 4)
-        PyBuffer_Release(&b);
-    if (got >= 3)
-        PyBuffer_Release(&sz);
-    if (got >= 2)
-        PyBuffer_Release(&a);
-    PyBuffer_Release(&w);
+    return Py_BuildValue("(KKKK)", rc, rn, wc, wn);
+}
+
+static PyObject *
+core_replay_one(PyObject *target, uint64_t addr, Py_buffer *v, int write)
+{
+    CoreObject *c = (CoreObject *)target;
+    if (c->kvm)
+        return core_guest_run(c, addr, 0, (char *)v->buf, (uint64_t)v->len, write);
+    return core_dma_rw_checked(c, addr, 0, v, write);
+}
+
+/* Core.replay(writes, addrs, sizes, buf, deltas=None) -> (read_cycles, reads, write_cycles,
+ * writes): run a recorded workload through this core's own path (read_guest_into /
+ * write_guest rules for KVM, dma_rw rules otherwise), timing each call with the cycle
+ * counter as the seed did around vfio_dma_rw / kvm_read_guest.  buf is the data
+ * source/sink (at least the largest size); deltas, if given, receives each call's ticks. */
+static PyObject *
+Core_replay(CoreObject *self, PyObject *args)
+{
+    PyObject *ow, *oa, *os, *ob, *od = NULL;
+    if (!PyArg_ParseTuple(args, "OOOO|O:replay", &ow, &oa, &os, &ob, &od))
+        return NULL;
+    Records r;
+    if (records_get(&r, ow, oa, os, ob, od) < 0)
+        return NULL;
+    PyObject *ret = replay_records(&r, core_replay_one, (PyObject *)self);
+    records_release(&r);
     return ret;
 }
 
@@ -1831,7 +1904,7 @@ static PyMethodDef Core_methods[] = {
     {"write_guest", (PyCFunction)(void (*)(void))Core_write_guest, METH_FASTCALL | METH_KEYWORDS,
      "write_guest(gpa, data) (KVM rules)"},
     {"replay", (PyCFunction)Core_replay, METH_VARARGS,
-     "replay(writes, addrs, sizes, buf) -> (read_cycles, reads, write_cycles, writes)"},
+     "replay(writes, addrs, sizes, buf, deltas=None) -> (read_cycles, reads, write_cycles, writes)"},
     {"set_table", (PyCFunction)Core_set_table, METH_O, "install a Table (write side held)"},
     {"read_acquire", (PyCFunction)Core_read_acquire, METH_NOARGS, "reader side; returns a token"},
     {"read_release", (PyCFunction)Core_read_release, METH_O, "end the reader side"},
@@ -1859,6 +1932,630 @@ static PyTypeObject CoreType = {
     .tp_getset = Core_getset,
 };
 
+/* ---- the VFIO group layer ----------------------------------------------------------
+ * Atomic: a counter (the kernel's atomic_t / kref) for a group's references and container
+ * users.  Lock: a named sleeping lock (a pthread mutex) counted and timed in a lockstat
+ * class like the Python Mutex; shared=True puts the mutex, PTHREAD_PROCESS_SHARED, in its
+ * own MAP_SHARED anonymous mapping, so a lock made before fork() is one lock for every
+ * process (the host-global vfio.group_lock of the lab's VMs).  GroupState: what the
+ * per-call path reads of a Python Group (its three locks, its counters, how many names
+ * are on its unbound list and how many devices are not bound, its container), mutated by
+ * the Python Group under the same locks.  vfio_dma_rw: the per-call path in one call. */
+
+typedef struct {
+    PyObject_HEAD
+    long v; /* atomic */
+} AtomicObject;
+
+static PyObject *
+Atomic_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"value", NULL};
+    long v = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|l:Atomic", kwlist, &v))
+        return NULL;
+    AtomicObject *a = (AtomicObject *)type->tp_alloc(type, 0);
+    if (a != NULL)
+        a->v = v;
+    return (PyObject *)a;
+}
+
+static PyObject *
+Atomic_inc(AtomicObject *self, PyObject *unused)
+{
+    (void)unused;
+    return PyLong_FromLong(__atomic_fetch_add(&self->v, 1, __ATOMIC_ACQ_REL));
+}
+
+static PyObject *
+Atomic_dec(AtomicObject *self, PyObject *unused)
+{
+    (void)unused;
+    return PyLong_FromLong(__atomic_fetch_sub(&self->v, 1, __ATOMIC_ACQ_REL));
+}
+
+static PyObject *
+Atomic_value(AtomicObject *self, void *closure)
+{
+    (void)closure;
+    return PyLong_FromLong(__atomic_load_n(&self->v, __ATOMIC_SEQ_CST));
+}
+
+static PyMethodDef Atomic_methods[] = {
+    {"inc", (PyCFunction)Atomic_inc, METH_NOARGS, "add one; returns the old value"},
+    {"dec", (PyCFunction)Atomic_dec, METH_NOARGS, "subtract one; returns the old value"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Atomic_getset[] = {
+    {"value", (getter)Atomic_value, NULL, "the current value", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject AtomicType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dmarw._native.Atomic",
+    .tp_basicsize = sizeof(AtomicObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Atomic(value=0): a lock-free counter (inc, dec, value).",
+    .tp_new = Atomic_new,
+    .tp_methods = Atomic_methods,
+    .tp_getset = Atomic_getset,
+};
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t *m;  /* &own, or the start of the shared mapping */
+    pthread_mutex_t own;
+    int shared;
+    StatClass stat;
+    PyObject *name;
+} LockObject;
+
+static PyObject *
+Lock_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"lock_class", "shared", NULL};
+    PyObject *cls;
+    int shared = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|p:Lock", kwlist, &cls, &shared))
+        return NULL;
+    PyObject *name = PyObject_GetAttrString(cls, "name");
+    if (name == NULL)
+        return NULL;
+    LockObject *l = (LockObject *)type->tp_alloc(type, 0);
+    if (l == NULL) {
+        Py_DECREF(name);
+        return NULL;
+    }
+    l->name = name;
+    if (stat_class_init(&l->stat, cls) < 0) {
+        Py_DECREF(l);
+        return NULL;
+    }
+    if (shared) {
+        void *p = mmap(NULL, sizeof(pthread_mutex_t), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+                       -1, 0);
+        if (p == MAP_FAILED) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            Py_DECREF(l);
+            return NULL;
+        }
+        pthread_mutexattr_t ma;
+        pthread_mutexattr_init(&ma);
+        pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED);
+        int rc = pthread_mutex_init((pthread_mutex_t *)p, &ma);
+        pthread_mutexattr_destroy(&ma);
+        l->m = p;
+        l->shared = 1;
+        if (rc != 0) {
+            errno = rc;
+            PyErr_SetFromErrno(PyExc_OSError);
+            Py_DECREF(l);
+            return NULL;
+        }
+    } else {
+        pthread_mutex_init(&l->own, NULL);
+        l->m = &l->own;
+    }
+    return (PyObject *)l;
+}
+
+static void
+Lock_dealloc(LockObject *self)
+{
+    if (self->m != NULL) {
+        if (self->shared)
+            munmap(self->m, sizeof(pthread_mutex_t)); /* other processes keep their mapping */
+        else
+            pthread_mutex_destroy(self->m);
+    }
+    stat_class_clear(&self->stat);
+    Py_XDECREF(self->name);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Take the lock (waiting without the GIL), counted in its class, timed while collecting. */
+static inline void
+lock_take(LockObject *l)
+{
+    int coll = stats_collecting();
+    uint64_t t0 = coll ? read_cycles() : 0;
+    mutex_lock_nogil(l->m);
+    stat_hit(&l->stat, coll, coll ? read_cycles() - t0 : 0);
+}
+
+static inline void
+lock_drop(LockObject *l)
+{
+    pthread_mutex_unlock(l->m);
+}
+
+static PyObject *
+Lock_acquire(LockObject *self, PyObject *unused)
+{
+    (void)unused;
+    lock_take(self);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+Lock_release(LockObject *self, PyObject *unused)
+{
+    (void)unused;
+    lock_drop(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Lock_enter(LockObject *self, PyObject *unused)
+{
+    (void)unused;
+    lock_take(self);
+    Py_INCREF(self);
+    return (PyObject *)self;
+}
+
+static PyObject *
+Lock_exit(LockObject *self, PyObject *args)
+{
+    (void)args;
+    lock_drop(self);
+    Py_RETURN_FALSE;
+}
+
+static PyObject *
+Lock_get_name(LockObject *self, void *closure)
+{
+    (void)closure;
+    Py_INCREF(self->name);
+    return self->name;
+}
+
+static PyObject *
+Lock_get_shared(LockObject *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->shared);
+}
+
+static PyMethodDef Lock_methods[] = {
+    {"acquire", (PyCFunction)Lock_acquire, METH_NOARGS, "take the lock (counted, timed while collecting)"},
+    {"release", (PyCFunction)Lock_release, METH_NOARGS, "release the lock (held by the caller)"},
+    {"__enter__", (PyCFunction)Lock_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)Lock_exit, METH_VARARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Lock_getset[] = {
+    {"name", (getter)Lock_get_name, NULL, "the lock class", NULL},
+    {"shared", (getter)Lock_get_shared, NULL, "process-shared (made before fork)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject LockType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dmarw._native.Lock",
+    .tp_basicsize = sizeof(LockObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Lock(lock_class, shared=False): a named pthread mutex counted in dmarw.lockstat.",
+    .tp_new = Lock_new,
+    .tp_dealloc = (destructor)Lock_dealloc,
+    .tp_methods = Lock_methods,
+    .tp_getset = Lock_getset,
+};
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *name;          /* the group's name (its registry key) */
+    LockObject *unbound_lock, *device_lock, *mutex;
+    AtomicObject *refs, *users;
+    long unbound;            /* names on the unbound list (under unbound_lock) */
+    long devices_unbound;    /* devices not bound (under device_lock) */
+    PyObject *container;     /* the attached container or NULL (under mutex) */
+    CoreObject *core;        /* its native core, or NULL for a Python container */
+} GroupStateObject;
+
+static PyObject *
+GroupState_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"name", "unbound_lock", "device_lock", "mutex", "refs", "users", NULL};
+    PyObject *name;
+    LockObject *ul, *dl, *mx;
+    AtomicObject *refs, *users;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "UO!O!O!O!O!:GroupState", kwlist, &name, &LockType, &ul,
+                                     &LockType, &dl, &LockType, &mx, &AtomicType, &refs, &AtomicType,
+                                     &users))
+        return NULL;
+    GroupStateObject *g = (GroupStateObject *)type->tp_alloc(type, 0);
+    if (g == NULL)
+        return NULL;
+    Py_INCREF(name);
+    g->name = name;
+    Py_INCREF(ul);
+    g->unbound_lock = ul;
+    Py_INCREF(dl);
+    g->device_lock = dl;
+    Py_INCREF(mx);
+    g->mutex = mx;
+    Py_INCREF(refs);
+    g->refs = refs;
+    Py_INCREF(users);
+    g->users = users;
+    return (PyObject *)g;
+}
+
+static void
+GroupState_dealloc(GroupStateObject *self)
+{
+    Py_XDECREF(self->name);
+    Py_XDECREF(self->unbound_lock);
+    Py_XDECREF(self->device_lock);
+    Py_XDECREF(self->mutex);
+    Py_XDECREF(self->refs);
+    Py_XDECREF(self->users);
+    Py_XDECREF(self->container);
+    Py_XDECREF(self->core);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* set_container(c or None): called by the Python Group under group.mutex. */
+static PyObject *
+GroupState_set_container(GroupStateObject *self, PyObject *c)
+{
+    CoreObject *core = NULL;
+    if (c != Py_None) {
+        PyObject *k = PyObject_GetAttrString(c, "_core");
+        if (k == NULL)
+            PyErr_Clear();
+        else if (PyObject_TypeCheck(k, &CoreType) && !((CoreObject *)k)->kvm)
+            core = (CoreObject *)k;
+        else
+            Py_DECREF(k);
+        Py_INCREF(c);
+    }
+    PyObject *old = self->container;
+    CoreObject *oldcore = self->core;
+    self->container = c == Py_None ? NULL : c;
+    self->core = core;
+    Py_XDECREF(old);
+    Py_XDECREF(oldcore);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+GroupState_get_long(GroupStateObject *self, void *closure)
+{
+    return PyLong_FromLong(closure ? self->devices_unbound : self->unbound);
+}
+
+static int
+GroupState_set_long(GroupStateObject *self, PyObject *value, void *closure)
+{
+    long v = value == NULL ? -1 : PyLong_AsLong(value);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 0) {
+        PyErr_SetString(PyExc_ValueError, "GroupState: counts are >= 0");
+        return -1;
+    }
+    if (closure)
+        self->devices_unbound = v;
+    else
+        self->unbound = v;
+    return 0;
+}
+
+static PyObject *
+GroupState_get_obj(GroupStateObject *self, void *closure)
+{
+    PyObject *o = NULL;
+    switch ((int)(intptr_t)closure) {
+    case 0: o = self->name; break;
+    case 1: o = (PyObject *)self->unbound_lock; break;
+    case 2: o = (PyObject *)self->device_lock; break;
+    case 3: o = (PyObject *)self->mutex; break;
+    case 4: o = (PyObject *)self->refs; break;
+    case 5: o = (PyObject *)self->users; break;
+    default: o = self->container ? self->container : Py_None;
+    }
+    Py_INCREF(o);
+    return o;
+}
+
+static PyMethodDef GroupState_methods[] = {
+    {"set_container", (PyCFunction)GroupState_set_container, METH_O,
+     "attach (a container) or detach (None); the caller holds group.mutex"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef GroupState_getset[] = {
+    {"unbound", (getter)GroupState_get_long, (setter)GroupState_set_long,
+     "names on the unbound list (set under unbound_lock)", NULL},
+    {"devices_unbound", (getter)GroupState_get_long, (setter)GroupState_set_long,
+     "devices not bound (set under device_lock)", (void *)1},
+    {"name", (getter)GroupState_get_obj, NULL, "the group's name", (void *)0},
+    {"unbound_lock", (getter)GroupState_get_obj, NULL, "group.unbound_lock", (void *)1},
+    {"device_lock", (getter)GroupState_get_obj, NULL, "group.device_lock", (void *)2},
+    {"mutex", (getter)GroupState_get_obj, NULL, "group.mutex", (void *)3},
+    {"refs", (getter)GroupState_get_obj, NULL, "group references", (void *)4},
+    {"container_users", (getter)GroupState_get_obj, NULL, "container users", (void *)5},
+    {"container", (getter)GroupState_get_obj, NULL, "the attached container", (void *)6},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject GroupStateType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dmarw._native.GroupState",
+    .tp_basicsize = sizeof(GroupStateObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "GroupState(name, unbound_lock, device_lock, mutex, refs, users): a group as the "
+              "native per-call path sees it.",
+    .tp_new = GroupState_new,
+    .tp_dealloc = (destructor)GroupState_dealloc,
+    .tp_methods = GroupState_methods,
+    .tp_getset = GroupState_getset,
+};
+
+static PyObject *vfio_groups;     /* the registry: dmarw.vfio._registry.groups */
+static PyObject *vfio_fallback;   /* the Python per-call path */
+static LockObject *vfio_group_lock; /* the registry lock when it is native, else NULL */
+static PyObject *str_vstate;      /* "_vstate" */
+static PyObject *str_group;       /* "group" */
+static PyObject *str_dma_rw;      /* "dma_rw" */
+
+/* vfio_setup(groups, fallback): the registry dict and the Python per-call path. */
+static PyObject *
+vfio_setup(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *groups, *fb;
+    if (!PyArg_ParseTuple(args, "O!O:vfio_setup", &PyDict_Type, &groups, &fb))
+        return NULL;
+    Py_INCREF(groups);
+    Py_XSETREF(vfio_groups, groups);
+    Py_INCREF(fb);
+    Py_XSETREF(vfio_fallback, fb);
+    Py_RETURN_NONE;
+}
+
+/* vfio_set_group_lock(lock or None): the registry lock the native path takes (None: the
+ * registry lock is not native, so every call takes the Python path). */
+static PyObject *
+vfio_set_group_lock(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    if (arg != Py_None && !PyObject_TypeCheck(arg, &LockType)) {
+        PyErr_SetString(PyExc_TypeError, "vfio_set_group_lock: expected a Lock or None");
+        return NULL;
+    }
+    LockObject *old = vfio_group_lock;
+    vfio_group_lock = arg == Py_None ? NULL : (LockObject *)arg;
+    Py_XINCREF(vfio_group_lock);
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
+
+/* "vfio_dma_rw 0x..+0x..: <detail>" as DmaError(err). */
+static PyObject *
+vfio_error(int err, uint64_t iova, uint64_t n, PyObject *detail)
+{
+    if (detail == NULL)
+        return NULL;
+    char where[64];
+    snprintf(where, sizeof where, "vfio_dma_rw 0x%llx+0x%llx", (unsigned long long)iova, (unsigned long long)n);
+    PyObject *msg = PyUnicode_FromFormat("%s: %U", where, detail);
+    Py_DECREF(detail);
+    if (msg == NULL)
+        return NULL;
+    PyObject *exc = PyObject_CallFunction(error_type ? error_type : PyExc_OSError, "iO", err, msg);
+    Py_DECREF(msg);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+typedef struct {
+    GroupStateObject *st; /* a reference while entered */
+    PyObject *container;
+    CoreObject *core;
+} VfioRef;
+
+/* Steps 1-3 of the per-call path on a device with a native group: registry lookup under
+ * vfio.group_lock and a group reference, viability under group.unbound_lock and
+ * group.device_lock, a container user under group.mutex.  1 entered, 0 not a native
+ * device (nothing done, no error), -1 error (every reference dropped again). */
+static int
+vfio_enter(PyObject *device, uint64_t iova, uint64_t n, VfioRef *r)
+{
+    LockObject *gl = vfio_group_lock;
+    if (gl == NULL || vfio_groups == NULL)
+        return 0;
+    PyObject *sto = PyObject_GetAttr(device, str_vstate);
+    if (sto == NULL || !PyObject_TypeCheck(sto, &GroupStateType)) {
+        Py_XDECREF(sto);
+        PyErr_Clear();
+        return 0;
+    }
+    GroupStateObject *st = (GroupStateObject *)sto;
+    PyObject *grp = PyObject_GetAttr(device, str_group);
+    if (grp == NULL) {
+        Py_DECREF(st);
+        return -1;
+    }
+    Py_INCREF(gl);
+    lock_take(gl);
+    PyObject *found = PyDict_GetItemWithError(vfio_groups, st->name);
+    int registered = found != NULL && found == grp;
+    if (registered)
+        __atomic_fetch_add(&st->refs->v, 1, __ATOMIC_ACQ_REL);
+    lock_drop(gl);
+    Py_DECREF(gl);
+    Py_DECREF(grp);
+    if (!registered) {
+        Py_DECREF(st);
+        if (PyErr_Occurred())
+            return -1;
+        vfio_error(ENODEV, iova, n, PyUnicode_FromFormat("%R: group is not registered", device));
+        return -1;
+    }
+    lock_take(st->unbound_lock);
+    int viable = st->unbound == 0;
+    lock_drop(st->unbound_lock);
+    if (viable) {
+        lock_take(st->device_lock);
+        viable = st->devices_unbound == 0;
+        lock_drop(st->device_lock);
+    }
+    if (!viable) {
+        __atomic_fetch_sub(&st->refs->v, 1, __ATOMIC_ACQ_REL);
+        vfio_error(EINVAL, iova, n, PyUnicode_FromFormat("group %R is not viable (unbound device)", st->name));
+        Py_DECREF(st);
+        return -1;
+    }
+    lock_take(st->mutex);
+    PyObject *c = st->container;
+    CoreObject *core = st->core;
+    if (c != NULL) {
+        Py_INCREF(c);
+        Py_XINCREF(core);
+        __atomic_fetch_add(&st->users->v, 1, __ATOMIC_ACQ_REL);
+    }
+    lock_drop(st->mutex);
+    if (c == NULL) {
+        __atomic_fetch_sub(&st->refs->v, 1, __ATOMIC_ACQ_REL);
+        vfio_error(EINVAL, iova, n, PyUnicode_FromFormat("group %R is not attached to a container", st->name));
+        Py_DECREF(st);
+        return -1;
+    }
+    r->st = st;
+    r->container = c;
+    r->core = core;
+    return 1;
+}
+
+/* Step 5: drop the container user and the group reference (atomics, no lock). */
+static void
+vfio_leave(VfioRef *r)
+{
+    __atomic_fetch_sub(&r->st->users->v, 1, __ATOMIC_ACQ_REL);
+    __atomic_fetch_sub(&r->st->refs->v, 1, __ATOMIC_ACQ_REL);
+    Py_XDECREF(r->core);
+    Py_DECREF(r->container);
+    Py_DECREF(r->st);
+}
+
+/* vfio_dma_rw(device, iova, buf, write): the per-call path in one call when the device's
+ * group is native and the registry lock is native; otherwise the Python path. */
+static PyObject *
+vfio_dma_rw(PyObject *self, PyObject *const *args_in, Py_ssize_t nargs, PyObject *kwnames)
+{
+    (void)self;
+    static const char *const names[] = {"device", "iova", "buf", "write"};
+    PyObject *args[4];
+    if (bind_args(args_in, nargs, kwnames, names, 4, args, "vfio_dma_rw") < 0)
+        return NULL;
+    uint64_t iova;
+    int oor = 1;
+    Py_buffer v;
+    if (!PyLong_CheckExact(args[1]) || parse_addr(args[1], &iova, &oor) < 0 || oor) {
+        PyErr_Clear();
+        goto fallback; /* unusual addresses: the Python path words the error */
+    }
+    if (PyObject_GetBuffer(args[2], &v, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        goto fallback;
+    }
+    int write = PyObject_IsTrue(args[3]);
+    if (write < 0) {
+        PyBuffer_Release(&v);
+        return NULL;
+    }
+    VfioRef r;
+    int in = vfio_enter(args[0], iova, (uint64_t)v.len, &r);
+    if (in <= 0) {
+        PyBuffer_Release(&v);
+        if (in < 0)
+            return NULL;
+        goto fallback;
+    }
+    PyObject *ret;
+    if (r.core != NULL) {
+        ret = core_dma_rw_checked(r.core, iova, 0, &v, write);
+    } else {
+        PyObject *call[4] = {r.container, args[1], args[2], args[3]};
+        ret = PyObject_VectorcallMethod(str_dma_rw, call, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    PyBuffer_Release(&v);
+    vfio_leave(&r);
+    return ret;
+fallback:
+    if (vfio_fallback == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "vfio_dma_rw: vfio_setup() was not called");
+        return NULL;
+    }
+    return PyObject_Vectorcall(vfio_fallback, args_in, nargs, kwnames);
+}
+
+/* One per-call dma_rw for vfio_replay: the device's native group and container only. */
+static PyObject *
+vfio_replay_one(PyObject *device, uint64_t iova, Py_buffer *v, int write)
+{
+    VfioRef r;
+    int in = vfio_enter(device, iova, (uint64_t)v->len, &r);
+    if (in <= 0) {
+        if (in == 0)
+            PyErr_SetString(PyExc_TypeError,
+                            "vfio_replay: the device's group or the registry lock is not native");
+        return NULL;
+    }
+    PyObject *ret;
+    if (r.core == NULL) {
+        PyErr_SetString(PyExc_TypeError, "vfio_replay: the group's container is not native");
+        ret = NULL;
+    } else {
+        ret = core_dma_rw_checked(r.core, iova, 0, v, write);
+    }
+    vfio_leave(&r);
+    return ret;
+}
+
+/* vfio_replay(device, writes, addrs, sizes, buf, deltas=None): Core.replay through the
+ * per-call path (steps 1-5 on every record), each call timed with the cycle counter. */
+static PyObject *
+vfio_replay(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *dev, *ow, *oa, *os, *ob, *od = NULL;
+    if (!PyArg_ParseTuple(args, "OOOOO|O:vfio_replay", &dev, &ow, &oa, &os, &ob, &od))
+        return NULL;
+    Records r;
+    if (records_get(&r, ow, oa, os, ob, od) < 0)
+        return NULL;
+    PyObject *ret = replay_records(&r, vfio_replay_one, dev);
+    records_release(&r);
+    return ret;
+}
+
 /* ---- module ------------------------------------------------------------------------ */
 
 static PyMethodDef module_methods[] = {
@@ -1877,6 +2574,16 @@ static PyMethodDef module_methods[] = {
      "hva_write(hva, data): copy data to a host address (unchecked)"},
     {"set_error_type", set_error_type, METH_O, "the exception type raised (dmarw.DmaError)"},
     {"set_lockstat", set_lockstat, METH_O, "count and time acquisitions in dmarw.lockstat"},
+    {"vfio_setup", vfio_setup, METH_VARARGS, "vfio_setup(groups, fallback): the registry and the Python path"},
+    {"vfio_set_group_lock", vfio_set_group_lock, METH_O,
+     "the registry lock the native per-call path takes (a Lock), or None"},
+    {"vfio_dma_rw", (PyCFunction)(void (*)(void))vfio_dma_rw, METH_FASTCALL | METH_KEYWORDS,
+     "vfio_dma_rw(device, iova, buf, write): the per-call path (registry lookup under "
+     "vfio.group_lock, viability under group.unbound_lock and group.device_lock, a container "
+     "user under group.mutex, the container's dma_rw, references dropped) in one call"},
+    {"vfio_replay", vfio_replay, METH_VARARGS,
+     "vfio_replay(device, writes, addrs, sizes, buf, deltas=None) -> (read_cycles, reads, "
+     "write_cycles, writes): Core.replay through the per-call path"},
     {"set_gil_threshold", set_gil_threshold, METH_O,
      "copies of at least this many bytes release the GIL; returns the old value"},
     {NULL, NULL, 0, NULL},
@@ -1900,11 +2607,15 @@ PyInit__native(void)
     str_released = PyUnicode_InternFromString("released");
     str_active = PyUnicode_InternFromString("_active");
     str_timed = PyUnicode_InternFromString("timed");
+    str_vstate = PyUnicode_InternFromString("_vstate");
+    str_group = PyUnicode_InternFromString("group");
+    str_dma_rw = PyUnicode_InternFromString("dma_rw");
     if (str_exited == NULL || str_kthread == NULL || str_released == NULL || str_active == NULL ||
-        str_timed == NULL)
+        str_timed == NULL || str_vstate == NULL || str_group == NULL || str_dma_rw == NULL)
         return NULL;
     if (PyType_Ready(&MmRefType) < 0 || PyType_Ready(&TableType) < 0 ||
-        PyType_Ready(&CoreType) < 0)
+        PyType_Ready(&CoreType) < 0 || PyType_Ready(&AtomicType) < 0 || PyType_Ready(&LockType) < 0 ||
+        PyType_Ready(&GroupStateType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (m == NULL)
@@ -1912,7 +2623,13 @@ PyInit__native(void)
     Py_INCREF(&MmRefType);
     Py_INCREF(&TableType);
     Py_INCREF(&CoreType);
+    Py_INCREF(&AtomicType);
+    Py_INCREF(&LockType);
+    Py_INCREF(&GroupStateType);
     if (PyModule_AddObject(m, "MmRef", (PyObject *)&MmRefType) < 0 ||
+        PyModule_AddObject(m, "Atomic", (PyObject *)&AtomicType) < 0 ||
+        PyModule_AddObject(m, "Lock", (PyObject *)&LockType) < 0 ||
+        PyModule_AddObject(m, "GroupState", (PyObject *)&GroupStateType) < 0 ||
         PyModule_AddObject(m, "Table", (PyObject *)&TableType) < 0 ||
         PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0 ||
         PyModule_AddIntConstant(m, "HAVE_RDTSC", HAVE_RDTSC) < 0 ||

@@ -53,15 +53,16 @@ class LockClass:
         self.name = name
         self._count = itertools.count()
         self._timed = 0
-        self._total_ns = 0
+        self._total_ns: float = 0  # int from the Python locks; native locks add float ns
         self._guard = threading.Lock()
 
     def hit(self) -> None:
         """Count one acquisition (atomic under the GIL: a C-level ``next``)."""
         next(self._count)
 
-    def timed(self, ns: int) -> None:
-        """Count one acquisition that took ``ns`` to acquire."""
+    def timed(self, ns: float) -> None:
+        """Count one acquisition that took ``ns`` to acquire (the native locks pass their
+        counter's ticks converted to ns, a float)."""
         next(self._count)
         with self._guard:
             self._timed += 1
@@ -71,7 +72,7 @@ class LockClass:
     def count(self) -> int:
         return int(self._count.__reduce__()[1][0])
 
-    def snapshot(self) -> tuple[int, int, int]:
+    def snapshot(self) -> tuple[int, int, float]:
         with self._guard:
             return self.count, self._timed, self._total_ns
 
@@ -157,12 +158,12 @@ def timer_overhead_ns(samples: int = 20001) -> float:
 class Stats:
     """What one :func:`collect` block saw; :meth:`table` gives the per-lock rows."""
 
-    start: dict[str, tuple[int, int, int]] = field(default_factory=dict)
-    end: dict[str, tuple[int, int, int]] | None = None
+    start: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    end: dict[str, tuple[int, int, float]] | None = None
 
-    def _rows(self) -> dict[str, tuple[int, int, int]]:
+    def _rows(self) -> dict[str, tuple[int, int, float]]:
         end = self.end if self.end is not None else _snapshot()
-        rows: dict[str, tuple[int, int, int]] = {}
+        rows: dict[str, tuple[int, int, float]] = {}
         for name, (count, timed, total) in end.items():
             c0, t0, n0 = self.start.get(name, (0, 0, 0))
             if count - c0 > 0:
@@ -193,7 +194,7 @@ class Stats:
         return {name: c for name, (c, _t, _n) in self._rows().items()}
 
 
-def _snapshot() -> dict[str, tuple[int, int, int]]:
+def _snapshot() -> dict[str, tuple[int, int, float]]:
     with _classes_lock:
         classes = list(_classes.values())
     return {c.name: c.snapshot() for c in classes}

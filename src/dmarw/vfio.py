@@ -14,7 +14,18 @@ Per-call path (the 2020 kernel's ``vfio_dma_rw(dev, ...)``), on every call:
 call costs only step 4 — the fix the seed thread arrived at.
 
 The global ``vfio.group_lock`` can be replaced by a process-shared lock
-(:func:`set_group_lock`), so that VMs in separate processes contend on one host-wide lock.
+(:func:`set_group_lock`, :func:`new_group_lock`), so that VMs in separate processes contend
+on one host-wide lock.
+
+Native core: when the native core is selected (:mod:`dmarw.core`), a group's locks are
+native named locks (``dmarw._native.Lock``: pthread mutexes counted and timed in the same
+lockstat classes), its counters native atomics, and it owns a native ``GroupState`` that its
+methods update under those same locks; the registry lock is a native lock too (process-shared
+from :func:`new_group_lock`).  :func:`vfio_dma_rw` is then one C call doing steps 1-5 with
+the same rules, errnos and lock counts, and the container's native ``dma_rw`` in between
+(a Python container's ``dma_rw`` is called from C).  Anything else (a Python group, a
+non-native registry lock, an unusual argument) takes the Python path below, which is also
+the reference (``DMARW_CORE=python``).
 """
 
 from __future__ import annotations
@@ -28,6 +39,40 @@ from typing import Any
 from .errors import DmaError, fail, rng
 from .locks import Mutex
 from .type1 import Buffer, Container, Prot
+
+
+def _load_native() -> Any:
+    """``dmarw._native`` when it is built, else None."""
+    try:
+        from . import native
+    except ImportError:
+        return None
+    return native._native
+
+
+def _native_selected(core_name: str | None = None) -> bool:
+    """True when ``core_name`` (default: the selection, :func:`dmarw.core.resolve`) is native."""
+    if _N is None:
+        return False
+    from . import core
+
+    try:
+        return core.resolve(core_name) == "native"
+    except core.CoreUnavailable:
+        return False
+
+
+_N: Any = _load_native()
+_default_native = _native_selected()  # the registry lock and vfio_dma_rw, chosen at import
+
+
+def _named_lock(name: str, native: bool) -> Any:
+    """A lock of class ``name``: a native Lock or a Python Mutex."""
+    if not native:
+        return Mutex(name)
+    from . import lockstat
+
+    return _N.Lock(lockstat.lock_class(name))
 
 
 class _Atomic:
@@ -63,7 +108,7 @@ class _Registry:
     """``vfio.group_list`` and the host-global ``vfio.group_lock`` guarding it."""
 
     def __init__(self) -> None:
-        self.lock = Mutex("vfio.group_lock")
+        self.lock: Any = _named_lock("vfio.group_lock", _default_native)
         self.groups: dict[str, Group] = {}
 
 
@@ -71,8 +116,29 @@ _registry = _Registry()
 
 
 def set_group_lock(raw: Any) -> None:
-    """Use ``raw`` (e.g. a ``multiprocessing.Lock``) as the host-global ``vfio.group_lock``."""
-    _registry.lock = Mutex("vfio.group_lock", raw)
+    """Use ``raw`` as the host-global ``vfio.group_lock``: a lock from :func:`new_group_lock`
+    (a native process-shared lock on the native core), a dmarw ``Mutex`` or native lock as
+    is, or any raw lock (e.g. a ``multiprocessing.Lock``) behind a ``Mutex``.  The native
+    per-call path runs only while the registry lock is native."""
+    is_native = _N is not None and isinstance(raw, _N.Lock)
+    lock = raw if is_native or isinstance(raw, Mutex) else Mutex("vfio.group_lock", raw)
+    _registry.lock = lock
+    if _N is not None:
+        _N.vfio_set_group_lock(lock if is_native else None)
+
+
+def new_group_lock(core: str | None = None) -> Any:
+    """A host-global ``vfio.group_lock`` for VMs in forked processes (make it before the
+    fork, :func:`set_group_lock` it in each process): on the native core a pthread mutex
+    with ``PTHREAD_PROCESS_SHARED`` in a ``MAP_SHARED`` anonymous mapping, else a
+    ``multiprocessing.Lock``."""
+    if not _native_selected(core):
+        import multiprocessing
+
+        return multiprocessing.get_context("fork").Lock()
+    from . import lockstat
+
+    return _N.Lock(lockstat.lock_class("vfio.group_lock"), shared=True)
 
 
 class Device:
@@ -82,23 +148,35 @@ class Device:
         self.group = group
         self.name = name
         self.bound = True
+        if group._state is not None:
+            self._vstate = group._state  # what the native per-call path looks up
 
     def unbind(self) -> None:
         """Unbind from the vfio driver: the device joins the group's unbound list."""
         g = self.group
+        st = g._state
         with g.device_lock:
             if not self.bound:
                 return
             self.bound = False
+            if st is not None:
+                st.devices_unbound += 1
         with g.unbound_lock:
             g.unbound.add(self.name)
+            if st is not None:
+                st.unbound = len(g.unbound)
 
     def bind(self) -> None:
         """Bind back to the vfio driver: leave the unbound list (idempotent)."""
         g = self.group
+        st = g._state
         with g.unbound_lock:
             g.unbound.discard(self.name)
+            if st is not None:
+                st.unbound = len(g.unbound)
         with g.device_lock:
+            if st is not None and not self.bound:
+                st.devices_unbound -= 1
             self.bound = True
 
     def __repr__(self) -> str:
@@ -108,16 +186,28 @@ class Device:
 class Group:
     """An IOMMU group: its devices, its container and the references held on it."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, core: str | None = None) -> None:
+        """``core``: ``python`` or ``native`` locks and state (default: the selection)."""
+        native = _native_selected(core)
         self.name = name
-        self.unbound_lock = Mutex("group.unbound_lock")
-        self.device_lock = Mutex("group.device_lock")
-        self.mutex = Mutex("group.mutex")
+        self._state: Any = None
+        self.unbound_lock: Any = _named_lock("group.unbound_lock", native)
+        self.device_lock: Any = _named_lock("group.device_lock", native)
+        self.mutex: Any = _named_lock("group.mutex", native)
+        self.container_users: Any
+        self.refs: Any
+        if not native:
+            self.container_users = _Atomic()
+            self.refs = _Atomic(1)  # the registry's own reference
+        else:
+            self.container_users = _N.Atomic(0)
+            self.refs = _N.Atomic(1)
+            self._state = _N.GroupState(
+                name, self.unbound_lock, self.device_lock, self.mutex, self.refs, self.container_users
+            )
         self.devices: dict[str, Device] = {}
         self.unbound: set[str] = set()
         self.container: Container | None = None
-        self.container_users = _Atomic()
-        self.refs = _Atomic(1)  # the registry's own reference
         with _registry.lock:
             if name in _registry.groups:
                 raise fail(errno.EEXIST, f"group {name!r} is already registered")
@@ -156,6 +246,8 @@ class Group:
             if self.container is not None:
                 raise fail(errno.EBUSY, f"group {self.name!r} already has a container")
             self.container = container
+            if self._state is not None:
+                self._state.set_container(container)
 
     def unset_container(self) -> None:
         """Detach the container (``EBUSY`` while any user holds it, ``EINVAL`` if none)."""
@@ -165,6 +257,8 @@ class Group:
             if self.container_users.value:
                 raise fail(errno.EBUSY, f"group {self.name!r}: container has {self.container_users.value} user(s)")
             self.container = None
+            if self._state is not None:
+                self._state.set_container(None)
 
     # -- references (steps 1-3 and 5 of the module docstring) ---------------------------------
     @staticmethod
@@ -234,13 +328,23 @@ def _leave(g: Group) -> None:
     g.put()
 
 
-def vfio_dma_rw(device: Device, iova: int, buf: Buffer, write: bool) -> None:
-    """The per-call path: every reference and lock taken and dropped around one access."""
+def vfio_dma_rw_py(device: Device, iova: int, buf: Buffer, write: bool) -> None:
+    """The per-call path in Python: every reference and lock taken and dropped around one
+    access (the reference; :func:`vfio_dma_rw` is this, or its one-call native version)."""
     g, c = _enter(device, "vfio_dma_rw", iova, buf)
     try:
         c.dma_rw(iova, buf, write)
     finally:
         _leave(g)
+
+
+vfio_dma_rw: Callable[[Device, int, Buffer, bool], None] = vfio_dma_rw_py
+"""The per-call path (steps 1-5 of the module docstring) around one ``dma_rw``."""
+if _N is not None:
+    _N.vfio_setup(_registry.groups, vfio_dma_rw_py)
+    set_group_lock(_registry.lock)
+if _default_native:
+    vfio_dma_rw = _N.vfio_dma_rw
 
 
 def vfio_pin_pages(device: Device, iova: int, npage: int, prot: Prot) -> list[int]:

@@ -3,6 +3,7 @@ the reproduce JSON schema and the CLI.  Behaviour only: no timing is asserted.""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -55,13 +56,40 @@ def test_paths_move_the_bytes() -> None:
     for path in PATHS:
         env = VmEnv(path, RAM, name=f"t-{path}")
         try:
-            read, write = env.access()
+            acc = env.access()
+            assert not isinstance(acc.rw, functools.partial) or not acc.rw.keywords  # positional only
+            read, write = acc.pair()
             write(0x3000, memoryview(b"dmarw-lab"))
             buf = bytearray(9)
             read(0x3000, memoryview(buf))
             assert bytes(buf) == b"dmarw-lab"
             assert env.vm.read_guest(0x3000, 9) == b"dmarw-lab"  # the same guest RAM
             assert env.dirty_pages() == 1
+        finally:
+            env.close()
+
+
+@pytest.mark.skipif(resolve_core() != "native", reason="the native core is not selected")
+def test_native_replayers_move_the_bytes_through_each_path() -> None:
+    """On the native core each path's C replay (what the lab times) really writes and reads
+    guest memory through that path, and per-call replays take the group locks per record."""
+    from array import array
+
+    from dmarw import lockstat
+
+    for path in PATHS:
+        env = VmEnv(path, RAM, name=f"t-native-{path}", core="native")
+        try:
+            replay = env.replayer()
+            buf = bytearray(b"native-lab" + bytes(4086))
+            ticks = array("Q", bytes(16))
+            with lockstat.collect() as stats:
+                rc, rn, wc, wn = replay(array("B", [1, 0]), array("Q", [0x5000, 0x5000]), array("I", [10, 10]), buf, ticks)
+            assert (rn, wn) == (1, 1) and rc + wc == sum(ticks)
+            assert env.vm.read_guest(0x5000, 10) == b"native-lab"
+            assert env.dirty_pages() == 1
+            counts = stats.counts()
+            assert counts.get("vfio.group_lock", 0) == (2 if PATHS[path].kind == "percall" else 0), path
         finally:
             env.close()
 

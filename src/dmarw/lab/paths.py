@@ -15,7 +15,11 @@ Every path is dmarw's real code, set up as in the seed (dirty logging on everywh
 ==========================  ==============================================================
 
 ``core`` picks the Python reference or the native core (:mod:`dmarw.core`; default: native
-when built, ``$DMARW_CORE`` overrides).  The container always tracks dirty pages (``dirty_pages_start``).  Guest RAM is a memfd,
+when built, ``$DMARW_CORE`` overrides).  Every path is reached the same way: one positional
+call ``rw(addr, buf, write)`` (no ``functools.partial`` keywords): ``kvm`` through
+:meth:`VmEnv.access`'s pair, the VFIO paths through ``vfio_dma_rw`` with the device bound
+positionally or the handle's bound ``dma_rw``.  On the native core :meth:`VmEnv.replayer`
+gives the path's C replay entry (each call timed in C with the native counter).  The container always tracks dirty pages (``dirty_pages_start``).  Guest RAM is a memfd,
 mapped at iova == gpa == 0.  Locks: none here; each VM lives in its own process.
 """
 
@@ -25,14 +29,38 @@ import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .. import bitmap
 from ..kvm import Vm
 from ..mm import PAGE_SIZE, AddressSpace
 from ..type1 import Container, Prot
-from ..vfio import ExternalUser, Group, vfio_dma_rw
+from ..vfio import ExternalUser, Group, vfio_dma_rw_py
 
 Access = Callable[[int, memoryview], None]
+RwAccess = Callable[[int, memoryview, bool], None]
+RwAccess4 = Callable[[Any, int, memoryview, bool], None]
+# replay(writes u8, addrs u64, sizes u32, buf, deltas u64 | None) -> (rc, rn, wc, wn)
+Replayer = Callable[..., tuple[int, int, int, int]]
+
+
+@dataclass(frozen=True)
+class Accessor:
+    """How the lab calls a path from Python: ``read(addr, buf)``/``write(addr, buf)`` (kvm's
+    two entry points) or ``rw(addr, buf, write)`` (dma_rw's one), always positionally."""
+
+    read: Access | None = None
+    write: Access | None = None
+    rw: RwAccess | None = None
+
+    def pair(self) -> tuple[Access, Access]:
+        """(read, write) for code that wants two callables (warm-up, tests); the VFIO pair
+        adds a frame, so timed loops use :attr:`rw` instead."""
+        if self.rw is None:
+            assert self.read is not None and self.write is not None
+            return self.read, self.write
+        rw = self.rw
+        return (lambda a, m: rw(a, m, False)), (lambda a, m: rw(a, m, True))
 
 
 @dataclass(frozen=True)
@@ -105,7 +133,7 @@ class VmEnv:
         self.container: Container = container_cls(lock=spec.lock, mm_ref=spec.mm_ref)
         self.container.map_dma(0, ram_size, self.hva, self.space, Prot.READ | Prot.WRITE)
         self.container.dirty_pages_start()
-        self.group = Group(f"{name}-{os.getpid()}")
+        self.group = Group(f"{name}-{os.getpid()}", core=self.core)
         self.device = self.group.add_device("0000:00:02.0")
         self.group.set_container(self.container)
         self.user: ExternalUser | None = None
@@ -120,19 +148,47 @@ class VmEnv:
         for o in range(off, off + self.ram_size, PAGE_SIZE):
             m[o : o + PAGE_SIZE] = zero
 
-    def access(self, path: str | None = None) -> tuple[Access, Access]:
-        """(read, write) callables of ``path`` (default: this env's): ``f(addr, buf)``."""
+    def access(self, path: str | None = None) -> Accessor:
+        """How to call ``path`` (default: this env's) from Python, positionally: kvm's
+        ``read_guest_into``/``write_guest``; per-call ``vfio_dma_rw`` with the device bound
+        (``functools.partial`` with one positional argument: no keyword binding); the
+        handle's own bound ``dma_rw``."""
         spec = PATHS[path or self.spec.name]
         if spec.kind == "kvm":
-            return self.vm.read_guest_into, self.vm.write_guest
+            return Accessor(read=self.vm.read_guest_into, write=self.vm.write_guest)
         if spec.kind == "percall":
-            return (
-                functools.partial(vfio_dma_rw, self.device, write=False),
-                functools.partial(vfio_dma_rw, self.device, write=True),
-            )
+            fn: RwAccess4 = vfio_dma_rw_py
+            if self.core == "native":
+                from .. import _native  # type: ignore[attr-defined]
+
+                fn = _native.vfio_dma_rw  # the one-call path (whatever $DMARW_CORE said at import)
+            return Accessor(rw=functools.partial(fn, self.device))
+        return Accessor(rw=self._user().dma_rw)
+
+    def _user(self) -> ExternalUser:
         user = self.user if self.user is not None else ExternalUser.from_device(self.device)
         self.user = user
-        return functools.partial(user.dma_rw, write=False), functools.partial(user.dma_rw, write=True)
+        return user
+
+    def replayer(self, path: str | None = None) -> Replayer:
+        """The native core's C replay of ``path``: ``replay(writes, addrs, sizes, buf,
+        deltas)`` runs the records through the path, each call timed with the native
+        counter (kvm: the VM core's ``replay``; per-call: ``_native.vfio_replay`` on the
+        device, all five steps per record; external user: the container core's ``replay``,
+        the very entry the open handle calls)."""
+        if self.core != "native":
+            raise TypeError("replayer: the Python core is timed from Python")
+        from .. import _native  # type: ignore[attr-defined]
+
+        spec = PATHS[path or self.spec.name]
+        if spec.kind == "kvm":
+            core: Any = vars(self.vm)["_core"]
+            return core.replay
+        if spec.kind == "percall":
+            return functools.partial(_native.vfio_replay, self.device)
+        self._user()
+        core = vars(self.container)["_core"]
+        return core.replay
 
     def dirty_pages(self) -> int:
         """Pages the path's dirty log holds now (get-and-clear): proof tracking was on."""

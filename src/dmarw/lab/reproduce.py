@@ -3,8 +3,10 @@ on each of the seed's conclusions.
 
 Every figure of ours is measured in this run by :mod:`.runner`; the seed's figures come only
 from :mod:`.seed`.  Absolute cycles cannot match (the seed timed kernel code with
-``get_cycles()``, we time Python calls with ``perf_counter_ns`` and convert with the
-kernel-reported CPU frequency), so each table also gives ratios, which can be compared.
+``get_cycles()``; on the native core we time each call in C with the native counter, rdtsc
+where the TSC is invariant, around the one-call paths; on the Python core we time Python
+calls with ``perf_counter_ns`` and convert with the CPU frequency), so each table also gives
+ratios, which can be compared.
 """
 
 from __future__ import annotations
@@ -119,7 +121,15 @@ def machine_info(core: str | None = None) -> dict[str, Any]:
                     break
     except OSError:
         pass
-    overhead = lockstat.timer_overhead_ns()
+    native = resolve_core(core) == "native"
+    if native:
+        from .runner import native_timer_overhead_ns
+
+        overhead = native_timer_overhead_ns()
+        timer = "native counter pair, timed in C (dmarw._native.timer_overhead)"
+    else:
+        overhead = lockstat.timer_overhead_ns()
+        timer = "perf_counter_ns pair, timed in Python"
     return {
         "cpu_model": model,
         "ncpu": os.cpu_count(),
@@ -132,6 +142,7 @@ def machine_info(core: str | None = None) -> dict[str, Any]:
         "cycles_source": lockstat.cycles_source(),
         "timer_overhead_ns": overhead,
         "timer_overhead_cycles": lockstat.ns_to_cycles(overhead),
+        "timer": timer,
         "core": resolve_core(core),
     }
 
@@ -746,7 +757,7 @@ def report(res: Results, con: Console) -> tuple[list[Tab], list[Verdict]]:
     con.print(f"[bold]dmarw reproduce[/] — the seed's study re-run on dmarw's own code paths ({'quick' if o.quick else 'full'} mode)")
     con.print(f"machine: {m['cpu_model']}, {m['ncpu']} CPUs, load {m['loadavg'][0]:.2f}, Python {m['python']} "
               f"({m['implementation']}), dmarw {m['dmarw']}, core {m['core']}")
-    con.print(f"timer: a perf_counter_ns pair costs {m['timer_overhead_ns']:.0f} ns "
+    con.print(f"timer: a {m.get('timer', 'perf_counter_ns pair')} costs {m['timer_overhead_ns']:.0f} ns "
               f"({m['timer_overhead_cycles']:.0f} cycles; seed: get_cycles ~{S.TIMER_COST}); subtracted from every op")
     con.print(f"{m['cycles_source']}")
     con.print(f"workload: {w['profile']} seed {w['seed']}, {w['ops']:,} ops per VM (seed: 40M+), reads "
@@ -755,8 +766,10 @@ def report(res: Results, con: Console) -> tuple[list[Tab], list[Verdict]]:
     if w.get("assumption"):
         con.print(f"  {w['assumption']}", soft_wrap=False)
     con.print("paths: " + "; ".join(f"{p} = {PATHS[p].description}" for p in o.paths))
-    con.print("[bold]Absolute cycles differ from the seed's[/] (kernel C timed with get_cycles vs Python "
-              "timed with perf_counter_ns): compare the ratio columns (×kvm, ×mutex, ×).")
+    ours = ("dmarw's C paths timed in C with the native counter" if m["core"] == "native"
+            else "Python calls timed with perf_counter_ns")
+    con.print(f"[bold]Absolute cycles differ from the seed's[/] (kernel C timed with get_cycles vs {ours}): "
+              "compare the ratio columns (×kvm, ×mutex, ×).")
     runs = [*res.runs.values(), *([res.repeat] if res.repeat else [])]
     dropped = sum(r.dropped for r in runs)
     total = sum(r.reads + r.writes for r in runs)

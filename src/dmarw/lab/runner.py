@@ -6,11 +6,20 @@ made here and installed in every VM process with :func:`dmarw.set_group_lock`, s
 contend on it as on the kernel's.  VMs start each pass together (a barrier).
 
 Per VM, in order: set up, prefault guest RAM, warm up (untimed), measure the timer's own
-cost (:func:`dmarw.lockstat.timer_overhead_ns`), the timed pass (``perf_counter_ns``
-around each call, reads and writes summed apart; the timer cost is subtracted per op when
+cost, the timed pass (reads and writes apart; the timer cost is subtracted per op when
 results are combined), the uncontended-mutex probe, a lock-statistics pass
 (:func:`dmarw.lockstat.collect`), and the dirty log harvest.  Nothing here waits on a
 clock: the parent blocks on the result pipes.
+
+How each op is timed depends on the core:
+
+* Python core: ``perf_counter_ns`` read in Python around each call; the timer's cost is
+  :func:`dmarw.lockstat.timer_overhead_ns`.
+* native core: the path's C replay (:meth:`VmEnv.replayer`) runs the records and reads the
+  native counter (rdtsc with an invariant TSC) around each call in C, as the seed timed
+  ``vfio_dma_rw`` with ``get_cycles()``; the timer's cost is ``_native.timer_overhead``
+  (median counter pair, measured in C).  Ticks become ns at the counter's rate.  The lock
+  statistics come from the native locks, timed with the same counter.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from .. import lockstat
 from ..locks import Mutex
 from ..mm import PAGE_SIZE
 from ..vfio import set_group_lock
-from .paths import PATHS, Access, VmEnv
+from .paths import PATHS, Accessor, Replayer, VmEnv
 from .workload import Workload
 
 MAX_ACCESS = 20 * PAGE_SIZE  # largest access any run makes (the size sweep's top)
@@ -59,17 +68,19 @@ class ClassStats:
     """
 
     count: int = 0
-    total_ns: int = 0
+    total_ns: float = 0
     kept: int = 0
-    kept_ns: int = 0
+    kept_ns: float = 0
     dropped: int = 0
-    dropped_ns: int = 0
+    dropped_ns: float = 0
     p50_ns: float = 0.0
     p90_ns: float = 0.0
     p99_ns: float = 0.0
 
     @staticmethod
-    def of(deltas: Sequence[int]) -> ClassStats:
+    def of(deltas: Sequence[float]) -> ClassStats:
+        """From per-op durations in ns (ints from perf_counter_ns, floats from the native
+        counter's ticks)."""
         if not deltas:
             return ClassStats()
         srt = sorted(deltas)
@@ -182,38 +193,99 @@ def _prepare(wl: Workload) -> list[tuple[bool, int, memoryview]]:
 
 def _timed_pass(
     recs: Sequence[tuple[bool, int, memoryview]],
-    read: Access,
-    write: Access,
+    acc: Accessor,
     tick: Callable[[int], None],
 ) -> PassResult:
-    """Time each call with ``perf_counter_ns``; only the call sits between the two reads."""
+    """Time each call with ``perf_counter_ns``; only the call sits between the two reads.
+    kvm's two entry points and dma_rw's one are both called positionally, nothing else."""
     clock = time.perf_counter_ns
     rd: array[int] = array("q")
     wd: array[int] = array("q")
     radd, wadd = rd.append, wd.append
     every = PROGRESS_EVERY - 1
-    for i, (w, a, m) in enumerate(recs):
-        if w:
-            t0 = clock()
-            write(a, m)
-            t1 = clock()
-            wadd(t1 - t0)
-        else:
-            t0 = clock()
-            read(a, m)
-            t1 = clock()
-            radd(t1 - t0)
-        if not i & every:
-            tick(i)
+    rw = acc.rw
+    if rw is not None:
+        for i, (w, a, m) in enumerate(recs):
+            if w:
+                t0 = clock()
+                rw(a, m, True)
+                t1 = clock()
+                wadd(t1 - t0)
+            else:
+                t0 = clock()
+                rw(a, m, False)
+                t1 = clock()
+                radd(t1 - t0)
+            if not i & every:
+                tick(i)
+    else:
+        read, write = acc.pair()
+        for i, (w, a, m) in enumerate(recs):
+            if w:
+                t0 = clock()
+                write(a, m)
+                t1 = clock()
+                wadd(t1 - t0)
+            else:
+                t0 = clock()
+                read(a, m)
+                t1 = clock()
+                radd(t1 - t0)
+            if not i & every:
+                tick(i)
     return PassResult(ClassStats.of(rd), ClassStats.of(wd))
 
 
-def _untimed_pass(recs: Sequence[tuple[bool, int, memoryview]], read: Access, write: Access) -> None:
+def _untimed_pass(recs: Sequence[tuple[bool, int, memoryview]], acc: Accessor) -> None:
+    rw = acc.rw
+    if rw is not None:
+        for w, a, m in recs:
+            rw(a, m, bool(w))
+        return
+    read, write = acc.pair()
     for w, a, m in recs:
         if w:
             write(a, m)
         else:
             read(a, m)
+
+
+NATIVE_CHUNK = 16 * PROGRESS_EVERY  # records per C replay call in a timed pass (progress between)
+
+
+def _native_buffer() -> bytearray:
+    return bytearray(bytes(range(256)) * (MAX_ACCESS // 256))
+
+
+def _native_timed_pass(wl: Workload, replay: Replayer, tick: Callable[[int], None]) -> PassResult:
+    """The timed pass on the native core: the path's C replay times each call with the
+    native counter; per-op ticks become ns at the counter's rate (timer not subtracted)."""
+    r = wl.records
+    n = len(r)
+    buf = _native_buffer()
+    ticks: array[int] = array("Q", bytes(8 * n))
+    for lo in range(0, n, NATIVE_CHUNK):
+        hi = min(n, lo + NATIVE_CHUNK)
+        part = memoryview(ticks)[lo:hi]
+        replay(r.writes[lo:hi], r.addrs[lo:hi], r.sizes[lo:hi], buf, part)
+        tick(hi)
+    ns_per_tick = 1e9 / _native_hz()
+    rd = [t * ns_per_tick for t, w in zip(ticks, r.writes, strict=True) if not w]
+    wd = [t * ns_per_tick for t, w in zip(ticks, r.writes, strict=True) if w]
+    return PassResult(ClassStats.of(rd), ClassStats.of(wd))
+
+
+def _native_hz() -> float:
+    from .. import native
+
+    return float(native.tsc_hz())
+
+
+def native_timer_overhead_ns(samples: int = 20001) -> float:
+    """Median cost of one back-to-back native counter pair, measured in C, in ns."""
+    from .. import _native  # type: ignore[attr-defined]
+
+    return float(_native.timer_overhead(samples)) * 1e9 / _native_hz()
 
 
 def blocked_locks(run_block: Callable[[int], None], blocks: int = LOCK_BLOCKS) -> list[dict[str, Any]]:
@@ -236,10 +308,17 @@ def blocked_locks(run_block: Callable[[int], None], blocks: int = LOCK_BLOCKS) -
     ]
 
 
-def mutex_probe(samples: int = 16000) -> dict[str, float]:
-    """The seed's uncontended-mutex figure: a fresh dmarw Mutex, timed the way lockstat times
-    every lock (one timestamp pair around the acquire, the timer included)."""
-    m = Mutex("lab.uncontended_mutex")
+def mutex_probe(samples: int = 16000, core: str = "python") -> dict[str, float]:
+    """The seed's uncontended-mutex figure: a fresh lock of the core's kind (a dmarw Mutex,
+    or a native Lock timed with the native counter), timed the way lockstat times every lock
+    (one timestamp pair around the acquire, the timer included)."""
+    m: Any
+    if core == "native":
+        from .. import _native  # type: ignore[attr-defined]
+
+        m = _native.Lock(lockstat.lock_class("lab.uncontended_mutex"))
+    else:
+        m = Mutex("lab.uncontended_mutex")
     per = max(samples // LOCK_BLOCKS, 1)
 
     def block(_k: int) -> None:
@@ -268,33 +347,46 @@ def _vm_main(
 ) -> None:
     """One VM process: build, warm up, time, lock-stat pass, harvest, report on ``conn``."""
     try:
-        set_group_lock(group_lock)
+        set_group_lock(group_lock)  # the one host-wide lock, made before the fork
         t_start = time.perf_counter_ns()
         env = VmEnv(path, wl.ram_size, name=f"lab-vm{vm}", core=core)
         env.prefault()
-        recs = _prepare(wl)
-        read, write = env.access()
-        _untimed_pass(recs[:warmup], read, write)
-        overhead = lockstat.timer_overhead_ns()
-        total = len(recs)
+        native = env.core == "native"
+        total = len(wl.records)
 
         def tick(i: int) -> None:
             progress[vm] = i
+
+        if native:  # every op and lock timed in C with the native counter
+            replay = env.replayer()
+            nbuf = _native_buffer()
+            r = wl.records
+            replay(r.writes[:warmup], r.addrs[:warmup], r.sizes[:warmup], nbuf)
+            overhead = native_timer_overhead_ns()
+        else:
+            recs = _prepare(wl)
+            acc = env.access()
+            _untimed_pass(recs[:warmup], acc)
+            overhead = lockstat.timer_overhead_ns()
+        step = -(-min(lock_ops, total) // LOCK_BLOCKS) if lock_ops and total else 1
+
+        def block(k: int) -> None:
+            lo, hi = k * step, min((k + 1) * step, lock_ops, total)
+            if lo >= hi:
+                return
+            if native:
+                replay(r.writes[lo:hi], r.addrs[lo:hi], r.sizes[lo:hi], nbuf)
+            else:
+                _untimed_pass(recs[lo:hi], acc)
 
         gc.collect()
         gc.disable()
         try:
             barrier.wait(BARRIER_TIMEOUT)
-            timed = _timed_pass(recs, read, write, tick)
+            timed = _native_timed_pass(wl, replay, tick) if native else _timed_pass(recs, acc, tick)
             progress[vm] = total
-            probe = mutex_probe()
+            probe = mutex_probe(core=env.core)
             barrier.wait(BARRIER_TIMEOUT)
-            sub = recs[:lock_ops]
-            step = -(-len(sub) // LOCK_BLOCKS) if sub else 1
-
-            def block(k: int) -> None:
-                _untimed_pass(sub[k * step : (k + 1) * step], read, write)
-
             all_locks = blocked_locks(block)
         finally:
             gc.enable()
@@ -372,7 +464,7 @@ def run_raw(
     ops = max(w.ops for w in workloads)
     lock_ops = ops // 4 if lock_ops is None else lock_ops
     warmup = min(ops, 2000) if warmup is None else warmup
-    group_lock = _ctx.Lock()
+    group_lock = _group_lock(core)
     barrier = _ctx.Barrier(vms)
     progress = _ctx.Array("q", vms, lock=False)
     procs, conns = [], []
@@ -389,6 +481,19 @@ def run_raw(
         procs.append(p)
         conns.append(parent_end)
     return _wait(procs, conns, progress, sum(w.ops for w in workloads), on_progress)
+
+
+def _group_lock(core: str | None) -> Any:
+    """The host-global ``vfio.group_lock`` for this run's VM processes, made before fork: a
+    native process-shared pthread mutex on the native core, else a ``multiprocessing.Lock``
+    (behind dmarw's Python ``Mutex``)."""
+    from .paths import resolve_core
+
+    if resolve_core(core) == "native":
+        from ..vfio import new_group_lock
+
+        return new_group_lock("native")
+    return _ctx.Lock()
 
 
 def combine(path: str, results: list[dict[str, Any]], vms: int | None = None) -> RunResult:
@@ -487,11 +592,11 @@ def _sweep_main(
     try:
         env = VmEnv(vfio_path, ram_size, name="lab-sweep", core=core)
         env.prefault()
+        native = env.core == "native"
         rbuf, wbuf = _buffers()
-        paths = {"kvm": env.access("kvm"), vfio_path: env.access(vfio_path)}
+        accs = {"kvm": env.access("kvm"), vfio_path: env.access(vfio_path)}
         rng = random.Random(seed)
-        overhead = lockstat.timer_overhead_ns()
-        clock = time.perf_counter_ns
+        overhead = native_timer_overhead_ns() if native else lockstat.timer_overhead_ns()
         block = 25
         rounds = max(-(-reps // block), 1)
         addrs = {
@@ -500,41 +605,68 @@ def _sweep_main(
         }
         views = {size: (rbuf[:size], wbuf[:size]) for size in sizes}
         blocks: dict[tuple[int, str, str], list[float]] = {
-            (size, p, op): [] for size in sizes for p in paths for op in "rw"
+            (size, p, op): [] for size in sizes for p in accs for op in "rw"
         }
+        if native:  # one C replay per block: a read then a write at each address, timed in C
+            replays = {p: env.replayer(p) for p in accs}
+            nbuf = _native_buffer()
+            ns_per_tick = 1e9 / _native_hz()
+            pairs = array("B", [0, 1] * block)
+
+            def run_block(p: str, size: int, chunk: list[int]) -> tuple[float, float]:
+                rc, rn, wc, wn = replays[p](
+                    pairs, array("Q", [a for a in chunk for _ in (0, 1)]), array("I", [size] * (2 * block)), nbuf
+                )
+                return rc * ns_per_tick / rn, wc * ns_per_tick / wn
+        else:
+            clock = time.perf_counter_ns
+
+            def run_block(p: str, size: int, chunk: list[int]) -> tuple[float, float]:
+                rm, wm = views[size]
+                rn = wn = 0
+                rw = accs[p].rw
+                if rw is not None:
+                    for a in chunk:
+                        t0 = clock()
+                        rw(a, rm, False)
+                        t1 = clock()
+                        rw(a, wm, True)
+                        t2 = clock()
+                        rn += t1 - t0
+                        wn += t2 - t1
+                else:
+                    rd, wr = accs[p].pair()
+                    for a in chunk:
+                        t0 = clock()
+                        rd(a, rm)
+                        t1 = clock()
+                        wr(a, wm)
+                        t2 = clock()
+                        rn += t1 - t0
+                        wn += t2 - t1
+                return rn / block, wn / block
+
         for size in sizes:  # warm-up, untimed
-            rm, wm = views[size]
-            for rd, wr in paths.values():
-                for a in addrs[size][:4]:
-                    rd(a, rm)
-                    wr(a, wm)
+            for p in accs:
+                run_block(p, size, addrs[size])
         gc.collect()
         gc.disable()
         try:
             for k in range(rounds):
                 for size in sizes:
-                    rm, wm = views[size]
                     chunk = addrs[size]
                     rng.shuffle(chunk)
-                    for p, (rd, wr) in paths.items():
-                        rn = wn = 0
-                        for a in chunk:
-                            t0 = clock()
-                            rd(a, rm)
-                            t1 = clock()
-                            wr(a, wm)
-                            t2 = clock()
-                            rn += t1 - t0
-                            wn += t2 - t1
-                        blocks[(size, p, "r")].append(rn / block)
-                        blocks[(size, p, "w")].append(wn / block)
+                    for p in accs:
+                        r_ns, w_ns = run_block(p, size, chunk)
+                        blocks[(size, p, "r")].append(r_ns)
+                        blocks[(size, p, "w")].append(w_ns)
                 progress[0] = (k + 1) * len(sizes) // rounds
         finally:
             gc.enable()
         rows = []
         for size in sizes:
             row: dict[str, Any] = {"size": size}
-            for p in paths:
+            for p in accs:
                 key = "kvm" if p == "kvm" else "vfio"
                 r_ns = statistics.median(blocks[(size, p, "r")]) - overhead
                 w_ns = statistics.median(blocks[(size, p, "w")]) - overhead

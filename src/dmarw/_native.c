@@ -188,9 +188,18 @@ stats_collecting(void)
     return r;
 }
 
+/* Atomic (defined with the VFIO layer below): a lock class's native acquisition count. */
+typedef struct {
+    PyObject_HEAD
+    long v; /* atomic */
+} AtomicObject;
+
+static PyTypeObject AtomicType;
+
 typedef struct {
     PyObject *cls;   /* a dmarw.lockstat.LockClass, or NULL */
     PyObject *count; /* its itertools.count */
+    AtomicObject *ncount; /* its native count (LockClass._ncount), or NULL */
 } StatClass;
 
 static int
@@ -198,6 +207,7 @@ stat_class_init(StatClass *sc, PyObject *cls)
 {
     sc->cls = NULL;
     sc->count = NULL;
+    sc->ncount = NULL;
     if (cls == NULL || cls == Py_None)
         return 0;
     PyObject *count = PyObject_GetAttrString(cls, "_count");
@@ -208,9 +218,15 @@ stat_class_init(StatClass *sc, PyObject *cls)
         PyErr_SetString(PyExc_TypeError, "lock class counter is not an iterator");
         return -1;
     }
+    PyObject *nc = PyObject_GetAttrString(cls, "_ncount");
+    if (nc == NULL)
+        PyErr_Clear();
+    else if (!PyObject_TypeCheck(nc, &AtomicType))
+        Py_CLEAR(nc);
     Py_INCREF(cls);
     sc->cls = cls;
     sc->count = count;
+    sc->ncount = (AtomicObject *)nc;
     return 0;
 }
 
@@ -219,6 +235,7 @@ stat_class_clear(StatClass *sc)
 {
     Py_CLEAR(sc->cls);
     Py_CLEAR(sc->count);
+    Py_CLEAR(sc->ncount);
 }
 
 /* Record one acquisition: timed (counter ticks, reported to lockstat in ns) while
@@ -327,6 +344,12 @@ stat_hit(StatClass *sc, int collecting, uint64_t ticks)
         PyObject *v = PyFloat_FromDouble((double)ticks * 1e9 / calibrate(0));
         r = v ? PyObject_CallMethodOneArg(sc->cls, str_timed, v) : NULL;
         Py_XDECREF(v);
+    } else if (sc->ncount != NULL) {
+        /* the GIL is held: a plain load and store is exact against every other counter
+         * update in this process (all made with the GIL), without a locked instruction */
+        __atomic_store_n(&sc->ncount->v, __atomic_load_n(&sc->ncount->v, __ATOMIC_RELAXED) + 1,
+                         __ATOMIC_RELAXED);
+        return;
     } else {
         r = Py_TYPE(sc->count)->tp_iternext(sc->count);
     }
@@ -1941,11 +1964,6 @@ static PyTypeObject CoreType = {
  * per-call path reads of a Python Group (its three locks, its counters, how many names
  * are on its unbound list and how many devices are not bound, its container), mutated by
  * the Python Group under the same locks.  vfio_dma_rw: the per-call path in one call. */
-
-typedef struct {
-    PyObject_HEAD
-    long v; /* atomic */
-} AtomicObject;
 
 static PyObject *
 Atomic_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)

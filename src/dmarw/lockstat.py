@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 LOCK_NAMES = (
     "vfio.group_lock",
@@ -44,14 +45,29 @@ LOCK_NAMES = (
 )
 
 
-class LockClass:
-    """Counters of one lock class.  ``count`` always; ``total_ns`` only while collecting."""
+def _native_count() -> Any:
+    """A native counter for the native locks' untimed acquisitions (``dmarw._native.Atomic``),
+    or None without the extension."""
+    try:
+        from . import _native  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _native.Atomic(0)
 
-    __slots__ = ("name", "_count", "_timed", "_total_ns", "_guard")
+
+class LockClass:
+    """Counters of one lock class.  ``count`` always; ``total_ns`` only while collecting.
+
+    Python locks count with ``next()`` on ``_count``; native locks, while no block is
+    collecting, add to ``_ncount`` from C (a plain increment under the GIL, no Python
+    call); ``count`` is the sum."""
+
+    __slots__ = ("name", "_count", "_ncount", "_timed", "_total_ns", "_guard")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._count = itertools.count()
+        self._ncount = _native_count()
         self._timed = 0
         self._total_ns: float = 0  # int from the Python locks; native locks add float ns
         self._guard = threading.Lock()
@@ -70,7 +86,8 @@ class LockClass:
 
     @property
     def count(self) -> int:
-        return int(self._count.__reduce__()[1][0])
+        native = int(self._ncount.value) if self._ncount is not None else 0
+        return int(self._count.__reduce__()[1][0]) + native
 
     def snapshot(self) -> tuple[int, int, float]:
         with self._guard:

@@ -38,7 +38,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from dmarw import PAGE_SIZE, AddressSpace, Prot, native
+from dmarw import PAGE_SIZE, AddressSpace, Prot
 from dmarw.lab.paths import VmEnv
 from dmarw.lab.workload import generate
 from dmarw.native import NativeContainer, _native
@@ -232,32 +232,34 @@ def mix(ops: int, rounds: int, py_ops: int) -> dict[str, Any]:
 
 
 def replay(ops: int, rounds: int) -> dict[str, Any]:
-    """The glmark2 mix replayed inside C (``Core.replay``): each call timed with the cycle
-    counter around the path itself, as the seed timed vfio_dma_rw / kvm_read_guest, so no
-    interpreter or harness cost is in the figure.  ext-user paths are the container's path
-    behind a held handle (what ``vfio_group_dma_rw`` reaches)."""
+    """The glmark2 mix replayed inside C (``VmEnv.replayer``: ``Core.replay`` /
+    ``_native.vfio_replay``): each call timed with the cycle counter around the path itself,
+    as the seed timed vfio_dma_rw / kvm_read_guest, so no interpreter or harness cost is in
+    the figure.  ext-user paths are the container's path behind a held handle (what
+    ``vfio_group_dma_rw`` reaches); the per-call paths (vfio-mutex, vfio-rwsem) do the
+    registry lookup, viability and container-user steps per record, all native."""
     ram = 16 << 20
     wl = generate("glmark2", ops=ops, seed=0, ram_size=ram)
     r = wl.records
     buf = bytearray(PAGE_SIZE)
-    paths = ("kvm", "vfio-external-user", "vfio-external-user-mmget", "vfio-rcu")
+    paths = ("kvm", "vfio-mutex", "vfio-rwsem", "vfio-external-user", "vfio-external-user-mmget", "vfio-rcu")
     envs = {p: VmEnv(p, ram, name=f"replay-{p}", core="native") for p in paths}
-    targets: dict[str, Any] = {}
+    replays: dict[str, Any] = {}
     for p, e in envs.items():
         e.prefault()
-        targets[p] = e.vm if p == "kvm" else e.container
+        replays[p] = e.replayer()
     per: dict[str, dict[str, list[float]]] = {p: {"read": [], "write": [], "avg": []} for p in paths}
     order = list(paths)
     rng = random.Random(2)
     for p in paths:
-        native.replay(targets[p], r.writes, r.addrs, r.sizes, buf)  # warm up
+        replays[p](r.writes, r.addrs, r.sizes, buf)  # warm up
     for _ in range(rounds):
         rng.shuffle(order)
         for p in order:
-            got = native.replay(targets[p], r.writes, r.addrs, r.sizes, buf)
-            per[p]["read"].append(got["read_avg"])
-            per[p]["write"].append(got["write_avg"])
-            per[p]["avg"].append(got["avg"])
+            rc, rn, wc, wn = replays[p](r.writes, r.addrs, r.sizes, buf)
+            per[p]["read"].append(rc / max(rn, 1))
+            per[p]["write"].append(wc / max(wn, 1))
+            per[p]["avg"].append((rc + wc) / max(rn + wn, 1))
     for e in envs.values():
         e.close()
     return {

@@ -45,8 +45,12 @@ def _console() -> Console:
 
 
 def add_reproduce_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help=f"{R.QUICK_OPS:,} ops per VM, a short sweep (make demo)")
-    p.add_argument("--ops", type=_positive, help=f"ops per VM per run (default {R.DEFAULT_OPS:,}; quick {R.QUICK_OPS:,})")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{R.NATIVE_QUICK_OPS:,} ops per VM on the native core ({R.QUICK_OPS:,} on the Python "
+                   "core), a short sweep (make demo)")
+    p.add_argument("--ops", type=_positive,
+                   help=f"ops per VM per run (default: native {R.NATIVE_DEFAULT_OPS:,}, quick {R.NATIVE_QUICK_OPS:,}; "
+                   f"Python {R.DEFAULT_OPS:,}, quick {R.QUICK_OPS:,})")
     p.add_argument("--seed", type=int, default=0, help="workload seed; VM i uses seed+i (default 0)")
     p.add_argument("--paths", type=_paths, default=list(PATHS), help=f"comma list of: {', '.join(PATHS)}")
     p.add_argument("--vms", type=_vms, default=[1, 2], help="VM counts to run, comma list (default 1,2)")

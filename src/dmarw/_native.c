@@ -1562,7 +1562,7 @@ Core_dma_rw(CoreObject *self, PyObject *const *args_in, Py_ssize_t nargs, PyObje
     Py_buffer v;
     if (PyObject_GetBuffer(args[1], &v, PyBUF_SIMPLE) < 0)
         return NULL;
-    uint64_t iova, n = (uint64_t)v.len;
+    uint64_t iova;
     int oor;
     PyObject *ret = NULL;
     if (parse_addr(args[0], &iova, &oor) < 0)

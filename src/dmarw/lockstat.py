@@ -45,6 +45,11 @@ LOCK_NAMES = (
 )
 
 
+def count_value(counter: itertools.count[int]) -> int:
+    """The next value ``counter`` would return, without consuming it."""
+    return int(counter.__reduce__()[1][0])
+
+
 def _native_count() -> Any:
     """A native counter for the native locks' untimed acquisitions (``dmarw._native.Atomic``),
     or None without the extension."""
@@ -87,7 +92,7 @@ class LockClass:
     @property
     def count(self) -> int:
         native = int(self._ncount.value) if self._ncount is not None else 0
-        return int(self._count.__reduce__()[1][0]) + native
+        return count_value(self._count) + native
 
     def snapshot(self) -> tuple[int, int, float]:
         with self._guard:

@@ -38,6 +38,7 @@ from typing import Any
 
 from .errors import DmaError, fail, rng
 from .locks import Mutex
+from .lockstat import count_value
 from .type1 import Buffer, Container, Prot
 
 
@@ -95,13 +96,8 @@ class _Atomic:
 
     @property
     def value(self) -> int:
-        decs = _current(self._decs)
-        return _current(self._incs) - decs
-
-
-def _current(counter: itertools.count[int]) -> int:
-    """The next value ``counter`` would return, without consuming it."""
-    return int(counter.__reduce__()[1][0])
+        decs = count_value(self._decs)
+        return count_value(self._incs) - decs
 
 
 class _Registry:

@@ -154,16 +154,9 @@ class NativeContainer(Container):
         self._py_table = table
 
     def dma_rw(self, iova: int, buf: Buffer, write: bool) -> None:
-        """The native ``dma_rw`` (replaced per instance by the bound C method)."""
+        """The native ``dma_rw`` (replaced per instance by the bound C method, which the
+        inherited ``dma_read``/``dma_write`` then call: one C call each)."""
         self._core.dma_rw(iova, buf, write)
-
-    def dma_read(self, iova: int, n: int) -> bytes:
-        buf = bytearray(n)
-        self._core.dma_rw(iova, buf, False)
-        return bytes(buf)
-
-    def dma_write(self, iova: int, data: Buffer) -> None:
-        self._core.dma_rw(iova, data, True)
 
     def get_dirty_bitmap(self, iova: int, size: int, pgsize: int = 4096) -> bytes:
         """As the Python core; a single whole mapping is returned straight from its words."""

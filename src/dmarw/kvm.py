@@ -197,13 +197,19 @@ class Vm:
         """Get and clear slot ``slot``'s dirty log (``ENXIO`` if it does not log)."""
         rec = self.srcu.read_lock()
         try:
-            for s in self._table[0]:
-                if s.slot == slot:
-                    break
-            else:
-                raise fail(errno.EINVAL, f"get_dirty_log: no memslot {slot}")
-            if not s.dirty.tracking:
-                raise fail(errno.ENXIO, f"get_dirty_log: slot {slot} {rng(s.gpa, s.size)} does not log dirty pages")
+            s = self._logging_slot(slot)
             return to_bytes(s.dirty.take(), s.npages)
         finally:
             rec.ctr = 0
+
+    def _logging_slot(self, slot: int) -> Memslot:
+        """Memslot ``slot``, which must log dirty pages (``EINVAL`` no such slot, ``ENXIO``
+        not logging); called inside the read side by each core's :meth:`get_dirty_log`."""
+        for s in self._table[0]:
+            if s.slot == slot:
+                break
+        else:
+            raise fail(errno.EINVAL, f"get_dirty_log: no memslot {slot}")
+        if not s.dirty.tracking:
+            raise fail(errno.ENXIO, f"get_dirty_log: slot {slot} {rng(s.gpa, s.size)} does not log dirty pages")
+        return s

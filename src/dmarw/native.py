@@ -23,13 +23,12 @@ pin, dirty start/stop/get, memslots) is the Python core's own code.  What change
 from __future__ import annotations
 
 import dataclasses
-import errno
 from collections.abc import Iterable
 from typing import Any
 
 from . import _native, lockstat  # type: ignore[attr-defined]
 from .bitmap import DirtyBitmap, NoDirty, bitmap_bytes, from_bytes, to_bytes
-from .errors import DmaError, fail
+from .errors import DmaError
 from .kvm import Memslot, Vm
 from .mm import PAGE_SHIFT, AddressSpace
 from .type1 import Buffer, Container, _Table
@@ -228,13 +227,7 @@ class NativeVm(Vm):
         """Get and clear slot ``slot``'s dirty log (``ENXIO`` if it does not log)."""
         token = self._core.read_acquire()
         try:
-            for s in self._py_table[0]:
-                if s.slot == slot:
-                    break
-            else:
-                raise fail(errno.EINVAL, f"get_dirty_log: no memslot {slot}")
-            if not s.dirty.tracking:
-                raise fail(errno.ENXIO, f"get_dirty_log: slot {slot} {s.gpa:#x}+{s.size:#x} does not log dirty pages")
+            s = self._logging_slot(slot)
             if isinstance(s.dirty, NativeDirtyBitmap):
                 return s.dirty.take_bytes()
             return to_bytes(s.dirty.take(), s.npages)

@@ -299,6 +299,11 @@ def _l(row: dict[str, Any] | None, key: str) -> float | None:
     return None if row is None else float(row[key])
 
 
+def _lock(r: RunResult | None, name: str, key: str) -> float | None:
+    """Lock ``name``'s ``key`` in run ``r``, or None when the run or the lock is missing."""
+    return _l(r.lock(name) if r else None, key)
+
+
 def _cyc(ns: float | None) -> float | None:
     return None if ns is None else lockstat.ns_to_cycles(ns)
 
@@ -396,9 +401,7 @@ def table4(res: Results) -> Tab:
 
 def table6(res: Results) -> Tab:
     def lock_cyc(path: str, vms: int, name: str) -> float | None:
-        r = res.get(path, vms)
-        row = r.lock(name) if r else None
-        return None if row is None else float(row["avg_cycles"])
+        return _lock(res.get(path, vms), name, "avg_cycles")
 
     rows: list[list[Cell]] = []
     for label, path, name in (("iommu lock (mutex)", "vfio-mutex", "iommu.lock"),
@@ -588,11 +591,9 @@ def conclusions(res: Results) -> list[Verdict]:
 
     claim = "two VMs raise lock costs a little (seed: iommu lock ×1.28, kvm->srcu ×1.33)"
     if m1 and m2 and k1 and k2:
-        def lk(r: RunResult, n: str) -> float | None:
-            row = r.lock(n)
-            return None if row is None else float(row["avg_ns"])
-        im1, im2, s1, s2 = lk(m1, "iommu.lock"), lk(m2, "iommu.lock"), lk(k1, "kvm.srcu"), lk(k2, "kvm.srcu")
-        gl1, gl2 = lk(m1, "vfio.group_lock"), lk(m2, "vfio.group_lock")
+        im1, im2 = _lock(m1, "iommu.lock", "avg_ns"), _lock(m2, "iommu.lock", "avg_ns")
+        s1, s2 = _lock(k1, "kvm.srcu", "avg_ns"), _lock(k2, "kvm.srcu", "avg_ns")
+        gl1, gl2 = _lock(m1, "vfio.group_lock", "avg_ns"), _lock(m2, "vfio.group_lock", "avg_ns")
         if _need(im1, im2, s1, s2, gl1, gl2):
             ri, rs, rg = im2 / im1, s2 / s1, gl2 / gl1  # type: ignore[operator]
             rose = max(ri, rs)

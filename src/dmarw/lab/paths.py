@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import bitmap
+from .. import core as core_mod
+from ..core import resolve as resolve_core  # python / native: the lab's name for it
 from ..kvm import Vm
 from ..mm import PAGE_SIZE, AddressSpace
 from ..type1 import Container, Prot
@@ -96,27 +98,6 @@ PATHS: dict[str, PathSpec] = {
 SEED_PATHS = ("kvm", "vfio-mutex", "vfio-rwsem", "vfio-external-user", "vfio-external-user-mmget")
 
 
-def resolve_core(core: str | None = None) -> str:
-    """``python`` or ``native`` (see :func:`dmarw.core.resolve`); python where there is no
-    core selector at all."""
-    try:
-        from .. import core as core_mod
-    except ImportError:
-        if core == "native":
-            raise
-        return "python"
-    return core_mod.resolve(core)
-
-
-def core_classes(core: str) -> tuple[type[Container], type[Vm]]:
-    """(Container class, Vm class) of a resolved core."""
-    if core == "python":
-        return Container, Vm
-    from .. import core as core_mod
-
-    return core_mod.classes(core)
-
-
 class VmEnv:
     """A guest of ``ram_size`` bytes with both the KVM and the VFIO view of it."""
 
@@ -124,7 +105,7 @@ class VmEnv:
         spec = PATHS[path]
         self.spec = spec
         self.core = resolve_core(core)
-        container_cls, vm_cls = core_classes(self.core)
+        container_cls, vm_cls = core_mod.classes(self.core)
         self.ram_size = ram_size
         self.space = AddressSpace()
         self.hva = self.space.mmap(ram_size, backing="memfd")

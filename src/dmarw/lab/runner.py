@@ -41,8 +41,8 @@ from typing import Any
 from .. import lockstat
 from ..locks import Mutex
 from ..mm import PAGE_SIZE
-from ..vfio import set_group_lock
-from .paths import PATHS, Accessor, Replayer, VmEnv
+from ..vfio import new_group_lock, set_group_lock
+from .paths import PATHS, Accessor, Replayer, VmEnv, resolve_core
 from .workload import Workload
 
 MAX_ACCESS = 20 * PAGE_SIZE  # largest access any run makes (the size sweep's top)
@@ -484,16 +484,11 @@ def run_raw(
 
 
 def _group_lock(core: str | None) -> Any:
-    """The host-global ``vfio.group_lock`` for this run's VM processes, made before fork: a
-    native process-shared pthread mutex on the native core, else a ``multiprocessing.Lock``
-    (behind dmarw's Python ``Mutex``)."""
-    from .paths import resolve_core
-
-    if resolve_core(core) == "native":
-        from ..vfio import new_group_lock
-
-        return new_group_lock("native")
-    return _ctx.Lock()
+    """The host-global ``vfio.group_lock`` for this run's VM processes, made before fork
+    (:func:`dmarw.vfio.new_group_lock`: a native process-shared pthread mutex on the native
+    core, else a ``multiprocessing.Lock`` behind dmarw's Python ``Mutex``); an unavailable
+    core fails here, in the parent."""
+    return new_group_lock(resolve_core(core))
 
 
 def combine(path: str, results: list[dict[str, Any]], vms: int | None = None) -> RunResult:

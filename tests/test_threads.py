@@ -48,6 +48,35 @@ def _start(targets: Sequence[Callable[[], None]]) -> list[threading.Thread]:
     return threads
 
 
+def _caught(errors: list[BaseException], fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn``, keeping any exception it raises in ``errors`` (the test asserts it empty)."""
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    return run
+
+
+def _race(
+    errors: list[BaseException],
+    workers: Sequence[Callable[[], None]],
+    others: Sequence[Callable[[], None]],
+    done: threading.Event,
+) -> None:
+    """Run ``workers`` and ``others`` in threads (exceptions kept in ``errors``); once every
+    worker has returned, set ``done``, which ends the others' loops, and wait for them."""
+    ws = _start([_caught(errors, f) for f in workers])
+    os_ = _start([_caught(errors, f) for f in others])
+    for t in ws:
+        t.join()
+    done.set()
+    for t in os_:
+        t.join()
+
+
 class Round:
     """One mapping raced by accessors: ``unmapping`` is set just before ``unmap_dma``."""
 
@@ -181,44 +210,29 @@ def test_no_dirty_bit_lost_to_concurrent_gets(lock: str) -> None:
 
     def writer(k: int) -> None:
         rng = random.Random(k)
-        try:
-            for i in range(per_writer):
-                page = k * per_writer + i
-                if i % 4 == 3 and i + 1 < per_writer:  # now and then straddle two pages
-                    off, n = page * P + P - 8, 16
-                else:
-                    n = rng.randint(1, P)
-                    off = page * P + rng.randrange(P - n + 1)
-                c.dma_write(off, b"d" * n)
-                written[k].update(range(off // P, (off + n - 1) // P + 1))
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for i in range(per_writer):
+            page = k * per_writer + i
+            if i % 4 == 3 and i + 1 < per_writer:  # now and then straddle two pages
+                off, n = page * P + P - 8, 16
+            else:
+                n = rng.randint(1, P)
+                off = page * P + rng.randrange(P - n + 1)
+            c.dma_write(off, b"d" * n)
+            written[k].update(range(off // P, (off + n - 1) // P + 1))
 
     def getter() -> None:
-        try:
-            for _ in range(100_000):
-                if writers_done.is_set():
-                    break
-                reported.update(bitmap_pages(c.get_dirty_bitmap(0, npages * P)))
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for _ in range(100_000):
+            if writers_done.is_set():
+                break
+            reported.update(bitmap_pages(c.get_dirty_bitmap(0, npages * P)))
 
     def churn() -> None:  # map/unmap elsewhere in iova space, racing the same lock
-        try:
-            for i in range(200):
-                c.map_dma(1 << 30, 4 * P, hva + npages * P, space)
-                c.dma_write((1 << 30) + (i % 4) * P, b"c")
-                assert c.unmap_dma(1 << 30, 4 * P) == 4 * P
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for i in range(200):
+            c.map_dma(1 << 30, 4 * P, hva + npages * P, space)
+            c.dma_write((1 << 30) + (i % 4) * P, b"c")
+            assert c.unmap_dma(1 << 30, 4 * P) == 4 * P
 
-    writers = _start([partial(writer, k) for k in range(nwriters)])
-    others = _start([getter, getter, churn])
-    for t in writers:
-        t.join()
-    writers_done.set()
-    for t in others:
-        t.join()
+    _race(errors, [partial(writer, k) for k in range(nwriters)], [getter, getter, churn], writers_done)
     reported.update(bitmap_pages(c.get_dirty_bitmap(0, npages * P)))
     assert errors == []
     all_written = set().union(*written)
@@ -257,29 +271,18 @@ def test_pin_counts_stay_exact_under_concurrency(lock: str) -> None:
     done = threading.Event()
 
     def pinner(k: int) -> None:
-        try:
-            for i in range(300):
-                iova = ((k + i) % 7) * P
-                assert c.pin_pages(iova, 2, Prot.READ) == [hva + iova, hva + iova + P]
-                c.unpin_pages(iova, 2)
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for i in range(300):
+            iova = ((k + i) % 7) * P
+            assert c.pin_pages(iova, 2, Prot.READ) == [hva + iova, hva + iova + P]
+            c.unpin_pages(iova, 2)
 
     def getter() -> None:
-        try:
-            for _ in range(100_000):
-                if done.is_set():
-                    break
-                reported.update(bitmap_pages(c.get_dirty_bitmap(0, 8 * P)))
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for _ in range(100_000):
+            if done.is_set():
+                break
+            reported.update(bitmap_pages(c.get_dirty_bitmap(0, 8 * P)))
 
-    pinners = _start([partial(pinner, k) for k in range(4)])
-    g = _start([getter])
-    for t in pinners:
-        t.join()
-    done.set()
-    g[0].join()
+    _race(errors, [partial(pinner, k) for k in range(4)], [getter], done)
     reported.update(bitmap_pages(c.get_dirty_bitmap(0, 8 * P)))
     assert errors == []
     assert c.pinned() == {}
@@ -370,25 +373,19 @@ def test_tracking_start_stop_racing_writers(lock: str) -> None:
     errors: list[BaseException] = []
 
     def writer(k: int) -> None:
-        try:
-            for i in range(2000):
-                c.dma_write(((k * 5 + i) % 16) * P + 1, b"w" * 100)
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for i in range(2000):
+            c.dma_write(((k * 5 + i) % 16) * P + 1, b"w" * 100)
 
     def toggler() -> None:
-        try:
-            for _ in range(150):
-                c.dirty_pages_start()
-                try:
-                    bitmap_pages(c.get_dirty_bitmap(0, 16 * P))
-                except DmaError as e:  # only if stopped in between, which nobody does
-                    errors.append(e)
-                c.dirty_pages_stop()
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for _ in range(150):
+            c.dirty_pages_start()
+            try:
+                bitmap_pages(c.get_dirty_bitmap(0, 16 * P))
+            except DmaError as e:  # only if stopped in between, which nobody does
+                errors.append(e)
+            c.dirty_pages_stop()
 
-    threads = _start([partial(writer, k) for k in range(3)] + [toggler])
+    threads = _start([_caught(errors, partial(writer, k)) for k in range(3)] + [_caught(errors, toggler)])
     for t in threads:
         t.join()
     assert errors == []
@@ -505,30 +502,18 @@ def test_no_kvm_dirty_bit_lost_to_concurrent_get_dirty_log() -> None:
 
     def writer(k: int) -> None:
         rng = random.Random(k)
-        try:
-            for i in range(per_writer):
-                page = k * per_writer + i
-                n = rng.randint(1, P)
-                vm.write_guest(page * P + rng.randrange(P - n + 1), b"k" * n)
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for i in range(per_writer):
+            page = k * per_writer + i
+            n = rng.randint(1, P)
+            vm.write_guest(page * P + rng.randrange(P - n + 1), b"k" * n)
 
     def getter() -> None:
-        try:
-            for _ in range(100_000):
-                if writers_done.is_set():
-                    break
-                reported.update(bitmap_pages(vm.get_dirty_log(0)))
-        except BaseException as e:  # pragma: no cover - reported below
-            errors.append(e)
+        for _ in range(100_000):
+            if writers_done.is_set():
+                break
+            reported.update(bitmap_pages(vm.get_dirty_log(0)))
 
-    writers = _start([partial(writer, k) for k in range(nwriters)])
-    getters = _start([getter, getter])
-    for t in writers:
-        t.join()
-    writers_done.set()
-    for t in getters:
-        t.join()
+    _race(errors, [partial(writer, k) for k in range(nwriters)], [getter, getter], writers_done)
     reported.update(bitmap_pages(vm.get_dirty_log(0)))
     assert errors == []
     assert reported == set(range(npages))

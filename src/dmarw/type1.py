@@ -355,25 +355,23 @@ class Container:
     # -- dirty tracking --------------------------------------------------------------------
     def dirty_pages_start(self) -> None:
         """Start tracking (idempotent): a bitmap per mapping, pinned pages pre-set."""
-        self._lock.write_acquire()
-        try:
-            table = self._table
-            if table.tracking:
-                return
-            dmas = [dataclasses.replace(d, dirty=DirtyBitmap(list(d.pins))) for d in table.dmas]
-            self._publish(_Table.of(dmas, True))
-        finally:
-            self._lock.write_release()
+        self._set_tracking(True)
 
     def dirty_pages_stop(self) -> None:
         """Stop tracking and drop the bitmaps (idempotent)."""
+        self._set_tracking(False)
+
+    def _set_tracking(self, on: bool) -> None:
+        """Under the write side: publish every mapping with a fresh bitmap (``on``) or none."""
         self._lock.write_acquire()
         try:
             table = self._table
-            if not table.tracking:
+            if table.tracking == on:
                 return
-            dmas = [dataclasses.replace(d, dirty=NO_DIRTY) for d in table.dmas]
-            self._publish(_Table.of(dmas, False))
+            dmas = [
+                dataclasses.replace(d, dirty=DirtyBitmap(list(d.pins)) if on else NO_DIRTY) for d in table.dmas
+            ]
+            self._publish(_Table.of(dmas, on))
         finally:
             self._lock.write_release()
 

@@ -162,11 +162,14 @@ class RunResult:
         return d
 
 
+def _pattern() -> bytes:
+    """:data:`MAX_ACCESS` bytes of the non-zero pattern the writes carry, on either core."""
+    return bytes(range(256)) * (MAX_ACCESS // 256)
+
+
 def _buffers() -> tuple[memoryview, memoryview]:
-    """A read buffer and a write buffer (a non-zero pattern) of :data:`MAX_ACCESS` bytes."""
-    rbuf = memoryview(bytearray(MAX_ACCESS))
-    wbuf = memoryview(bytes(range(256)) * (MAX_ACCESS // 256))
-    return rbuf, wbuf
+    """A read buffer and a write buffer (the pattern) of :data:`MAX_ACCESS` bytes."""
+    return memoryview(bytearray(MAX_ACCESS)), memoryview(_pattern())
 
 
 def _prepare(wl: Workload) -> list[tuple[bool, int, memoryview]]:
@@ -254,7 +257,8 @@ NATIVE_CHUNK = 16 * PROGRESS_EVERY  # records per C replay call in a timed pass 
 
 
 def _native_buffer() -> bytearray:
-    return bytearray(bytes(range(256)) * (MAX_ACCESS // 256))
+    """The native replay's one buffer (its reads and writes share it), filled with the pattern."""
+    return bytearray(_pattern())
 
 
 def _native_timed_pass(wl: Workload, replay: Replayer, tick: Callable[[int], None]) -> PassResult:

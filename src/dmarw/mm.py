@@ -144,21 +144,16 @@ class AddressSpace:
         fd: int | None = None
         if backing == "anon":
             m = _mmap.mmap(-1, size, flags=_mmap.MAP_SHARED | _mmap.MAP_ANONYMOUS)
-        elif backing == "memfd":
-            fd = os.memfd_create("dmarw-guest", 0)
-            try:
-                os.ftruncate(fd, size)
-                m = _mmap.mmap(fd, size, flags=_mmap.MAP_SHARED)
-            except OSError:
-                os.close(fd)
-                raise
         else:
+            if backing == "memfd":
+                fd = os.memfd_create("dmarw-guest", 0)
+            else:
+                try:
+                    fd = os.open(backing, os.O_RDWR | os.O_CREAT, 0o600)
+                except OSError as e:
+                    raise fail(e.errno or errno.EINVAL, f"backing file {backing!r}: {e.strerror}") from e
             try:
-                fd = os.open(backing, os.O_RDWR | os.O_CREAT, 0o600)
-            except OSError as e:
-                raise fail(e.errno or errno.EINVAL, f"backing file {backing!r}: {e.strerror}") from e
-            try:
-                if os.fstat(fd).st_size < size:
+                if os.fstat(fd).st_size < size:  # a new memfd is empty; a file may be longer
                     os.ftruncate(fd, size)
                 m = _mmap.mmap(fd, size, flags=_mmap.MAP_SHARED)
             except OSError:

@@ -236,7 +236,10 @@ def render(console: Console, rows: list[dict[str, object]], meta: dict[str, obje
             t.add_row(*cells)
         console.print(t)
     console.print(
-        f"core: {meta['core']} (container and Vm; the per-call group layer is Python in both); "
+        f"core: {meta['core']} ("
+        + ("every path one C call, the per-call group layer included" if meta["core"] == "native"
+           else "every step interpreted")
+        + "); "
         f"{meta['rounds']} rounds × {meta['calls_per_sample']} calls per sample, medians; "
         f"paths interleaved in a random order each round (seed {meta['seed']})."
     )

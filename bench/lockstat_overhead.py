@@ -4,13 +4,15 @@ Rows, all uncontended ``with lock: pass`` in one thread, interleaved in rounds, 
 
 * ``threading.Lock``          the bare C lock (no Python frame at all)
 * ``wrapper``                 a Python lock object shaped like :class:`dmarw.locks.Mutex`
-                              (``__enter__`` → ``acquire``) with no statistics at all
+                              (``__enter__`` takes the raw lock itself) with no statistics
 * ``wrapper + count``         the same plus the acquisition counter (``next(itertools.count)``)
 * ``Mutex, stats off``        the real :class:`dmarw.locks.Mutex`, no ``collect()`` block open
 * ``Mutex, stats on``         the same inside ``dmarw.lockstat.collect()``
 
-``stats off`` − ``wrapper + count`` is the cost of having statistics and not using them (one
-flag test).  It is taken per round (the two rows ran moments apart, so slow drift in the
+``stats off`` − ``wrapper + count`` is the cost of having statistics and not using them.  The
+Mutex tests no flag: ``collect()`` swaps the timed acquire methods onto the lock classes
+while a block is open, so with none open the Mutex should run exactly the counting wrapper's
+code.  It is taken per round (the two rows ran moments apart, so slow drift in the
 machine's load cancels), and the median of those differences is printed with their p25–p75
 band: when the band contains 0, the cost is not measurable above this run's noise.
 
@@ -50,7 +52,7 @@ class Wrapper:
         self._lock.acquire()
 
     def __enter__(self) -> Wrapper:
-        self.acquire()
+        self._lock.acquire()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -71,7 +73,8 @@ class CountingWrapper:
         next(self._count)
 
     def __enter__(self) -> CountingWrapper:
-        self.acquire()
+        self._lock.acquire()
+        next(self._count)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -2,7 +2,9 @@
 
 Every lock here belongs to a lock class (see :mod:`dmarw.lockstat`) so the lab can say what
 each one costs.  Acquire time is measured only while statistics are collected; otherwise an
-acquisition costs the raw lock plus one atomic counter increment.
+acquisition costs the raw lock plus one atomic counter increment, and tests no flag: the
+timed acquire methods are swapped onto the lock classes only while a
+:func:`dmarw.lockstat.collect` block is open.
 
 Strategies for the container's iommu lock (``Container(lock=...)``):
 
@@ -38,21 +40,32 @@ class Mutex:
         self._count = self._cls._count
         self._lock = raw if raw is not None else threading.Lock()
 
-    def acquire(self) -> None:
-        if lockstat._active:
-            t0 = _clock()
-            self._lock.acquire()
-            self._cls.timed(_clock() - t0)
-        else:
-            self._lock.acquire()
-            next(self._count)
+    # Two variants of each acquire; lockstat.collect() installs the timed ones on the class
+    # while any block is open (see _set_timing), so the untimed path tests no flag at all.
+    def _acquire_counted(self) -> None:
+        self._lock.acquire()
+        next(self._count)
+
+    def _acquire_timed(self) -> None:
+        t0 = _clock()
+        self._lock.acquire()
+        self._cls.timed(_clock() - t0)
+
+    acquire = _acquire_counted
 
     def release(self) -> None:
         self._lock.release()
 
-    def __enter__(self) -> Mutex:
-        self.acquire()
+    def _enter_counted(self) -> Mutex:
+        self._lock.acquire()
+        next(self._count)
         return self
+
+    def _enter_timed(self) -> Mutex:
+        self._acquire_timed()
+        return self
+
+    __enter__ = _enter_counted
 
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
@@ -84,14 +97,16 @@ class RwSem:
             self._writers_waiting -= 1
             self._writer = True
 
-    def down_read(self) -> None:
-        if lockstat._active:
-            t0 = _clock()
-            self._down_read()
-            self._cls.timed(_clock() - t0)
-        else:
-            self._down_read()
-            next(self._count)
+    def _down_read_counted(self) -> None:
+        self._down_read()
+        next(self._count)
+
+    def _down_read_timed(self) -> None:
+        t0 = _clock()
+        self._down_read()
+        self._cls.timed(_clock() - t0)
+
+    down_read = _down_read_counted
 
     def up_read(self) -> None:
         with self._cond:
@@ -99,14 +114,16 @@ class RwSem:
             if self._readers == 0:
                 self._cond.notify_all()
 
-    def down_write(self) -> None:
-        if lockstat._active:
-            t0 = _clock()
-            self._down_write()
-            self._cls.timed(_clock() - t0)
-        else:
-            self._down_write()
-            next(self._count)
+    def _down_write_counted(self) -> None:
+        self._down_write()
+        next(self._count)
+
+    def _down_write_timed(self) -> None:
+        t0 = _clock()
+        self._down_write()
+        self._cls.timed(_clock() - t0)
+
+    down_write = _down_write_counted
 
     def up_write(self) -> None:
         with self._cond:
@@ -151,19 +168,26 @@ class Rcu:
         self._local.rec = rec
         return rec
 
-    def read_lock(self) -> _Reader:
+    def _read_lock_counted(self) -> _Reader:
         try:
             rec: _Reader = self._local.rec
         except AttributeError:
             rec = self._record()
-        if lockstat._active:
-            t0 = _clock()
-            rec.ctr = self._gp
-            self._cls.timed(_clock() - t0)
-        else:
-            rec.ctr = self._gp
-            next(self._count)
+        rec.ctr = self._gp
+        next(self._count)
         return rec
+
+    def _read_lock_timed(self) -> _Reader:
+        try:
+            rec: _Reader = self._local.rec
+        except AttributeError:
+            rec = self._record()
+        t0 = _clock()
+        rec.ctr = self._gp
+        self._cls.timed(_clock() - t0)
+        return rec
+
+    read_lock = _read_lock_counted
 
     @staticmethod
     def read_unlock(rec: _Reader) -> None:
@@ -179,6 +203,28 @@ class Rcu:
             for rec in readers:
                 while 0 < rec.ctr <= old:
                     os.sched_yield()  # let the reader run; it is inside a short section
+
+
+_TIMING_SWAPS: tuple[tuple[type, str, Any, Any], ...] = (
+    (Mutex, "acquire", Mutex._acquire_counted, Mutex._acquire_timed),
+    (Mutex, "__enter__", Mutex._enter_counted, Mutex._enter_timed),
+    (RwSem, "down_read", RwSem._down_read_counted, RwSem._down_read_timed),
+    (RwSem, "down_write", RwSem._down_write_counted, RwSem._down_write_timed),
+    (Rcu, "read_lock", Rcu._read_lock_counted, Rcu._read_lock_timed),
+)
+
+
+def _set_timing(on: bool) -> None:
+    """Install the timed (``on``) or the counted acquire methods on every lock class.
+
+    Called by :func:`dmarw.lockstat.collect` under its own lock when the first block opens
+    and the last one closes.  An acquisition already inside the old method finishes with it.
+    """
+    for cls, attr, counted, timed in _TIMING_SWAPS:
+        setattr(cls, attr, timed if on else counted)
+
+
+lockstat.on_timing_switch(_set_timing)
 
 
 class IommuLock(Protocol):

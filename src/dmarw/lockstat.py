@@ -27,7 +27,7 @@ import itertools
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,8 +101,16 @@ class LockClass:
 
 _classes: dict[str, LockClass] = {}
 _classes_lock = threading.Lock()
-_active = 0  # number of collect() blocks open in the process
+_active = 0  # number of collect() blocks open in the process (the native core reads it)
 _active_lock = threading.Lock()
+_timing_switches: list[Callable[[bool], None]] = []
+
+
+def on_timing_switch(fn: Callable[[bool], None]) -> None:
+    """Register ``fn(on)``, called under the collect lock when timing turns on (the first
+    block opens) and off (the last one closes): the Python locks swap their acquire methods
+    there, so the off path tests no flag."""
+    _timing_switches.append(fn)
 
 
 def lock_class(name: str) -> LockClass:
@@ -115,7 +123,7 @@ def lock_class(name: str) -> LockClass:
 
 
 def collecting() -> bool:
-    """True while any :func:`collect` block is active: the one flag the hot path tests."""
+    """True while any :func:`collect` block is active (the native core tests this flag)."""
     return _active > 0
 
 
@@ -228,6 +236,9 @@ def collect() -> Iterator[Stats]:
     global _active
     with _active_lock:
         _active += 1
+        if _active == 1:
+            for fn in _timing_switches:
+                fn(True)
     stats = Stats(start=_snapshot())
     try:
         yield stats
@@ -235,3 +246,6 @@ def collect() -> Iterator[Stats]:
         stats.end = _snapshot()
         with _active_lock:
             _active -= 1
+            if _active == 0:
+                for fn in _timing_switches:
+                    fn(False)

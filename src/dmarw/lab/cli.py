@@ -150,7 +150,7 @@ def run_workload(args: argparse.Namespace) -> int:
 
 
 def register_reproduce(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("reproduce", help="re-run the seed's study on dmarw's paths (issue 4)")
+    p = sub.add_parser("reproduce", help="re-run the seed's study on dmarw's own paths: eight tables and verdicts")
     add_reproduce_args(p)
     p.set_defaults(func=run_reproduce)
 

@@ -150,9 +150,11 @@ class Vm:
         return out
 
     def read_guest_into(self, gpa: int, buf: bytearray | memoryview) -> None:
-        """Fill ``buf`` from guest memory at ``gpa``."""
+        """Fill ``buf`` from guest memory at ``gpa`` (a read-only ``buf`` is ``EINVAL``)."""
         mv = memoryview(buf).cast("B")
         n = len(mv)
+        if mv.readonly:
+            raise fail(errno.EINVAL, f"read_guest_into gpa {gpa:#x}+{n:#x}: buffer is read-only")
         rec = self.srcu.read_lock()
         try:
             pages = self._pages(gpa, n, False)

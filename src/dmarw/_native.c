@@ -620,10 +620,9 @@ mutex_lock_nogil(pthread_mutex_t *m)
     Py_END_ALLOW_THREADS
 }
 
-/* 1 if the Python attribute is true, 0 if false, -1 on error.  ``dict`` is the object's
- * instance dict when known (a plain dict lookup, the common case), else NULL. */
+/* attr_true's slow part: the dict lookup or the attribute get (cache miss). */
 static int
-attr_true(PyObject *obj, PyObject *dict, PyObject *name, FlagCache *fc)
+attr_true_slow(PyObject *obj, PyObject *dict, PyObject *name, FlagCache *fc)
 {
     if (dict != NULL) {
         int r = dict_flag(dict, name, fc);
@@ -638,27 +637,46 @@ attr_true(PyObject *obj, PyObject *dict, PyObject *name, FlagCache *fc)
     return r;
 }
 
-/* mmget_not_zero / get_task_mm on the native count: 1 counted, 0 refused, -1 error. */
+/* 1 if the Python attribute is true, 0 if false, -1 on error.  ``dict`` is the object's
+ * instance dict when known (a plain dict lookup, the common case), else NULL.  The cached
+ * case (the dict unchanged since the last read) is inline: one load and two compares. */
+static inline int
+attr_true(PyObject *obj, PyObject *dict, PyObject *name, FlagCache *fc)
+{
+    if (dict != NULL && fc->version != 0 && fc->version == ((PyDictObject *)dict)->ma_version_tag)
+        return fc->value;
+    return attr_true_slow(obj, dict, name, fc);
+}
+
+/* get_task_mm on the native count: the task lock (counted in its class), the exit and
+ * kthread checks, the count.  1 counted, 0 refused, -1 error. */
 static int
+mm_get_task(MmRefObject *mm, PyObject *space, PyObject *space_dict, FlagCache *fc, StatClass *task_stat)
+{
+    int coll = stats_collecting();
+    uint64_t t0 = coll ? read_cycles() : 0;
+    mutex_lock_nogil(&mm->task_lock);
+    uint64_t waited = coll ? read_cycles() - t0 : 0;
+    int exited = attr_true(space, space_dict, str_exited, &fc[0]);
+    int kthread = exited == 0 ? attr_true(space, space_dict, str_kthread, &fc[1]) : 0;
+    int ok = exited == 0 && kthread == 0;
+    if (ok)
+        __atomic_fetch_add(&mm->users, 1, __ATOMIC_ACQUIRE);
+    pthread_mutex_unlock(&mm->task_lock);
+    stat_hit(task_stat, coll, waited);
+    if (exited < 0 || kthread < 0)
+        return -1;
+    return ok;
+}
+
+/* mmget_not_zero / get_task_mm on the native count: 1 counted, 0 refused, -1 error.
+ * mmget_not_zero is inline: the cached exit check and one locked add. */
+static inline int
 mm_get(MmRefObject *mm, PyObject *space, PyObject *space_dict, FlagCache *fc, int mode,
        StatClass *task_stat)
 {
-    if (mode == MM_GET_TASK_MM) {
-        int coll = stats_collecting();
-        uint64_t t0 = coll ? read_cycles() : 0;
-        mutex_lock_nogil(&mm->task_lock);
-        uint64_t waited = coll ? read_cycles() - t0 : 0;
-        int exited = attr_true(space, space_dict, str_exited, &fc[0]);
-        int kthread = exited == 0 ? attr_true(space, space_dict, str_kthread, &fc[1]) : 0;
-        int ok = exited == 0 && kthread == 0;
-        if (ok)
-            __atomic_fetch_add(&mm->users, 1, __ATOMIC_ACQUIRE);
-        pthread_mutex_unlock(&mm->task_lock);
-        stat_hit(task_stat, coll, waited);
-        if (exited < 0 || kthread < 0)
-            return -1;
-        return ok;
-    }
+    if (mode == MM_GET_TASK_MM)
+        return mm_get_task(mm, space, space_dict, fc, task_stat);
     int exited = attr_true(space, space_dict, str_exited, &fc[0]);
     if (exited != 0)
         return exited < 0 ? -1 : 0;
@@ -1318,6 +1336,16 @@ chunks_backed(Chunk *ch, Py_ssize_t nch, Entry **gone)
     return 1;
 }
 
+/* One copy between guest memory m and the caller's buffer. */
+static inline void
+copy_one(char *m, char *buf, size_t n, int write)
+{
+    if (write)
+        memmove(m, buf, n);
+    else
+        memmove(buf, m, n);
+}
+
 static void
 copy_chunks(Chunk *ch, Py_ssize_t nch, char *buf, int write, uint64_t total)
 {
@@ -1375,6 +1403,46 @@ core_dma_rw_locked(CoreObject *c, TableObject *t, uint64_t iova, Py_buffer *v, i
     Py_ssize_t nheld = 0;
     PyObject *ret = NULL;
     uint64_t pos = 0;
+    /* One mapping covers the whole range (nearly every access): the same checks in the
+     * same order (translate + prot, the owner's address space, the backing), the copy and
+     * the dirty mark, without the chunk and held-reference bookkeeping.  Anything else
+     * (unmapped, no permission, a range over several mappings) takes the general walk,
+     * which finds the same first entry and reports the same error. */
+    Entry *e1 = table_find(t, iova);
+    if (e1 != NULL && !(need & ~e1->prot) && n <= e1->size - (iova - e1->start)) {
+        Chunk one = {e1, iova - e1->start, n};
+        MmRefObject *mm = e1->mm;
+        if (mm != NULL) {
+            int got = mm_get(mm, e1->space, e1->space_dict, e1->space_fc, c->mm_mode, &c->task_stat);
+            if (got <= 0) {
+                if (got == 0)
+                    dma_error(EPERM, "dma_rw 0x%llx+0x%llx: the owner's address space has exited",
+                              (unsigned long long)iova, (unsigned long long)n);
+                return NULL;
+            }
+        }
+        int released = e1->mem == NULL ? 1 : attr_true(e1->region, e1->region_dict, str_released, &e1->released_fc);
+        if (released == 0) {
+            char *m = e1->mem + one.off;
+            if ((Py_ssize_t)n >= gil_threshold) {
+                Py_BEGIN_ALLOW_THREADS
+                copy_one(m, (char *)v->buf, (size_t)n, write);
+                Py_END_ALLOW_THREADS
+            } else {
+                copy_one(m, (char *)v->buf, (size_t)n, write);
+            }
+            if (write && e1->have_bits)
+                bits_mark((uint64_t *)e1->bview.buf, one.off >> c->shift, (one.off + n - 1) >> c->shift);
+            Py_INCREF(Py_None);
+            ret = Py_None;
+        } else if (released > 0) {
+            dma_error(EFAULT, "dma_rw 0x%llx+0x%llx: host mapping gone",
+                      (unsigned long long)iova, (unsigned long long)n);
+        }
+        if (mm != NULL)
+            mm_put(mm);
+        return ret;
+    }
     while (pos < n) {
         uint64_t cur = iova + pos;
         Entry *e = table_find(t, cur);
@@ -1556,7 +1624,12 @@ Core_dma_rw(CoreObject *self, PyObject *const *args_in, Py_ssize_t nargs, PyObje
         return NULL;
     if (check_kind(self, 0) < 0)
         return NULL;
-    int write = PyObject_IsTrue(args[2]);
+    PyObject *wo = args[2];
+    /* True/False and small ints inline; anything else by its truth value */
+    int write = wo == Py_True    ? 1
+                : wo == Py_False ? 0
+                : PyLong_CheckExact(wo) ? Py_SIZE(wo) != 0
+                                        : PyObject_IsTrue(wo);
     if (write < 0)
         return NULL;
     Py_buffer v;

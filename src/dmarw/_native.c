@@ -1401,8 +1401,8 @@ prot_repr(int prot)
 /* type1 dma_rw under the read side: every chunk translated and checked (EINVAL, EPERM),
  * the owner's address space counted (EPERM), the backing checked (EFAULT), then the copy
  * and, for a write, the dirty pages off>>shift..(off+len-1)>>shift of each chunk. */
-static PyObject *
-core_dma_rw_locked(CoreObject *c, TableObject *t, uint64_t iova, Py_buffer *v, int write)
+__attribute__((noinline)) static PyObject *
+core_dma_rw_walk(CoreObject *c, TableObject *t, uint64_t iova, Py_buffer *v, int write)
 {
     uint64_t n = (uint64_t)v->len;
     int need = write ? (PROT_R | PROT_W) : PROT_R;
@@ -1413,46 +1413,6 @@ core_dma_rw_locked(CoreObject *c, TableObject *t, uint64_t iova, Py_buffer *v, i
     Py_ssize_t nheld = 0;
     PyObject *ret = NULL;
     uint64_t pos = 0;
-    /* One mapping covers the whole range (nearly every access): the same checks in the
-     * same order (translate + prot, the owner's address space, the backing), the copy and
-     * the dirty mark, without the chunk and held-reference bookkeeping.  Anything else
-     * (unmapped, no permission, a range over several mappings) takes the general walk,
-     * which finds the same first entry and reports the same error. */
-    Entry *e1 = table_find(t, iova);
-    if (e1 != NULL && !(need & ~e1->prot) && n <= e1->size - (iova - e1->start)) {
-        Chunk one = {e1, iova - e1->start, n};
-        MmRefObject *mm = e1->mm;
-        if (mm != NULL) {
-            int got = mm_get(mm, e1->space, e1->space_dict, e1->space_fc, c->mm_mode, &c->task_stat);
-            if (got <= 0) {
-                if (got == 0)
-                    dma_error(EPERM, "dma_rw 0x%llx+0x%llx: the owner's address space has exited",
-                              (unsigned long long)iova, (unsigned long long)n);
-                return NULL;
-            }
-        }
-        int released = e1->mem == NULL ? 1 : attr_true(e1->region, e1->region_dict, str_released, &e1->released_fc);
-        if (released == 0) {
-            char *m = e1->mem + one.off;
-            if ((Py_ssize_t)n >= gil_threshold) {
-                Py_BEGIN_ALLOW_THREADS
-                copy_one(m, (char *)v->buf, (size_t)n, write);
-                Py_END_ALLOW_THREADS
-            } else {
-                copy_one(m, (char *)v->buf, (size_t)n, write);
-            }
-            if (write && e1->have_bits)
-                bits_mark((uint64_t *)e1->bview.buf, one.off >> c->shift, (one.off + n - 1) >> c->shift);
-            Py_INCREF(Py_None);
-            ret = Py_None;
-        } else if (released > 0) {
-            dma_error(EFAULT, "dma_rw 0x%llx+0x%llx: host mapping gone",
-                      (unsigned long long)iova, (unsigned long long)n);
-        }
-        if (mm != NULL)
-            mm_put(mm);
-        return ret;
-    }
     while (pos < n) {
         uint64_t cur = iova + pos;
         Entry *e = table_find(t, cur);
@@ -1539,6 +1499,57 @@ out:
     if (ch != small)
         PyMem_Free(ch);
     return ret;
+}
+
+/* type1 dma_rw under the read side (the one-mapping case here, the rest in
+ * core_dma_rw_walk, out of line so the common case does not set up its frame). */
+static inline PyObject *
+core_dma_rw_locked(CoreObject *c, TableObject *t, uint64_t iova, Py_buffer *v, int write)
+{
+    uint64_t n = (uint64_t)v->len;
+    int need = write ? (PROT_R | PROT_W) : PROT_R;
+    PyObject *ret = NULL;
+    /* One mapping covers the whole range (nearly every access): the same checks in the
+     * same order (translate + prot, the owner's address space, the backing), the copy and
+     * the dirty mark, without the chunk and held-reference bookkeeping.  Anything else
+     * (unmapped, no permission, a range over several mappings) takes the general walk,
+     * which finds the same first entry and reports the same error. */
+    Entry *e1 = table_find(t, iova);
+    if (e1 != NULL && !(need & ~e1->prot) && n <= e1->size - (iova - e1->start)) {
+        uint64_t off = iova - e1->start;
+        MmRefObject *mm = e1->mm;
+        if (mm != NULL) {
+            int got = mm_get(mm, e1->space, e1->space_dict, e1->space_fc, c->mm_mode, &c->task_stat);
+            if (got <= 0) {
+                if (got == 0)
+                    dma_error(EPERM, "dma_rw 0x%llx+0x%llx: the owner's address space has exited",
+                              (unsigned long long)iova, (unsigned long long)n);
+                return NULL;
+            }
+        }
+        int released = e1->mem == NULL ? 1 : attr_true(e1->region, e1->region_dict, str_released, &e1->released_fc);
+        if (released == 0) {
+            char *m = e1->mem + off;
+            if ((Py_ssize_t)n >= gil_threshold) {
+                Py_BEGIN_ALLOW_THREADS
+                copy_one(m, (char *)v->buf, (size_t)n, write);
+                Py_END_ALLOW_THREADS
+            } else {
+                copy_one(m, (char *)v->buf, (size_t)n, write);
+            }
+            if (write && e1->have_bits)
+                bits_mark((uint64_t *)e1->bview.buf, off >> c->shift, (off + n - 1) >> c->shift);
+            Py_INCREF(Py_None);
+            ret = Py_None;
+        } else if (released > 0) {
+            dma_error(EFAULT, "dma_rw 0x%llx+0x%llx: host mapping gone",
+                      (unsigned long long)iova, (unsigned long long)n);
+        }
+        if (mm != NULL)
+            mm_put(mm);
+        return ret;
+    }
+    return core_dma_rw_walk(c, t, iova, v, write);
 }
 
 /* Bind positional and keyword arguments of a METH_FASTCALL|METH_KEYWORDS method to the

@@ -1301,9 +1301,9 @@ typedef struct {
 
 #define SMALL_CHUNKS 8
 
-/* iova/gpa as u64; *out_of_range = 1 for negative or >= 2**64 ints. */
+/* parse_addr's general part: any int, via PyLong_AsUnsignedLongLong. */
 static int
-parse_addr(PyObject *obj, uint64_t *addr, int *out_of_range)
+parse_addr_slow(PyObject *obj, uint64_t *addr, int *out_of_range)
 {
     *out_of_range = 0;
     if (!PyLong_Check(obj)) {
@@ -1320,6 +1320,27 @@ parse_addr(PyObject *obj, uint64_t *addr, int *out_of_range)
     }
     *addr = v;
     return 0;
+}
+
+/* iova/gpa as u64; *out_of_range = 1 for negative or >= 2**64 ints.  An exact int of
+ * zero to two digits (every address below 2**60 with 30-bit digits) is read inline from
+ * its digits (CPython 3.11's layout, which the project pins; other versions take the
+ * general path). */
+static inline int
+parse_addr(PyObject *obj, uint64_t *addr, int *out_of_range)
+{
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000
+    if (PyLong_CheckExact(obj)) {
+        Py_ssize_t sz = Py_SIZE(obj);
+        const digit *d = ((PyLongObject *)obj)->ob_digit;
+        if ((size_t)sz <= 2) {
+            *out_of_range = 0;
+            *addr = sz == 0 ? 0 : sz == 1 ? (uint64_t)d[0] : (uint64_t)d[0] | (uint64_t)d[1] << PyLong_SHIFT;
+            return 0;
+        }
+    }
+#endif
+    return parse_addr_slow(obj, addr, out_of_range);
 }
 
 /* addr + n > 2**64: the range runs past the top of the address space. */
@@ -1552,10 +1573,9 @@ core_dma_rw_locked(CoreObject *c, TableObject *t, uint64_t iova, Py_buffer *v, i
     return core_dma_rw_walk(c, t, iova, v, write);
 }
 
-/* Bind positional and keyword arguments of a METH_FASTCALL|METH_KEYWORDS method to the
- * parameter names, as a Python def would. */
+/* bind_args's general part: keywords, or a wrong count. */
 static int
-bind_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *const *names,
+bind_args_slow(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *const *names,
           int n, PyObject **out, const char *fname)
 {
     nargs = PyVectorcall_NARGS(nargs);
@@ -1590,6 +1610,20 @@ bind_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char
         }
     }
     return 0;
+}
+
+/* Bind positional and keyword arguments of a METH_FASTCALL|METH_KEYWORDS method to the
+ * parameter names, as a Python def would.  All positional (the usual call) is inline. */
+static inline int
+bind_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *const *names,
+          int n, PyObject **out, const char *fname)
+{
+    if (kwnames == NULL && PyVectorcall_NARGS(nargs) == n) {
+        for (int i = 0; i < n; i++)
+            out[i] = args[i];
+        return 0;
+    }
+    return bind_args_slow(args, nargs, kwnames, names, n, out, fname);
 }
 
 /* Read side, table reference, the access, unlock: one whole type1 call after the

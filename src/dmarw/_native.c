@@ -240,7 +240,7 @@ stat_class_clear(StatClass *sc)
 
 /* Record one acquisition: timed (counter ticks, reported to lockstat in ns) while
  * collecting, else only counted. */
-static void
+static inline void
 stat_hit(StatClass *sc, int collecting, uint64_t ticks);
 
 /* ---- cycle counter ----------------------------------------------------------------- */
@@ -334,7 +334,7 @@ tsc_hz(PyObject *self, PyObject *unused)
 }
 
 static void
-stat_hit(StatClass *sc, int collecting, uint64_t ticks)
+stat_hit_slow(StatClass *sc, int collecting, uint64_t ticks)
 {
     if (sc->cls == NULL)
         return;
@@ -356,6 +356,19 @@ stat_hit(StatClass *sc, int collecting, uint64_t ticks)
     if (r == NULL)
         PyErr_Clear(); /* statistics never fail an access */
     Py_XDECREF(r);
+}
+
+/* The untimed native count (the usual case) inline; the rest in stat_hit_slow. */
+static inline void
+stat_hit(StatClass *sc, int collecting, uint64_t ticks)
+{
+    if (!collecting && sc->ncount != NULL) {
+        /* the GIL is held: a plain load and store is exact (see stat_hit_slow) */
+        __atomic_store_n(&sc->ncount->v, __atomic_load_n(&sc->ncount->v, __ATOMIC_RELAXED) + 1,
+                         __ATOMIC_RELAXED);
+        return;
+    }
+    stat_hit_slow(sc, collecting, ticks);
 }
 
 /* ---- dirty bitmaps ----------------------------------------------------------------- */
@@ -1142,7 +1155,7 @@ gil_count(unsigned long long *n)
  * (a store to this thread's slot), or an srcu read section (the epoch's reader count,
  * a full barrier each way as the kernel's srcu_read_lock/unlock).  Returns the token for
  * read_unlock. */
-static inline int
+static inline __attribute__((always_inline)) int
 core_read_lock(CoreObject *c)
 {
     int coll = stats_collecting();
@@ -1175,7 +1188,7 @@ core_read_lock(CoreObject *c)
     return token;
 }
 
-static inline void
+static inline __attribute__((always_inline)) void
 core_read_unlock(CoreObject *c, int token)
 {
     switch (c->lock) {

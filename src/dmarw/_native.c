@@ -38,6 +38,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <linux/futex.h>
 #include <linux/membarrier.h>
 #include <stdlib.h>
 #include <sys/mman.h>
@@ -650,6 +651,36 @@ attr_true_slow(PyObject *obj, PyObject *dict, PyObject *name, FlagCache *fc)
     return r;
 }
 
+/* A small futex mutex for the Core's own lock (Drepper, "Futexes are tricky", mutex 3
+ * simplified): 0 free, 1 held, 2 held and maybe waited for.  Uncontended, one locked
+ * compare-exchange to take and one locked exchange to drop, as the pthread mutex, without
+ * its calls and type/owner bookkeeping.  Process-private. */
+static inline int
+fmutex_trylock(unsigned *m)
+{
+    unsigned z = 0;
+    return __atomic_compare_exchange_n(m, &z, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
+}
+
+/* Take the futex mutex; if it is busy, wait without the GIL (the holder may need it). */
+static inline void
+fmutex_lock_nogil(unsigned *m)
+{
+    if (fmutex_trylock(m))
+        return;
+    Py_BEGIN_ALLOW_THREADS
+    while (__atomic_exchange_n(m, 2, __ATOMIC_ACQUIRE) != 0)
+        syscall(SYS_futex, m, FUTEX_WAIT_PRIVATE, 2, NULL, NULL, 0);
+    Py_END_ALLOW_THREADS
+}
+
+static inline void
+fmutex_unlock(unsigned *m)
+{
+    if (__atomic_exchange_n(m, 0, __ATOMIC_RELEASE) == 2)
+        syscall(SYS_futex, m, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
 /* 1 if the Python attribute is true, 0 if false, -1 on error.  ``dict`` is the object's
  * instance dict when known (a plain dict lookup, the common case), else NULL.  The cached
  * case (the dict unchanged since the last read) is inline: one load and two compares. */
@@ -1050,7 +1081,7 @@ typedef struct {
     int shift; /* dirty page shift */
     PyObject *name;
     TableObject *table;
-    pthread_mutex_t mutex;  /* mutex strategy; the writers' lock for rcu */
+    unsigned mutex;  /* mutex strategy; the writers' lock for rcu (fmutex) */
     pthread_rwlock_t rwsem;
     pthread_mutex_t gp_lock; /* serialises grace periods */
     unsigned long epoch;     /* rcu: grace-period counter (atomic) */
@@ -1106,7 +1137,7 @@ Core_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     c->name = name ? name : PyUnicode_FromString(lock);
     if (name)
         Py_INCREF(name);
-    pthread_mutex_init(&c->mutex, NULL);
+    c->mutex = 0;
     pthread_rwlockattr_t ra;
     pthread_rwlockattr_init(&ra);
     pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
@@ -1135,7 +1166,6 @@ Core_dealloc(CoreObject *self)
     stat_class_clear(&self->read_stat);
     stat_class_clear(&self->write_stat);
     stat_class_clear(&self->task_stat);
-    pthread_mutex_destroy(&self->mutex);
     pthread_rwlock_destroy(&self->rwsem);
     pthread_mutex_destroy(&self->gp_lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -1164,7 +1194,7 @@ core_read_lock(CoreObject *c)
     gil_count(&c->reads);
     switch (c->lock) {
     case LOCK_MUTEX:
-        mutex_lock_nogil(&c->mutex);
+        fmutex_lock_nogil(&c->mutex);
         break;
     case LOCK_RWSEM:
         if (pthread_rwlock_tryrdlock(&c->rwsem) != 0) {
@@ -1176,7 +1206,7 @@ core_read_lock(CoreObject *c)
     case LOCK_RCU:
         if (rcu_read_lock() < 0) {
             /* no slot (out of memory): fall back to excluding writers */
-            mutex_lock_nogil(&c->mutex);
+            fmutex_lock_nogil(&c->mutex);
             token = 2;
         }
         break;
@@ -1193,14 +1223,14 @@ core_read_unlock(CoreObject *c, int token)
 {
     switch (c->lock) {
     case LOCK_MUTEX:
-        pthread_mutex_unlock(&c->mutex);
+        fmutex_unlock(&c->mutex);
         break;
     case LOCK_RWSEM:
         pthread_rwlock_unlock(&c->rwsem);
         break;
     case LOCK_RCU:
         if (token == 2)
-            pthread_mutex_unlock(&c->mutex);
+            fmutex_unlock(&c->mutex);
         else
             rcu_read_unlock();
         break;
@@ -1245,7 +1275,7 @@ Core_write_acquire(CoreObject *self, PyObject *unused)
             Py_END_ALLOW_THREADS
         }
     } else {
-        mutex_lock_nogil(&self->mutex);
+        fmutex_lock_nogil(&self->mutex);
     }
     stat_hit(&self->write_stat, coll, coll ? read_cycles() - t0 : 0);
     Py_RETURN_NONE;
@@ -1258,7 +1288,7 @@ Core_write_release(CoreObject *self, PyObject *unused)
     if (self->lock == LOCK_RWSEM)
         pthread_rwlock_unlock(&self->rwsem);
     else
-        pthread_mutex_unlock(&self->mutex);
+        fmutex_unlock(&self->mutex);
     Py_RETURN_NONE;
 }
 

@@ -8,7 +8,7 @@ pin, dirty start/stop/get, memslots) is the Python core's own code.  What change
   ``read_guest_into`` / ``write_guest`` — are one call into :mod:`dmarw._native`:
   translate + check the whole range + count the address-space user + copy + dirty-mark;
 * the container's iommu lock (``mutex``, ``rwsem``, ``rcu``) and ``kvm.srcu`` are native
-  (pthread mutex / writer-preferring pthread rwlock / epoch-counted grace period), so the
+  (futex mutex / writer-preferring pthread rwlock / epoch-counted grace period), so the
   native readers and the Python writers share one lock;
 * every snapshot the Python core publishes (``self._table = ...``) is converted on the way
   in: plain :class:`~dmarw.bitmap.DirtyBitmap` objects become :class:`NativeDirtyBitmap`

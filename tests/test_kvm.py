@@ -187,6 +187,19 @@ def test_readonly_slot(vm: Vm, space: AddressSpace) -> None:
     assert vm.get_dirty_log(1) == bytes(8)
 
 
+def test_read_into_a_read_only_buffer_is_einval(vm: Vm, space: AddressSpace) -> None:
+    hva = space.mmap(P)
+    vm.set_memslot(0, 0, P, hva, dirty_log=True)
+    vm.write_guest(0, b"guest")
+    vm.get_dirty_log(0)
+    dst = b"\x00" * 5
+    with pytest.raises(DmaError) as ei:
+        vm.read_guest_into(0, dst)
+    assert ei.value.errno == errno.EINVAL and "read-only" in str(ei.value) and "0x0+0x5" in str(ei.value)
+    assert dst == b"\x00" * 5 and vm.read_guest(0, 5) == b"guest"
+    assert vm.get_dirty_log(0) == bytes(8)
+
+
 # -- dirty log ------------------------------------------------------------------------------
 
 

@@ -1871,8 +1871,20 @@ Core_read_guest_into(CoreObject *self, PyObject *const *args_in, Py_ssize_t narg
     if (bind_args(args_in, nargs, kwnames, names, 2, args, "read_guest_into") < 0)
         return NULL;
     Py_buffer v;
-    if (PyObject_GetBuffer(args[1], &v, PyBUF_WRITABLE) < 0)
-        return NULL;
+    if (PyObject_GetBuffer(args[1], &v, PyBUF_WRITABLE) < 0) {
+        /* a read-only destination is EINVAL, as in the Python core and dma_rw */
+        if (!PyErr_ExceptionMatches(PyExc_BufferError))
+            return NULL;
+        PyErr_Clear();
+        if (PyObject_GetBuffer(args[1], &v, PyBUF_SIMPLE) < 0)
+            return NULL;
+        Py_ssize_t n = v.len;
+        PyBuffer_Release(&v);
+        unsigned long long gpa = PyLong_Check(args[0]) ? PyLong_AsUnsignedLongLongMask(args[0]) : 0;
+        if (PyErr_Occurred())
+            return NULL;
+        return dma_error(EINVAL, "read_guest_into gpa 0x%llx+0x%zx: buffer is read-only", gpa, (size_t)n);
+    }
     PyObject *r = core_guest(self, args[0], (char *)v.buf, (uint64_t)v.len, 0);
     PyBuffer_Release(&v);
     return r;

@@ -391,7 +391,8 @@ def _run(cls_c: type[Container], cls_v: type[Vm], lock: str, mm: str, ops: list[
             r = call(c.dma_rw, iova, buf, write)
             trace.append((r, bytes(buf)))
         elif kind == "pin":
-            trace.append(call(c.pin_pages, o[1] * P, o[2], Prot(o[3])))
+            r = call(c.pin_pages, o[1] * P, o[2], Prot(o[3]))
+            trace.append(("ok", [h - hva for h in r[1]]) if r[0] == "ok" else r)
         elif kind == "unpin":
             trace.append(call(c.unpin_pages, o[1] * P, o[2]))
         elif kind == "bitmap":
@@ -411,7 +412,8 @@ def _run(cls_c: type[Container], cls_v: type[Vm], lock: str, mm: str, ops: list[
                 trace.append(call(vm.read_guest, gpa, n))
         elif kind == "log":
             trace.append(call(vm.get_dirty_log, o[1]))
-        trace.append((c.mappings(), c.pinned(), c.tracking))
+        # hva relative to the guest RAM: the two runs' mappings may sit at different addresses
+        trace.append(([(i, n, h - hva, pr) for i, n, h, pr in c.mappings()], c.pinned(), c.tracking))
     trace.append(space.read(hva, NP * P))
     if c.tracking:
         trace.append([(d[0], call(c.get_dirty_bitmap, d[0], d[1])) for d in c.mappings()])

@@ -231,17 +231,11 @@ def test_cycles_and_timer_overhead_are_reported() -> None:
 
 def test_bench_lockstat_overhead_runs_and_writes_json(tmp_path: Any) -> None:
     """A tiny run of bench/lockstat_overhead.py (its numbers are not asserted, only its shape)."""
-    import importlib.util
     import json
-    import sys
-    from pathlib import Path
 
-    src = Path(__file__).resolve().parent.parent / "bench" / "lockstat_overhead.py"
-    spec = importlib.util.spec_from_file_location("bench_lockstat_overhead", src)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
+    from conftest import load_bench
+
+    mod = load_bench("lockstat_overhead")
     out = tmp_path / "overhead.json"
     assert mod.main(["--rounds", "3", "--calls", "50", "--json", str(out)]) == 0
     data = json.loads(out.read_text())

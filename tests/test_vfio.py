@@ -655,17 +655,11 @@ def test_random_walk_keeps_references_consistent(
 
 def test_bench_paths_runs_every_path_and_writes_json(tmp_path: Any) -> None:
     """A tiny run of bench/paths.py: every path reads what every other wrote; JSON schema."""
-    import importlib.util
     import json
-    import sys
-    from pathlib import Path
 
-    src = Path(__file__).resolve().parent.parent / "bench" / "paths.py"
-    spec = importlib.util.spec_from_file_location("bench_paths", src)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
+    from conftest import load_bench
+
+    mod = load_bench("paths")
     out = tmp_path / "paths.json"
     assert mod.main(["--rounds", "3", "--passes", "1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())

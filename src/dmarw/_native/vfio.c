@@ -40,13 +40,30 @@ Lock_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     PyObject *name = PyObject_GetAttrString(cls, "name");
     if (name == NULL)
         return NULL;
+    PyObject *made = NULL; /* (class, counter) from dmarw.native.lock_class when none was given */
+    if (counter == NULL || counter == Py_None) {
+        PyObject *mod = PyImport_ImportModule("dmarw.native");
+        made = mod ? PyObject_CallMethod(mod, "lock_class", "O", name) : NULL;
+        Py_XDECREF(mod);
+        if (made == NULL || !PyTuple_Check(made) || PyTuple_GET_SIZE(made) != 2) {
+            if (made != NULL)
+                PyErr_SetString(PyExc_TypeError, "dmarw.native.lock_class: expected (class, counter)");
+            Py_XDECREF(made);
+            Py_DECREF(name);
+            return NULL;
+        }
+        counter = PyTuple_GET_ITEM(made, 1);
+    }
     LockObject *l = (LockObject *)type->tp_alloc(type, 0);
     if (l == NULL) {
+        Py_XDECREF(made);
         Py_DECREF(name);
         return NULL;
     }
     l->name = name;
-    if (stat_class_init(&l->stat, cls, counter) < 0) {
+    int bad = stat_class_init(&l->stat, cls, counter) < 0;
+    Py_XDECREF(made);
+    if (bad) {
         Py_DECREF(l);
         return NULL;
     }

@@ -11,7 +11,7 @@ Per-call path (the 2020 kernel's ``vfio_dma_rw(dev, ...)``), on every call:
 5. drop the container user and the group reference (atomics, no lock).
 
 :class:`ExternalUser` does steps 1–3 once and keeps the references until closed, so each
-call costs only step 4 — the fix the seed thread arrived at.
+call costs only step 4 — the fix the 2020 thread arrived at.
 
 The global ``vfio.group_lock`` can be replaced by a process-shared lock
 (:func:`set_group_lock`, :func:`new_group_lock`), so that VMs in separate processes contend

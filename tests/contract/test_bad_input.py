@@ -278,3 +278,55 @@ def test_mmap_backing_an_explicit_path_creates_that_file(tmp_path: Path) -> None
         assert (tmp_path / "guest.ram").read_bytes()[:3] == b"ram"
     finally:
         space.close()
+
+
+# -- faults under a mapping: the same message on both cores -----------------------------------
+
+GONE_IOVA = 32 * P  # two mappings 32P..34P: the first over live memory, the second over gone
+
+
+def _efault_calls() -> list[tuple[str, Callable[[World], object]]]:
+    return [
+        ("write-one-mapping", lambda w: w.c.dma_write(GONE_IOVA + P + 8, b"x")),
+        ("write-two-mappings", lambda w: w.c.dma_write(GONE_IOVA + P - 4, b"y" * 8)),
+        ("read-two-mappings", lambda w: w.c.dma_rw(GONE_IOVA + P - 4, bytearray(8), False)),
+        ("user-read-one-mapping", lambda w: w.user.dma_read(GONE_IOVA + P, 8)),
+        ("pin-across", lambda w: w.c.pin_pages(GONE_IOVA, 2, Prot.READ)),
+        ("guest-read-two-slots", lambda w: w.vm.read_guest(GONE_IOVA + P - 4, 8)),
+    ]
+
+
+def _with_gone_memory(core: str, call: Callable[[World], object]) -> tuple[object, ...]:
+    w = build_world(core)
+    live, gone = w.space.mmap(P), w.space.mmap(P)
+    try:
+        w.c.map_dma(GONE_IOVA, P, live, w.space)
+        w.c.map_dma(GONE_IOVA + P, P, gone, w.space)
+        w.vm.set_memslot(1, GONE_IOVA, P, live)
+        w.vm.set_memslot(2, GONE_IOVA + P, P, gone)
+        w.space.munmap(gone, P)
+        w.state()
+        before = w.state()
+        with pytest.raises(DmaError) as info:
+            call(w)
+        assert info.value.errno == errno.EFAULT, str(info.value)
+        assert w.state() == before
+        assert decimals(info.value.detail) == [], str(info.value)
+        text = str(info.value).replace(f"{live:#x}", "<live>").replace(f"{gone:#x}", "<gone>")
+        return ("DmaError", info.value.errno, _normalized(w, text))
+    finally:
+        w.vm.set_memslot(1, 0, 0, 0)
+        w.vm.set_memslot(2, 0, 0, 0)
+        w.c.unmap_dma(GONE_IOVA, 2 * P)
+        w.space.munmap(live, P)
+        close_world(w)
+
+
+@pytest.mark.parametrize(("what", "call"), _efault_calls(), ids=[c[0] for c in _efault_calls()])
+def test_host_memory_gone_is_efault_named_in_hex_and_the_same_on_both_cores(
+    what: str, call: Callable[[World], object]
+) -> None:
+    cores = ["python"] + ([] if NATIVE_MISSING else ["native"])
+    got = {core: _with_gone_memory(core, call) for core in cores}
+    if NATIVE_MISSING is None:
+        assert got["native"] == got["python"]

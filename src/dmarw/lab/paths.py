@@ -140,7 +140,7 @@ class VmEnv:
         if spec.kind == "percall":
             fn: RwAccess4 = vfio_dma_rw_py
             if self.core == "native":
-                from .. import _native  # type: ignore[attr-defined]
+                from .. import _native
 
                 fn = _native.vfio_dma_rw  # the one-call path (whatever $DMARW_CORE said at import)
             return Accessor(rw=functools.partial(fn, self.device))
@@ -159,16 +159,16 @@ class VmEnv:
         the very entry the open handle calls)."""
         if self.core != "native":
             raise TypeError("replayer: the Python core is timed from Python")
-        from .. import _native  # type: ignore[attr-defined]
+        from .. import _native
 
         spec = PATHS[path or self.spec.name]
         if spec.kind == "kvm":
-            core: Any = vars(self.vm)["_core"]
+            core: Any = self.vm  # a native VM: its C replay
             return core.replay
         if spec.kind == "percall":
             return functools.partial(_native.vfio_replay, self.device)
         self._user()
-        core = vars(self.container)["_core"]
+        core = self.container
         return core.replay
 
     def dirty_pages(self) -> int:

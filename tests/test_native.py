@@ -18,7 +18,10 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("dmarw._native", reason="the native core dmarw._native is not built")
+from conftest import NATIVE_MISSING  # noqa: E402
+
+if NATIVE_MISSING is not None:
+    pytest.skip(NATIVE_MISSING, allow_module_level=True)
 
 from dmarw import AddressSpace, Container, DmaError, Prot, Vm, _native, bitmap_pages, core  # noqa: E402
 from dmarw.bitmap import DirtyBitmap, bitmap_bytes, to_bytes  # noqa: E402
@@ -143,8 +146,9 @@ def test_core_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DMARW_CORE", "native")
     assert type(core.container(lock="rcu")) is NativeContainer
     monkeypatch.setenv("DMARW_CORE", "fortran")
-    with pytest.raises(ValueError):
+    with pytest.raises(DmaError) as info:
         core.resolve()
+    assert info.value.errno == errno.EINVAL and "fortran" in str(info.value)
     assert core.cycles_source("native")[0] == _native.counter_kind()
 
 
@@ -160,6 +164,8 @@ def test_native_forced_without_the_extension_fails_loudly(tmp_path: Any) -> None
         "import dmarw.core as c\n"
         "assert c.resolve('python') == 'python' and c.resolve(None) == 'python'\n"
         "try:\n    c.resolve('native')\nexcept c.CoreUnavailable as e:\n    print('LOUD', e)\n"
+        "import dmarw\nassert dmarw.Container().core == 'python'\n"
+        "s = dmarw.AddressSpace()\nassert dmarw.Vm(s).core == 'python'\n"
     )
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "DMARW_CORE": ""}
     out = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
@@ -296,7 +302,7 @@ def test_replay_runs_the_records_through_the_path() -> None:
     vm.set_memslot(0, 0, 16 * P, hva, dirty_log=True)
     buf = bytearray(b"z" * P)
     writes, addrs, sizes = array("B", [1, 0, 1]), array("Q", [5 * P - 8, 0, 9 * P]), array("I", [16, P, 1])
-    rc, rn, wc, wn = c._core.replay(writes, addrs, sizes, buf)
+    rc, rn, wc, wn = c.replay(writes, addrs, sizes, buf)
     assert (rn, wn) == (1, 2) and rc > 0 and wc > 0
     assert bitmap_pages(c.get_dirty_bitmap(0, 16 * P)) == [4, 5, 9]
     assert space.read(hva + 5 * P - 8, 16) == b"z" * 16
@@ -304,21 +310,20 @@ def test_replay_runs_the_records_through_the_path() -> None:
     assert (got["reads"], got["writes"]) == (1, 2) and got["avg"] > 0
     assert bitmap_pages(vm.get_dirty_log(0)) == [4, 5, 9]
     with pytest.raises(DmaError) as info:  # the first failing record raises, as the call would
-        c._core.replay(array("B", [0]), array("Q", [16 * P]), array("I", [8]), buf)
+        c.replay(array("B", [0]), array("Q", [16 * P]), array("I", [8]), buf)
     assert info.value.errno == errno.EINVAL
     with pytest.raises(ValueError):
-        c._core.replay(array("B", [0]), array("Q", [0, 1]), array("I", [8]), buf)
+        c.replay(array("B", [0]), array("Q", [0, 1]), array("I", [8]), buf)
     for addr, size, err in (((1 << 64) - 4, 8, errno.EOVERFLOW), (0, 0, errno.EINVAL)):
         with pytest.raises(DmaError) as info:  # the argument rules of dma_rw apply too
-            c._core.replay(array("B", [1]), array("Q", [addr]), array("I", [size]), buf)
+            c.replay(array("B", [1]), array("Q", [addr]), array("I", [size]), buf)
         assert info.value.errno == err
         with pytest.raises(DmaError) as info:
             c.dma_rw(addr, bytearray(size), True)
         assert info.value.errno == err
+    assert not hasattr(vm, "dma_rw")  # a KVM core has no type1 path
     with pytest.raises(TypeError):
-        vm._core.dma_rw(0, buf, False)  # a KVM core has no type1 path
-    with pytest.raises(TypeError):
-        native_replay(Container(), writes, addrs, sizes)  # the Python core has no replay
+        native_replay(Container(core="python"), writes, addrs, sizes)  # the Python core has no replay
     assert _native.timer_overhead(1000) >= 0
     vm.close()
     c.unmap_dma(0, 16 * P)
@@ -330,9 +335,17 @@ def test_core_lock_protocol(lock: str) -> None:
     """read_acquire/read_release nest for rcu; a grace period waits for a reader in another
     thread and returns once it leaves; the counts land in the lock classes."""
     from dmarw import lockstat
+    from dmarw.native import lock_class
 
-    cls = lockstat.lock_class(f"test.native.{lock}")
-    core_ = _native.Core(lock=lock, read_class=cls, write_class=cls)
+    pair = lock_class(f"test.native.{lock}")
+    cls = pair[0]
+    core_: Any
+    if lock == "srcu":
+        core_ = _native.Kvm()
+        core_._setup(lock="srcu", read=pair)
+    else:
+        core_ = _native.Type1()
+        core_._setup(lock=lock, mm_ref="mmget_not_zero", shift=12, read=pair, write=pair, task=lock_class("task_lock"))
     before = cls.count
     tok = core_.read_acquire()
     if lock in ("rcu", "srcu"):
@@ -370,10 +383,10 @@ def test_rcu_reader_in_a_forked_child_is_not_waited_for() -> None:
     leave = threading.Event()
 
     def reader() -> None:
-        tok = c._core.read_acquire()
+        tok = c.read_acquire()
         inside.set()
         leave.wait()
-        c._core.read_release(tok)
+        c.read_release(tok)
 
     t = threading.Thread(target=reader)
     t.start()
@@ -403,8 +416,13 @@ def test_external_user_calls_the_native_entry_until_closed() -> None:
     dev = g.add_device("0000:00:02.0")
     g.set_container(c)
     user = ExternalUser.from_device(dev)
-    assert user.dma_rw == c.native_dma_rw  # no Python frame between the handle and C
-    user.dma_rw(P, b"abc", True)
+    events: list[tuple[str, str]] = []
+    sys.setprofile(lambda frame, ev, arg: events.append((ev, frame.f_code.co_name)))
+    try:
+        user.dma_rw(P, b"abc", True)  # no Python frame between the handle and C
+    finally:
+        sys.setprofile(None)
+    assert [e for e in events if e[0] == "call"] == []
     assert c.dma_read(P, 3) == b"abc"
     user.close()
     with pytest.raises(DmaError) as info:
@@ -497,9 +515,6 @@ def test_native_entries_take_keywords_like_the_python_methods() -> None:
 
 
 # -- the native VFIO group layer ----------------------------------------------------------
-needs_native_groups = pytest.mark.skipif(
-    not __import__("dmarw.vfio").vfio._default_native, reason="groups are Python (DMARW_CORE=python)"
-)
 
 
 def _native_group_env(lock: str = "mutex", mm: str = "get_task_mm") -> tuple[Any, ...]:
@@ -523,13 +538,14 @@ def _native_group_close(space: Any, c: Any, g: Any) -> None:
     space.close()
 
 
-@needs_native_groups
 def test_per_call_path_is_one_native_call_without_a_python_frame() -> None:
     """On a native group and container, vfio_dma_rw runs no Python function at all; the
     group's locks and counters are the native ones, shared with the Python methods."""
-    from dmarw import vfio, vfio_dma_rw
+    from dmarw import vfio
+    from dmarw.vfio import percall_entry
 
     space, hva, c, g, dev = _native_group_env()
+    vfio_dma_rw = percall_entry(dev)  # what a device model calls per access
     assert vfio_dma_rw is _native.vfio_dma_rw
     assert isinstance(g.mutex, _native.Lock) and isinstance(vfio._registry.lock, _native.Lock)
     assert g._state.unbound_lock is g.unbound_lock and g._state.refs is g.refs
@@ -550,7 +566,6 @@ def test_per_call_path_is_one_native_call_without_a_python_frame() -> None:
     assert g._state.container is None
 
 
-@needs_native_groups
 def test_vfio_replay_runs_the_per_call_path_per_record() -> None:
     from array import array
 
@@ -574,7 +589,7 @@ def test_vfio_replay_runs_the_per_call_path_per_record() -> None:
         _native.vfio_replay(dev, writes, addrs, sizes, buf)
     assert info.value.errno == errno.EINVAL and g.refs.value == 1
     dev.bind()
-    rc, rn, wc, wn = c._core.replay(writes, addrs, sizes, buf, deltas)
+    rc, rn, wc, wn = c.replay(writes, addrs, sizes, buf, deltas)
     assert rc + wc == sum(deltas)
     _native_group_close(space, c, g)
     with pytest.raises(DmaError) as info:  # detached
@@ -588,8 +603,9 @@ def test_process_shared_lock_excludes_across_processes() -> None:
     import mmap
 
     from dmarw import lockstat
+    from dmarw.native import lock_class
 
-    lock = _native.Lock(lockstat.lock_class("test.shared_lock"), shared=True)
+    lock = _native.Lock(*lock_class("test.shared_lock"), shared=True)
     assert lock.shared and lock.name == "test.shared_lock"
     mem = mmap.mmap(-1, 8)
     each = 3000
@@ -614,11 +630,12 @@ def test_process_shared_lock_excludes_across_processes() -> None:
     assert lockstat.lock_class("test.shared_lock").count - before == each  # this process's own
 
 
-@needs_native_groups
 def test_set_group_lock_takes_a_process_shared_native_lock() -> None:
-    from dmarw import lockstat, new_group_lock, set_group_lock, vfio, vfio_dma_rw
+    from dmarw import lockstat, new_group_lock, set_group_lock, vfio
+    from dmarw.vfio import percall_entry
 
     space, hva, c, g, dev = _native_group_env()
+    vfio_dma_rw = percall_entry(dev)
     saved = vfio._registry.lock
     shared = new_group_lock()
     assert isinstance(shared, _native.Lock) and shared.shared

@@ -2,7 +2,8 @@
 
 ``dmarw._native`` (the native core) is built from the C files of ``src/dmarw/_native/``.
 It is optional: if the C compiler fails, the install still succeeds, dmarw runs on the
-pure-Python core, and a loud warning says so at the end of the build (``make test`` fails
+pure-Python core, and a loud warning says so at the end of the build, on stderr and on the
+terminal (pip hides a successful build's output; ``make test`` fails
 on a missing native core).  ``DMARW_SANITIZE=1`` builds it with AddressSanitizer and
 UndefinedBehaviorSanitizer (``make asan``).  More extensions are appended to
 ``EXTENSIONS``.
@@ -48,6 +49,16 @@ then reinstall: pip install -e .
 """
 
 
+def _shout(text: str) -> None:
+    """To stderr and, since pip hides a successful build's output, to the terminal itself."""
+    sys.stderr.write(text)
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(text)
+    except OSError:  # no terminal (CI): stderr is all there is
+        pass
+
+
 class BuildExt(build_ext):
     """build_ext that says loudly, at the end, which optional extension did not build."""
 
@@ -55,7 +66,7 @@ class BuildExt(build_ext):
         self._missing: list[tuple[str, str]] = []
         super().run()
         for name, error in self._missing:
-            sys.stderr.write(BANNER.format(rule="!" * 78, name=name, error=error))
+            _shout(BANNER.format(rule="!" * 78, name=name, error=error))
 
     def build_extension(self, ext: Extension) -> None:
         try:

@@ -11,8 +11,9 @@ what must happen, in this order:
   ``EOVERFLOW``; then mapping by mapping in address order, the first byte not mapped is
   ``EINVAL`` and the first mapping lacking the access (READ for any, WRITE for writes) is
   ``EPERM``;
-* KVM: a negative gpa ``EINVAL``; gpa + size (at least one byte) past 2**64 ``EOVERFLOW``;
-  a page with no slot ``EFAULT``; zero length reads nothing;
+* KVM: a gpa outside guest physical space (negative, or gpa + size, at least one byte, past
+  2**64) or a page with no slot is ``EFAULT``, as KVM finds no memslot; zero length reads
+  nothing;
 * otherwise the bytes move exactly as the model's bytearray says.
 
 A failing call is a ``DmaError`` with the model's errno and changes nothing (the world's
@@ -85,10 +86,10 @@ def gpa_outcome(gpa: object, n: object) -> int | None:
     if not _is_int(gpa) or not _is_int(n):
         return errno.EINVAL
     assert isinstance(gpa, int) and isinstance(n, int)
-    if gpa < 0 or n < 0:
+    if n < 0:
         return errno.EINVAL
-    if gpa + max(n, 1) > TOP:
-        return errno.EOVERFLOW
+    if gpa < 0 or gpa + max(n, 1) > TOP:
+        return errno.EFAULT
     if n and gpa + n > SLOT_END:
         return errno.EFAULT
     return None

@@ -541,11 +541,9 @@ def _native_group_close(space: Any, c: Any, g: Any) -> None:
 def test_per_call_path_is_one_native_call_without_a_python_frame() -> None:
     """On a native group and container, vfio_dma_rw runs no Python function at all; the
     group's locks and counters are the native ones, shared with the Python methods."""
-    from dmarw import vfio
-    from dmarw.vfio import percall_entry
+    from dmarw import vfio, vfio_dma_rw
 
     space, hva, c, g, dev = _native_group_env()
-    vfio_dma_rw = percall_entry(dev)  # what a device model calls per access
     assert vfio_dma_rw is _native.vfio_dma_rw
     assert isinstance(g.mutex, _native.Lock) and isinstance(vfio._registry.lock, _native.Lock)
     assert g._state.unbound_lock is g.unbound_lock and g._state.refs is g.refs
@@ -603,9 +601,7 @@ def test_process_shared_lock_excludes_across_processes() -> None:
     import mmap
 
     from dmarw import lockstat
-    from dmarw.native import lock_class
-
-    lock = _native.Lock(*lock_class("test.shared_lock"), shared=True)
+    lock = _native.Lock(lockstat.lock_class("test.shared_lock"), shared=True)
     assert lock.shared and lock.name == "test.shared_lock"
     mem = mmap.mmap(-1, 8)
     each = 3000
@@ -631,11 +627,9 @@ def test_process_shared_lock_excludes_across_processes() -> None:
 
 
 def test_set_group_lock_takes_a_process_shared_native_lock() -> None:
-    from dmarw import lockstat, new_group_lock, set_group_lock, vfio
-    from dmarw.vfio import percall_entry
+    from dmarw import lockstat, new_group_lock, set_group_lock, vfio, vfio_dma_rw
 
     space, hva, c, g, dev = _native_group_env()
-    vfio_dma_rw = percall_entry(dev)
     saved = vfio._registry.lock
     shared = new_group_lock()
     assert isinstance(shared, _native.Lock) and shared.shared

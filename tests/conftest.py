@@ -25,7 +25,6 @@ from typing import Any
 import pytest
 
 import dmarw
-import dmarw.core
 
 LOCKS = ("mutex", "rwsem", "rcu")
 MM_REFS = ("get_task_mm", "mmget_not_zero")
@@ -46,10 +45,15 @@ def container_kwargs(request: pytest.FixtureRequest) -> dict[str, str]:
 
 def _native_missing() -> str | None:
     """Why the native core cannot run here, or None when it can."""
+    import importlib.machinery
+
     try:
-        import dmarw.native  # noqa: F401  (raises when only the C sources are there)
+        import dmarw._native as ext
     except ImportError as e:
         return f"the native core dmarw._native is not built ({e}); run `pip install -e .` with a C compiler"
+    origin = getattr(ext, "__file__", None) or ""
+    if not origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):  # e.g. only the C sources
+        return "the native core dmarw._native is not built (no extension module); run `pip install -e .` with a C compiler"
     return None
 
 
@@ -66,12 +70,12 @@ CORES = [
 
 def new_container(core: str, **kwargs: Any) -> dmarw.Container:
     """A container of ``core`` (``lock=``, ``mm_ref=``, ``pgsize=`` as the API takes them)."""
-    return dmarw.core.container(core, **kwargs)
+    return dmarw.Container(core=core, **kwargs)
 
 
 def new_vm(space: dmarw.AddressSpace, core: str) -> dmarw.Vm:
     """A VM of ``core`` over ``space``."""
-    return dmarw.core.vm(space, core)
+    return dmarw.Vm(space, core=core)
 
 
 def new_group(name: str, core: str) -> dmarw.Group:

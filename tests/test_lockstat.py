@@ -243,28 +243,35 @@ def test_bench_lockstat_overhead_runs_and_writes_json(tmp_path: Any) -> None:
     assert all(len(v) == 3 for v in data["samples_ns"].values())
 
 
-def test_timing_is_swapped_in_only_while_a_block_is_open() -> None:
-    """Off, the locks only count; timed only while collecting (``lockstat.TIMING``), until
-    the last of nested blocks closes; counts are kept either way."""
-    from dmarw.locks import Mutex
+def test_timing_is_on_only_while_a_block_is_open() -> None:
+    """Off, the locks take the counted acquire; timing is on only while collecting, until the
+    last of nested blocks closes; counts are kept either way.  One flag switches it (the
+    lock classes' methods are never replaced) and a backend's switch hears each edge once."""
+    from dmarw.locks import Mutex, Rcu, RwSem
+
+    methods = (Mutex.acquire, Mutex.__enter__, RwSem.down_read, RwSem.down_write, Rcu.read_lock)
+    edges: list[bool] = []
+    lockstat.on_timing_switch(edges.append)
 
     def timed() -> list[bool]:
-        return [lockstat.TIMING.on] * 5
+        assert (Mutex.acquire, Mutex.__enter__, RwSem.down_read, RwSem.down_write, Rcu.read_lock) == methods
+        return [lockstat.collecting(), lockstat.TIMING.on]
 
     m = Mutex("test.swap")
-    assert timed() == [False] * 5
+    assert timed() == [False] * 2
     before = lockstat.lock_class("test.swap").count
     timed_before = lockstat.lock_class("test.swap").snapshot()[1]
     with m:
         pass
     with lockstat.collect() as outer:
-        assert timed() == [True] * 5
+        assert timed() == [True] * 2
         with lockstat.collect():
-            assert timed() == [True] * 5
-        assert timed() == [True] * 5
+            assert timed() == [True] * 2
+        assert timed() == [True] * 2
         with m:
             pass
-    assert timed() == [False] * 5
+    assert timed() == [False] * 2
+    assert edges == [True, False]
     assert lockstat.lock_class("test.swap").count == before + 2
     assert lockstat.lock_class("test.swap").snapshot()[1] == timed_before + 1  # only the inner one
     (row,) = [r for r in outer.table() if r["name"] == "test.swap"]

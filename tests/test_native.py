@@ -18,7 +18,10 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("dmarw._native", reason="the native core dmarw._native is not built")
+from conftest import NATIVE_MISSING  # noqa: E402
+
+if NATIVE_MISSING is not None:
+    pytest.skip(NATIVE_MISSING, allow_module_level=True)
 
 from dmarw import AddressSpace, Container, DmaError, Prot, Vm, _native, bitmap_pages, core  # noqa: E402
 from dmarw.bitmap import DirtyBitmap, bitmap_bytes, to_bytes  # noqa: E402
@@ -143,8 +146,9 @@ def test_core_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DMARW_CORE", "native")
     assert type(core.container(lock="rcu")) is NativeContainer
     monkeypatch.setenv("DMARW_CORE", "fortran")
-    with pytest.raises(core.CoreUnavailable):
+    with pytest.raises(DmaError) as info:
         core.resolve()
+    assert info.value.errno == errno.EINVAL and "fortran" in str(info.value)
     assert core.cycles_source("native")[0] == _native.counter_kind()
 
 
@@ -160,6 +164,8 @@ def test_native_forced_without_the_extension_fails_loudly(tmp_path: Any) -> None
         "import dmarw.core as c\n"
         "assert c.resolve('python') == 'python' and c.resolve(None) == 'python'\n"
         "try:\n    c.resolve('native')\nexcept c.CoreUnavailable as e:\n    print('LOUD', e)\n"
+        "import dmarw\nassert dmarw.Container().core == 'python'\n"
+        "s = dmarw.AddressSpace()\nassert dmarw.Vm(s).core == 'python'\n"
     )
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "DMARW_CORE": ""}
     out = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
@@ -329,14 +335,17 @@ def test_core_lock_protocol(lock: str) -> None:
     """read_acquire/read_release nest for rcu; a grace period waits for a reader in another
     thread and returns once it leaves; the counts land in the lock classes."""
     from dmarw import lockstat
+    from dmarw.native import lock_class
 
+    pair = lock_class(f"test.native.{lock}")
+    cls = pair[0]
     core_: Any
     if lock == "srcu":
-        core_ = NativeVm(AddressSpace())
-        cls = lockstat.lock_class("kvm.srcu")
+        core_ = _native.Kvm()
+        core_._setup(lock="srcu", read=pair)
     else:
-        core_ = NativeContainer(lock=lock)
-        cls = lockstat.lock_class("iommu.rcu" if lock == "rcu" else "iommu.lock")
+        core_ = _native.Type1()
+        core_._setup(lock=lock, mm_ref="mmget_not_zero", shift=12, read=pair, write=pair, task=lock_class("task_lock"))
     before = cls.count
     tok = core_.read_acquire()
     if lock in ("rcu", "srcu"):
@@ -407,8 +416,13 @@ def test_external_user_calls_the_native_entry_until_closed() -> None:
     dev = g.add_device("0000:00:02.0")
     g.set_container(c)
     user = ExternalUser.from_device(dev)
-    assert type(user).dma_rw is _native.Handle.dma_rw  # the C method: no Python frame
-    user.dma_rw(P, b"abc", True)
+    events: list[tuple[str, str]] = []
+    sys.setprofile(lambda frame, ev, arg: events.append((ev, frame.f_code.co_name)))
+    try:
+        user.dma_rw(P, b"abc", True)  # no Python frame between the handle and C
+    finally:
+        sys.setprofile(None)
+    assert [e for e in events if e[0] == "call"] == []
     assert c.dma_read(P, 3) == b"abc"
     user.close()
     with pytest.raises(DmaError) as info:
@@ -501,9 +515,6 @@ def test_native_entries_take_keywords_like_the_python_methods() -> None:
 
 
 # -- the native VFIO group layer ----------------------------------------------------------
-needs_native_groups = pytest.mark.skipif(
-    core.resolve() != "native", reason="groups are Python (DMARW_CORE=python)"
-)
 
 
 def _native_group_env(lock: str = "mutex", mm: str = "get_task_mm") -> tuple[Any, ...]:
@@ -527,7 +538,6 @@ def _native_group_close(space: Any, c: Any, g: Any) -> None:
     space.close()
 
 
-@needs_native_groups
 def test_per_call_path_is_one_native_call_without_a_python_frame() -> None:
     """On a native group and container, vfio_dma_rw runs no Python function at all; the
     group's locks and counters are the native ones, shared with the Python methods."""
@@ -554,7 +564,6 @@ def test_per_call_path_is_one_native_call_without_a_python_frame() -> None:
     assert g._state.container is None
 
 
-@needs_native_groups
 def test_vfio_replay_runs_the_per_call_path_per_record() -> None:
     from array import array
 
@@ -592,7 +601,6 @@ def test_process_shared_lock_excludes_across_processes() -> None:
     import mmap
 
     from dmarw import lockstat
-
     lock = _native.Lock(lockstat.lock_class("test.shared_lock"), shared=True)
     assert lock.shared and lock.name == "test.shared_lock"
     mem = mmap.mmap(-1, 8)
@@ -618,7 +626,6 @@ def test_process_shared_lock_excludes_across_processes() -> None:
     assert lockstat.lock_class("test.shared_lock").count - before == each  # this process's own
 
 
-@needs_native_groups
 def test_set_group_lock_takes_a_process_shared_native_lock() -> None:
     from dmarw import lockstat, new_group_lock, set_group_lock, vfio, vfio_dma_rw
 

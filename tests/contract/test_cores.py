@@ -24,14 +24,9 @@ from conftest import NATIVE_MISSING
 from dmarw import PAGE_SIZE, AddressSpace, Container, DmaError, Group, Vm
 
 
-def _core_of(obj: object) -> str:
+def _core_of(obj: Container | Vm | Group) -> str:
     """The core an object belongs to, as the API reports it."""
-    named = getattr(obj, "core", None)
-    if isinstance(named, str):
-        return named
-    if isinstance(obj, Group):  # until groups say their core: a native group has native state
-        return "native" if obj._state is not None else "python"
-    return "native" if type(obj).__name__.startswith("Native") else "python"
+    return obj.core
 
 
 def test_the_fixtures_build_objects_of_the_core_under_test(

@@ -23,7 +23,7 @@ from .backend import DirtyLog, IommuLock
 from .bitmap import NO_DIRTY, DirtyBitmap
 from .errors import addr, check_access, check_rw, error, fail, rng
 from .locks import Mutex, SrcuStrategy
-from .mm import PAGE_SHIFT, PAGE_SIZE, AddressSpace, Region, zeroed
+from .mm import LARGE, PAGE_SHIFT, PAGE_SIZE, AddressSpace, Region, zeroed
 
 _PAGE_MASK = PAGE_SIZE - 1
 
@@ -183,6 +183,20 @@ class Vm:
             pos += seg
         return out
 
+    def _check_slots(self, op: str, gpa: int, n: int, write: bool) -> None:
+        """:meth:`_pages`' checks a slot at a time (no per-page list): the same first error."""
+        table = self._table
+        pos, end = gpa, gpa + n
+        while pos < end:
+            s = self._find(table, pos)
+            if s is None:
+                raise error("no_memslot", op, gpa, n, pos)
+            if write and s.readonly:
+                raise error("slot_read_only", op, gpa, n, pos, s.slot)
+            if s.region.released:
+                raise error("slot_gone", op, gpa, n, pos, s.slot)
+            pos = s.end
+
     def _access(self, op: str, gpa: int, mv: memoryview, write: bool) -> None:
         """Under ``kvm.srcu``: every page checked (:meth:`_pages`), then copied; a write
         marks each page in its slot's dirty log."""
@@ -213,6 +227,12 @@ class Vm:
     def read_guest(self, gpa: int, n: int) -> bytes:
         """``n`` bytes of guest memory at ``gpa``."""
         check_access("read_guest", gpa, n, "gpa", True, True)
+        if n >= LARGE:  # check the slots first: a size no slot covers allocates nothing
+            token = self.srcu.read_acquire()
+            try:
+                self._check_slots("read_guest", gpa, n, False)
+            finally:
+                self.srcu.read_release(token)
         buf = zeroed("read_guest", gpa, n)
         self._access("read_guest", gpa, memoryview(buf), False)
         return bytes(buf)

@@ -38,7 +38,7 @@ from .locks import Mutex
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 MMAP_MAX = 1 << 47  # the x86-64 user address space: no single mapping can be larger
-_LAZY_ZERO = 1 << 20  # buffers from this size are anonymous mappings (untouched until used)
+LARGE = 1 << 20  # reads from this size are translated before their buffer is made
 
 
 def zeroed(op: str, a: int, n: int) -> bytearray | _mmap.mmap:
@@ -46,7 +46,7 @@ def zeroed(op: str, a: int, n: int) -> bytearray | _mmap.mmap:
     from 1 MiB an anonymous private mapping whose pages stay untouched until the copy (an
     access that then fails costs no memory).  ``ENOMEM`` when it cannot be had."""
     try:
-        if n < _LAZY_ZERO:
+        if n < LARGE:
             return bytearray(n)
         return _mmap.mmap(-1, n, flags=_mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS)
     except (MemoryError, OverflowError, OSError):

@@ -31,7 +31,7 @@ from .backend import DirtyLog, IommuLock
 from .bitmap import NO_DIRTY, DirtyBitmap, bitmap_bytes, set_bits
 from .errors import addr, check_access, check_rw, error, fail, prot_str, rng
 from .locks import STRATEGIES
-from .mm import AddressSpace, Region, zeroed
+from .mm import LARGE, AddressSpace, Region, zeroed
 
 IOVA_LIMIT = 1 << 64
 PIN_MAX = 512  # entries per pin/unpin call, as VFIO_PIN_PAGES_MAX_ENTRIES
@@ -342,10 +342,10 @@ class Container:
         finally:
             lock.read_release(token)
 
-    def _dma_rw_chunks(
-        self, table: _Table, iova: int, mv: memoryview, n: int, write: bool, need: int
-    ) -> None:
-        """The general case: one chunk per mapping, every chunk checked before any copy."""
+    @staticmethod
+    def _translate(table: _Table, iova: int, n: int, need: int) -> list[tuple[Dma, int, int]]:
+        """(mapping, offset, length) per mapping of the range, in address order: the first
+        byte not mapped is ``EINVAL``, the first mapping lacking ``need`` ``EPERM``."""
         chunks: list[tuple[Dma, int, int]] = []
         pos = 0
         while pos < n:
@@ -358,6 +358,13 @@ class Container:
             seg = min(n - pos, d.end - cur)
             chunks.append((d, cur - d.iova, seg))
             pos += seg
+        return chunks
+
+    def _dma_rw_chunks(
+        self, table: _Table, iova: int, mv: memoryview, n: int, write: bool, need: int
+    ) -> None:
+        """The general case: one chunk per mapping, every chunk checked before any copy."""
+        chunks = self._translate(table, iova, n, need)
         spaces: list[AddressSpace] = []
         try:
             for d, _, _ in chunks:
@@ -389,6 +396,12 @@ class Container:
     def dma_read(self, iova: int, n: int) -> bytes:
         """Read ``n`` bytes at ``iova`` (the rules of :meth:`dma_rw`)."""
         check_access("dma_rw", iova, n, empty=False)
+        if n >= LARGE:  # translate first: a size no mapping covers allocates nothing
+            token = self._lock.read_acquire()
+            try:
+                self._translate(self._table, iova, n, _NEED_READ)
+            finally:
+                self._lock.read_release(token)
         buf = zeroed("dma_rw", iova, n)
         self.dma_rw(iova, buf, False)
         return bytes(buf)

@@ -26,6 +26,15 @@ kvm_walk(TableObject *t, const char *op, uint64_t gpa, char *buf, uint64_t n, in
         if (seg > n - pos)
             seg = n - pos;
         Entry *e = (last != NULL && g - last->start < last->size) ? last : table_find(t, g);
+        if (e != NULL && e != last && buf == NULL) { /* check only: a slot at a time */
+            if (entry_gone(e))
+                return dma_error("slot_gone", "sKKKl", op, (unsigned long long)gpa, (unsigned long long)n,
+                                 (unsigned long long)g, e->ident);
+            uint64_t slot_left = e->size - (g - e->start);
+            last = e;
+            pos += slot_left < n - pos ? slot_left : n - pos;
+            continue;
+        }
         if (e == NULL)
             return dma_error("no_memslot", G_FIELDS(op));
         if (e != last) { /* once per slot */
@@ -39,6 +48,8 @@ kvm_walk(TableObject *t, const char *op, uint64_t gpa, char *buf, uint64_t n, in
         last = e;
         pos += seg;
     }
+    if (buf == NULL) /* check only (read_guest of a large size, before its buffer is made) */
+        Py_RETURN_NONE;
     int nogil = (Py_ssize_t)n >= gil_threshold;
     PyThreadState *ts = nogil ? PyEval_SaveThread() : NULL;
     pos = 0;
@@ -113,9 +124,19 @@ Kvm_read_guest(KvmObject *self, PyObject *const *args_in, Py_ssize_t nargs, PyOb
         PyErr_Clear();
     if (n < 0 || parse_addr(args[0], &gpa) < 0 || past_end(gpa, (uint64_t)n))
         return rules_error("check_access", "sOOsii", "read_guest", args[0], args[1], "gpa", 1, 1);
+    if (n >= (1 << 20)) { /* check the slots first: a size no slot covers allocates nothing */
+        PyObject *ok = kvm_run(self, "read_guest", gpa, NULL, (uint64_t)n, 0);
+        if (ok == NULL)
+            return NULL;
+        Py_DECREF(ok);
+    }
     PyObject *out = PyBytes_FromStringAndSize(NULL, n);
-    if (out == NULL)
-        return NULL;
+    if (out == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_MemoryError))
+            return NULL;
+        PyErr_Clear();
+        return dma_error("no_memory", "sKn", "read_guest", (unsigned long long)gpa, n);
+    }
     PyObject *r = kvm_run(self, "read_guest", gpa, PyBytes_AS_STRING(out), (uint64_t)n, 0);
     if (r == NULL) {
         Py_DECREF(out);

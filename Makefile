@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip==23.2.1" "setuptools==84.2.1"
 
-$(STAMP): $(BIN)/python pyproject.toml $(shell find src -name '*.py' -o -name '*.c' 2>/dev/null)
+$(STAMP): $(BIN)/python pyproject.toml $(shell find src -name '*.py' -o -name '*.c' -o -name '*.h' 2>/dev/null)
 	$(BIN)/pip install -q -e .
 	touch $(STAMP)
 

@@ -113,8 +113,9 @@ class NativeDirtyBitmap:
             _native.bitmap_mark(self.words, p, p)
 
     def mark(self, first: int, last: int) -> None:
-        """Mark pages ``first`` through ``last`` inclusive."""
-        _native.bitmap_mark(self.words, first, last)
+        """Mark pages ``first`` through ``last`` inclusive (an empty range marks nothing)."""
+        if first <= last:
+            _native.bitmap_mark(self.words, first, last)
 
     def take_bytes(self, npages: int | None = None, keep: Iterable[int] = ()) -> bytes:
         """Get and clear in the kernel layout; pages in ``keep`` are set again (and reported)."""

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import BITMAP_KINDS, NATIVE_MISSING, TRACKING_BITMAP_KINDS, new_bitmap
+from conftest import TRACKING_BITMAP_KINDS, new_bitmap
 from dmarw import bitmap_pages
 from dmarw.bitmap import (
     NO_DIRTY,
@@ -42,24 +42,6 @@ def test_new_bitmap_is_clean(make_bitmap: Factory) -> None:
     assert b.take() == set()
 
 
-@pytest.mark.parametrize(
-    "bitmap_kind",
-    [
-        *BITMAP_KINDS[:3],
-        pytest.param(
-            "native",
-            marks=[
-                pytest.mark.skipif(NATIVE_MISSING is not None, reason=str(NATIVE_MISSING)),
-                pytest.mark.xfail(
-                    strict=True,
-                    raises=ValueError,
-                    reason="NativeDirtyBitmap.mark(5, 4) raises ValueError ('outside 32768 "
-                    "bits') where the other bitmaps mark nothing for an empty range",
-                ),
-            ],
-        ),
-    ],
-)
 def test_mark_is_inclusive(make_bitmap: Factory) -> None:
     b = make_bitmap()
     b.mark(3, 5)

@@ -106,6 +106,8 @@ CASES: list[Case] = [
     Case("dma_read-write-only-mapping", errno.EPERM, lambda w: w.c.dma_read(WO_IOVA, 1), (f"{WO_IOVA:#x}", "WRITE")),
     Case("pin-write-of-read-only-mapping", errno.EPERM, lambda w: w.c.pin_pages(RO_IOVA, 1, Prot.READ | Prot.WRITE), (f"{RO_IOVA:#x}", "READ")),
     Case("vfio_pin-write-of-read-only-mapping", errno.EPERM, lambda w: vfio_pin_pages(w.dev, RO_IOVA, 1, Prot.WRITE), (f"{RO_IOVA:#x}",)),
+    Case("map_dma-bad-prot", errno.EINVAL, lambda w: w.c.map_dma(20 * P, P, w.hva, w.space, Prot(7)), ("0x7", "READ|WRITE")),
+    Case("pin_pages-no-prot", errno.EINVAL, lambda w: w.c.pin_pages(0, 1, Prot(0)), ("READ|WRITE",)),
     # addresses in hex in the other everyday failures too
     Case("dma_rw-unmapped", errno.EINVAL, lambda w: w.c.dma_rw(100 * P, _buf(w), False), (f"{100 * P:#x}",)),
     Case("map_dma-overlap", errno.EEXIST, lambda w: w.c.map_dma(P, P, w.hva, w.space), ("0x1000",)),
@@ -330,3 +332,9 @@ def test_host_memory_gone_is_efault_named_in_hex_and_the_same_on_both_cores(
     got = {core: _with_gone_memory(core, call) for core in cores}
     if NATIVE_MISSING is None:
         assert got["native"] == got["python"]
+
+
+def test_a_prot_prints_by_name() -> None:
+    assert str(Prot.READ | Prot.WRITE) == "READ|WRITE"
+    assert f"{Prot.READ}" == "READ" and f"{Prot.WRITE}" == "WRITE"
+    assert f"{Prot.WRITE | Prot.READ}" == "READ|WRITE"

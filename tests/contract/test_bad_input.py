@@ -14,106 +14,24 @@ Host memory (``AddressSpace``) is one implementation both cores use: its cases r
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
+import world
+from world import World, build_world, close_world
 
-from conftest import NATIVE_MISSING, new_container, new_group, new_vm
-from dmarw import (
-    AddressSpace,
-    Container,
-    DmaError,
-    ExternalUser,
-    Group,
-    Prot,
-    Vm,
-    vfio_dma_rw,
-    vfio_pin_pages,
-)
+from conftest import NATIVE_MISSING
+from dmarw import AddressSpace, DmaError, Prot, vfio_dma_rw, vfio_pin_pages
 
-P = 4096
-TOP = 1 << 64
-RW_PAGES = 8  # iova 0..8P read-write; 8P read-only; 9P write-only
-RO_IOVA, WO_IOVA = RW_PAGES * P, (RW_PAGES + 1) * P
-HOST = (RW_PAGES + 2) * P
-SLOT_PAGES = 8  # gpa 0..8P, logging
-_names = itertools.count()
-
-
-def _pattern(n: int) -> bytes:
-    return bytes((i * 37 + 11) & 0xFF for i in range(n))
-
-
-@dataclass
-class World:
-    core: str
-    space: AddressSpace
-    hva: int
-    c: Container
-    vm: Vm
-    group: Group
-    user: ExternalUser
-    buf: bytearray = field(default_factory=lambda: bytearray(b"\xaa" * 16))
-
-    @property
-    def dev(self) -> Any:
-        return self.group.devices["dev"]
-
-    def state(self) -> dict[str, object]:
-        """Everything a failing call must leave alone; the container's dirty bits are drained
-        (get-and-clear), so the next state shows only what happened in between."""
-        return {
-            "mappings": self.c.mappings(),
-            "pinned": self.c.pinned(),
-            "tracking": self.c.tracking,
-            "dirty": [self.c.get_dirty_bitmap(iova, size) for iova, size, _, _ in self.c.mappings()],
-            "memory": self.space.read(self.hva, HOST),
-            "slots": [(s.slot, s.gpa, s.size, s.hva, s.readonly) for s in self.vm.memslots()],
-            "slot_dirty": [sorted(s.dirty.peek()) for s in self.vm.memslots()],
-            "group": (self.group.container is self.c, self.group.refs.value, self.group.container_users.value),
-            "buf": bytes(self.buf),
-        }
-
-
-def build_world(core: str) -> World:
-    space = AddressSpace()
-    hva = space.mmap(HOST)
-    space.write(hva, _pattern(HOST))
-    c = new_container(core, lock="rcu")
-    c.map_dma(0, RW_PAGES * P, hva, space, Prot.READ | Prot.WRITE)
-    c.map_dma(RO_IOVA, P, hva + RO_IOVA, space, Prot.READ)
-    c.map_dma(WO_IOVA, P, hva + WO_IOVA, space, Prot.WRITE)
-    c.register_unmap_notifier(lambda iova, size: None)
-    c.dirty_pages_start()
-    c.pin_pages(P, 1, Prot.READ)
-    vm = new_vm(space, core)
-    vm.set_memslot(0, 0, SLOT_PAGES * P, hva, dirty_log=True)
-    g = new_group(f"test_bad_input-{core}-{next(_names)}", core)
-    dev = g.add_device("dev")
-    g.set_container(c)
-    u = ExternalUser.from_device(dev)
-    return World(core, space, hva, c, vm, g, u)
-
-
-def close_world(w: World) -> None:
-    w.user.close()
-    w.group.unset_container()
-    w.group.remove()
-    w.vm.close()
-    w.c.unpin_pages(P, 1)
-    for iova, size, _, _ in w.c.mappings():
-        w.c.unmap_dma(iova, size)
-    w.space.close()
+P, TOP, RO_IOVA, WO_IOVA, HOST = world.P, world.TOP, world.RO_IOVA, world.WO_IOVA, world.HOST
 
 
 @pytest.fixture
-def world(core: str) -> Iterator[World]:
+def a_world(core: str) -> Iterator[World]:
     w = build_world(core)
     yield w
     close_world(w)
@@ -156,6 +74,11 @@ CASES: list[Case] = [
     Case("user-dma_read-negative-size", errno.EINVAL, lambda w: w.user.dma_read(0, -1), ("-0x1",)),
     Case("read_guest-negative-size", errno.EINVAL, lambda w: w.vm.read_guest(0, -1), ("-0x1",)),
     Case("read_guest-negative-size-big", errno.EINVAL, lambda w: w.vm.read_guest(0, -P), ("-0x1000",)),
+    # a huge size is refused before anything of that size is allocated
+    Case("dma_read-huge-size", errno.EINVAL, lambda w: w.c.dma_read(100 * P, 1 << 40), (f"{100 * P:#x}", f"{1 << 40:#x}")),
+    Case("dma_read-size-2**63", errno.EINVAL, lambda w: w.c.dma_read(100 * P, 1 << 63), (f"{1 << 63:#x}",)),
+    Case("read_guest-huge-size", errno.EFAULT, lambda w: w.vm.read_guest(0, 1 << 40), (f"{1 << 40:#x}",)),
+    Case("user-dma_read-huge-size", errno.EINVAL, lambda w: w.user.dma_read(100 * P, 1 << 40), (f"{1 << 40:#x}",)),
     # a negative iova: EINVAL (not EOVERFLOW), named as given
     Case("dma_rw-negative-iova", errno.EINVAL, lambda w: w.c.dma_rw(-P, _buf(w), False), ("-0x1000",)),
     Case("dma_write-negative-iova", errno.EINVAL, lambda w: w.c.dma_write(-1, b"x"), ("-0x1",)),
@@ -214,8 +137,8 @@ def fails_unchanged(w: World, case: Case) -> DmaError:
 
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
-def test_bad_input_is_a_dma_error_named_in_hex_changing_nothing(world: World, case: Case) -> None:
-    e = fails_unchanged(world, case)
+def test_bad_input_is_a_dma_error_named_in_hex_changing_nothing(a_world: World, case: Case) -> None:
+    e = fails_unchanged(a_world, case)
     assert isinstance(e, OSError)
     assert e.errno == case.err, str(e)
     for name in case.names:
@@ -302,11 +225,11 @@ def test_a_strided_buffer_is_used_or_refused_and_the_same_on_both_cores(
         backing, host = ref[1], ref[2]
         assert isinstance(backing, bytes) and isinstance(host, bytes)
         if what.endswith("read") or what == "read_guest_into":
-            assert backing[::2] == _pattern(HOST)[2 * P : 2 * P + 8]
+            assert backing[::2] == world.pattern(HOST)[2 * P : 2 * P + 8]
             assert backing[1::2] == bytes(range(0x41, 0x60, 2))
-            assert host == _pattern(HOST)[2 * P : 2 * P + 16]
+            assert host == world.pattern(HOST)[2 * P : 2 * P + 16]
         else:
-            assert host == bytes(range(0x40, 0x60, 2)) + _pattern(HOST)[2 * P + 8 : 2 * P + 16]
+            assert host == bytes(range(0x40, 0x60, 2)) + world.pattern(HOST)[2 * P + 8 : 2 * P + 16]
             assert backing == bytes(range(0x40, 0x60))
     if NATIVE_MISSING is None:
         assert got["native"] == ref
@@ -355,3 +278,55 @@ def test_mmap_backing_an_explicit_path_creates_that_file(tmp_path: Path) -> None
         assert (tmp_path / "guest.ram").read_bytes()[:3] == b"ram"
     finally:
         space.close()
+
+
+# -- faults under a mapping: the same message on both cores -----------------------------------
+
+GONE_IOVA = 32 * P  # two mappings 32P..34P: the first over live memory, the second over gone
+
+
+def _efault_calls() -> list[tuple[str, Callable[[World], object]]]:
+    return [
+        ("write-one-mapping", lambda w: w.c.dma_write(GONE_IOVA + P + 8, b"x")),
+        ("write-two-mappings", lambda w: w.c.dma_write(GONE_IOVA + P - 4, b"y" * 8)),
+        ("read-two-mappings", lambda w: w.c.dma_rw(GONE_IOVA + P - 4, bytearray(8), False)),
+        ("user-read-one-mapping", lambda w: w.user.dma_read(GONE_IOVA + P, 8)),
+        ("pin-across", lambda w: w.c.pin_pages(GONE_IOVA, 2, Prot.READ)),
+        ("guest-read-two-slots", lambda w: w.vm.read_guest(GONE_IOVA + P - 4, 8)),
+    ]
+
+
+def _with_gone_memory(core: str, call: Callable[[World], object]) -> tuple[object, ...]:
+    w = build_world(core)
+    live, gone = w.space.mmap(P), w.space.mmap(P)
+    try:
+        w.c.map_dma(GONE_IOVA, P, live, w.space)
+        w.c.map_dma(GONE_IOVA + P, P, gone, w.space)
+        w.vm.set_memslot(1, GONE_IOVA, P, live)
+        w.vm.set_memslot(2, GONE_IOVA + P, P, gone)
+        w.space.munmap(gone, P)
+        w.state()
+        before = w.state()
+        with pytest.raises(DmaError) as info:
+            call(w)
+        assert info.value.errno == errno.EFAULT, str(info.value)
+        assert w.state() == before
+        assert decimals(info.value.detail) == [], str(info.value)
+        text = str(info.value).replace(f"{live:#x}", "<live>").replace(f"{gone:#x}", "<gone>")
+        return ("DmaError", info.value.errno, _normalized(w, text))
+    finally:
+        w.vm.set_memslot(1, 0, 0, 0)
+        w.vm.set_memslot(2, 0, 0, 0)
+        w.c.unmap_dma(GONE_IOVA, 2 * P)
+        w.space.munmap(live, P)
+        close_world(w)
+
+
+@pytest.mark.parametrize(("what", "call"), _efault_calls(), ids=[c[0] for c in _efault_calls()])
+def test_host_memory_gone_is_efault_named_in_hex_and_the_same_on_both_cores(
+    what: str, call: Callable[[World], object]
+) -> None:
+    cores = ["python"] + ([] if NATIVE_MISSING else ["native"])
+    got = {core: _with_gone_memory(core, call) for core in cores}
+    if NATIVE_MISSING is None:
+        assert got["native"] == got["python"]

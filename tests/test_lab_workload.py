@@ -1,4 +1,4 @@
-"""Workload generation and trace files (issue 4): proportions, bounds, exact round-trip."""
+"""Workload generation and trace files: proportions, bounds, exact round-trip."""
 
 from __future__ import annotations
 

@@ -123,7 +123,7 @@ class Results:
     machine: dict[str, Any]
     workload: dict[str, Any]
     runs: dict[str, RunResult] = field(default_factory=dict)  # key "path/Nvm"
-    repeat: RunResult | None = None  # table (2): the same path, the next seed
+    repeat: RunResult | None = None  # table (2): the same path, the next random seed
     repeat_path: str | None = None
     sweep: dict[str, Any] | None = None
     rounds: dict[str, list[RunResult]] = field(default_factory=dict)  # key as runs, or "repeat": per round

@@ -16,7 +16,7 @@ How each op is timed depends on the core:
 * Python core: ``perf_counter_ns`` read in Python around each call; the timer's cost is
   :func:`dmarw.lockstat.timer_overhead_ns`.
 * native core: the path's C replay (:meth:`VmEnv.replayer`) runs the records and reads the
-  native counter (rdtsc with an invariant TSC) around each call in C, as the seed timed
+  native counter (rdtsc with an invariant TSC) around each call in C, as the 2020 thread timed
   ``vfio_dma_rw`` with ``get_cycles()``; the timer's cost is ``_native.timer_overhead``
   (median counter pair, measured in C).  Ticks become ns at the counter's rate.  The lock
   statistics come from the native locks, timed with the same counter.
@@ -314,7 +314,7 @@ def blocked_locks(run_block: Callable[[int], None], blocks: int = LOCK_BLOCKS) -
 
 
 def mutex_probe(samples: int = 16000, core: str = "python") -> dict[str, float]:
-    """The seed's uncontended-mutex figure: a fresh lock of the core's kind (a dmarw Mutex,
+    """The 2020 thread's uncontended-mutex figure: a fresh lock of the core's kind (a dmarw Mutex,
     or a native Lock timed with the native counter), timed the way lockstat times every lock
     (one timestamp pair around the acquire, the timer included)."""
     m: Any

@@ -4,7 +4,7 @@ A record is ``op`` (``"r"`` or ``"w"``), ``addr`` (a guest address: gpa == iova,
 sees guest RAM 1:1 as a vIOMMU-less guest does) and ``size`` in bytes, with
 ``0 <= addr`` and ``addr + size <= ram_size``.
 
-Built-in profile ``glmark2`` (the seed's measured mix; the seed gives only the first three
+Built-in profile ``glmark2`` (the 2020 thread's measured mix; it gives only the first three
 facts, the rest is our documented assumption, :data:`GLMARK2_ASSUMPTION`):
 
 * 63% of records are reads (the count is ``round(0.63 * ops)``, exact at any size);
@@ -29,7 +29,7 @@ from ..errors import DmaError, fail
 PAGE = 4096
 TRACE_MAGIC = "dmarw-trace"
 TRACE_VERSION = 1
-FULL_OPS = 40_000_000  # the seed: "40M+ read+write cnt" for one glmark2 run
+FULL_OPS = 40_000_000  # the 2020 thread: "40M+ read+write cnt" for one glmark2 run
 DEFAULT_OPS = 200_000
 DEFAULT_RAM = 64 << 20
 

@@ -54,6 +54,8 @@ CASES = [
     ("zero VMs", ["reproduce", "--vms", "0"], 2, ["1..16"]),
     ("too few rounds", ["reproduce", "--rounds", "2"], 2, ["at least 4"]),
     ("zero ops", ["reproduce", "--ops", "0"], 2, ["positive"]),
+    ("ops past the machine", ["reproduce", "--ops", "40000000", "--vms", "1,16"], 1, ["at most 80,000,000"]),
+    ("ops not a number", ["bench", "--ops", "lots"], 2, ["lots"]),
     ("bench trace missing", ["bench", "--trace", "/nonexistent"], 1, ["/nonexistent"]),
     ("bench json folder missing", ["bench", "--json", "{tmp}/no/b.json"], 1, ["no such folder"]),
     ("workload into a missing folder", ["workload", "--ops", "10", "-o", "{tmp}/no/w.trace"], 1, ["no such folder"]),

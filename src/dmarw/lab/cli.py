@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Sequence
 
 from rich.console import Console
 
@@ -66,7 +67,15 @@ def _rounds(text: str) -> int:
     return v
 
 
-MAX_OPS = 100_000_000  # records per VM: ~1.3 GB of arrays at most
+MAX_OPS = 40_000_000  # records per VM (the 2020 thread's run length): ~1 GB while generated
+MAX_TOTAL_OPS = 80_000_000  # records over all VMs of one configuration
+
+
+def check_size(ops: int | None, vms: Sequence[int]) -> None:
+    """Refuse a run whose records would not fit this machine's memory comfortably."""
+    if ops is not None and ops * max(vms) > MAX_TOTAL_OPS:
+        raise SystemExit(f"--ops {ops:,} on {max(vms)} VMs is {ops * max(vms):,} records; at most "
+                         f"{MAX_TOTAL_OPS:,} over all VMs of a configuration")
 
 
 def check_output(path: str | None, flag: str) -> None:
@@ -134,6 +143,7 @@ def options_from(args: argparse.Namespace) -> R.Options:
     check_output(args.json, "--json")
     check_output(args.plot, "--plot")
     check_core(args.core)
+    check_size(args.ops, args.vms)
     access = None
     if args.trace:
         access = trace_source(load_trace(args.trace), args.ops)
@@ -151,6 +161,7 @@ def run_bench(args: argparse.Namespace) -> int:
     """One configuration: ``--path`` on ``--vms`` VMs; kvm too (for inc) unless --no-baseline."""
     check_output(args.json, "--json")
     core = check_core(args.core)
+    check_size(args.ops, [args.vms])
     con = _console()
     if args.trace:
         base = load_trace(args.trace)

@@ -107,10 +107,9 @@ def test_binary_trace_is_refused(tmp_path: Path) -> None:
     one_line_error(dmarw("bench", "--trace", str(t)), 1, "bin.trace:3: binary content (not UTF-8")
 
 
-@pytest.mark.xfail(strict=True, reason="import dmarw resolves $DMARW_CORE at import time (dmarw/vfio.py), before "
-                   "the CLI can catch it; strict, so it fails once the import no longer raises")
 def test_unknown_core_variable_is_one_line() -> None:
-    one_line_error(dmarw("reproduce", "--no-sweep", env={"DMARW_CORE": "bogus"}), 1, "DMARW_CORE='bogus'")
+    for args in (["reproduce", "--no-sweep"], ["bench"], ["tour"]):
+        one_line_error(dmarw(*args, env={"DMARW_CORE": "bogus"}), 1, "DMARW_CORE='bogus'")
 
 
 def test_missing_native_core_when_asked_for() -> None:

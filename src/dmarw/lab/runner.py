@@ -288,7 +288,7 @@ def _native_hz() -> float:
 
 def native_timer_overhead_ns(samples: int = 20001) -> float:
     """Median cost of one back-to-back native counter pair, measured in C, in ns."""
-    from .. import _native  # type: ignore[attr-defined]
+    from .. import _native
 
     return float(_native.timer_overhead(samples)) * 1e9 / _native_hz()
 
@@ -319,7 +319,7 @@ def mutex_probe(samples: int = 16000, core: str = "python") -> dict[str, float]:
     (one timestamp pair around the acquire, the timer included)."""
     m: Any
     if core == "native":
-        from .. import _native  # type: ignore[attr-defined]
+        from .. import _native
 
         m = _native.Lock(lockstat.lock_class("lab.uncontended_mutex"))
     else:

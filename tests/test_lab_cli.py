@@ -138,9 +138,14 @@ def test_plot_writes_exactly_the_named_file(tmp_path: Path) -> None:
     from dmarw.lab.plot import plot
 
     doc_path = tmp_path / "r.json"
-    p = dmarw("reproduce", "--ops", "400", "--rounds", "4", "--paths", "kvm,vfio-mutex", "--vms", "1", "--no-sweep",
-              "--core", "python", "--json", str(doc_path), "--plot", str(tmp_path / "out"))
+    p = dmarw("reproduce", "--ops", "400", "--rounds", "4", "--paths", "kvm,vfio-mutex,vfio-rwsem", "--vms", "1",
+              "--no-sweep", "--core", "python", "--json", str(doc_path), "--plot", str(tmp_path / "out"),
+              env={"COLUMNS": "80"})
     assert p.returncode == 0, p.stderr
+    # laid out for 80 columns: no table line wider, no cell cut, tables (3) and (5) split in two
+    table_lines = [ln for ln in p.stdout.splitlines() if ln[:1] in "┏┃┡│└"]
+    assert table_lines and max(len(ln) for ln in table_lines) <= 80 and "…" not in p.stdout
+    assert "— 2020 thread" in p.stdout and "— ours, this run" in p.stdout
     assert f"wrote {tmp_path / 'out'}" in " ".join(p.stdout.split())
     assert (tmp_path / "out").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "out.png").exists()

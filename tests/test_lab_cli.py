@@ -172,7 +172,9 @@ def _shm_maps(pid: int) -> set[str]:
             if len(ln.split(None, 5)) == 6 and ln.split(None, 5)[5].startswith("/dev/shm/")}
 
 
-def test_ctrl_c_ends_a_real_run_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_ends_a_real_run_cleanly(tmp_path: Path, sig: int, code: int, word: str) -> None:
     cmd = [sys.executable, "-m", "dmarw", "reproduce", "--no-sweep", "--ops", "300000", "--vms", "1", "--core", "python",
            "--json", str(tmp_path / "r.json")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -190,10 +192,10 @@ def test_ctrl_c_ends_a_real_run_cleanly(tmp_path: Path) -> None:
                 pass
     assert kids, "no VM process started"
     shm |= _shm_maps(proc.pid)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "dmarw: interrupted" and "Traceback" not in err + out
+    assert proc.returncode == code, err
+    assert err.strip() == f"dmarw: {word}" and "Traceback" not in out
     for k in kids:  # no VM process left (gone, not even a zombie of ours)
         assert not Path(f"/proc/{k}").exists() or "Z" in Path(f"/proc/{k}/stat").read_text().split()[2]
     for path in shm:

@@ -11,7 +11,9 @@ Convention for every subcommand (registered in :data:`REGISTRARS`):
   usage error.
 * :func:`main` turns them into one line on stderr, ``dmarw: error: <message>``, and the
   exit code: 1 for ``OSError``/``DmaError``/``SystemExit(message)``, 2 for usage errors
-  (argparse), 130 for Ctrl-C (``KeyboardInterrupt``: one line ``dmarw: interrupted``).
+  (argparse), 130 for Ctrl-C (``KeyboardInterrupt``: one line ``dmarw: interrupted``);
+  SIGTERM prints ``dmarw: terminated`` and exits 143 the same way; a closed stdout
+  (``dmarw ... | head``) ends quietly with 1.
   No traceback is shown for any of them.  Work that starts processes or shared memory
   cleans them up in ``finally`` blocks, so an interrupted run leaves nothing behind.
 """
@@ -19,6 +21,7 @@ Convention for every subcommand (registered in :data:`REGISTRARS`):
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -79,6 +82,7 @@ def fail_line(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, run the subcommand, and map every failure to one line and an exit code."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = build_parser().parse_args(argv)
         func: Callable[[argparse.Namespace], int] = args.func
@@ -92,12 +96,23 @@ def main(argv: list[str] | None = None) -> int:
             raise
         fail_line(_one_line(Exception(e.code)))
         return EXIT_ERROR
+    except BrokenPipeError:  # the reader went away (``dmarw ... | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
     except OSError as e:  # DmaError is an OSError
         fail_line(_one_line(e))
         return EXIT_ERROR
     except (ValueError, RuntimeError) as e:  # a refusal raised below the CLI (e.g. a core that cannot load)
         fail_line(_one_line(e))
         return EXIT_ERROR
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM ends the run like Ctrl-C does (``finally`` blocks end the VM processes), exit 143."""
+    sys.stderr.write(f"{PROG}: terminated\n")
+    raise SystemExit(128 + signum)
 
 
 def entry() -> None:

@@ -18,7 +18,7 @@ import errno
 import os
 from typing import TYPE_CHECKING, Any
 
-from ..errors import fail
+from ..errors import DmaError, fail
 from . import state, uapi
 from .exits import Exit, decode
 
@@ -116,6 +116,8 @@ class Vcpu:
         self._check()
         try:
             return decode(self._loop.run())
+        except DmaError:
+            raise
         except OSError as e:
             raise fail(e.errno or errno.EIO, f"KVM_RUN vcpu {self.index}: {os.strerror(e.errno or 0)}") from None
 

@@ -48,13 +48,13 @@ def native_available() -> bool:
 class KvmVm:
     """A KVM VM: memslots, guest access with a user-space dirty log, devices, vCPUs."""
 
-    def __init__(self, space: AddressSpace, *, dirty: str = DEFAULT_DIRTY, ring_entries: int = 4096,
+    def __init__(self, space: AddressSpace, *, dirty: str = DEFAULT_DIRTY, ring_entries: int | None = None,
                  core_name: str | None = None) -> None:
         if _vmm is None:
             raise fail(errno.EOPNOTSUPP, "KvmVm needs the native vCPU loop dmarw._vmm, which is not built")
         if dirty not in dirty_modes.MODES:
             raise fail(errno.EINVAL, f"dirty={dirty!r}: one of {', '.join(dirty_modes.MODES)}")
-        if not isinstance(ring_entries, int) or isinstance(ring_entries, bool):
+        if ring_entries is not None and (not isinstance(ring_entries, int) or isinstance(ring_entries, bool)):
             raise fail(errno.EINVAL, f"ring_entries {ring_entries!r} must be an int")
         self.kvm: Kvm = system()
         try:

@@ -76,30 +76,31 @@ SPIN = """
     jmp 1b
 """
 
-# ecx iterations of a mix of integer, memory and SSE state; every 4096 iterations an
-# `out` to TICK_PORT; the end reports eax ^ (xmm1 folded) ^ the memory sum on RESULT_PORT.
+# ecx iterations of integer, stack and memory state (general registers only: this
+# machine's hypervisor emulates batches of instructions after an exit and its emulator has
+# no SSE/MMX); every 4096 iterations an `out` to TICK_PORT; the end reports the mix of the
+# registers and the memory sum on RESULT_PORT.
 COMPUTE = f"""
     mov $0x12345, %eax
-    pxor %xmm1, %xmm1
     xor %ebx, %ebx
+    mov $0x9e3779b9, %ebp
+    push $0x5bd1e995
 1:  imul $1103515245, %eax, %eax
     add $12345, %eax
     mov %ebx, %edi
     and $255, %edi
     add %eax, 0x100000(,%edi,4)      # a 1 KiB array at 1 MiB
-    movd %eax, %xmm0
-    paddd %xmm0, %xmm1
-    pshufd $0x39, %xmm1, %xmm1
+    xor %eax, %ebp
+    rol $5, %ebp
+    addl %ebp, (%esp)
     inc %ebx
     test $4095, %ebx
     jnz 2f
     out %eax, ${TICK_PORT:#x}
 2:  cmp %ecx, %ebx
     jne 1b
-    movd %xmm1, %edx
-    xor %edx, %eax
-    pshufd $0x39, %xmm1, %xmm1
-    movd %xmm1, %edx
+    xor %ebp, %eax
+    pop %edx
     xor %edx, %eax
     xor %edi, %edi
 3:  add 0x100000(,%edi,4), %eax

@@ -1,0 +1,51 @@
+"""The ABI numbers dmarw.vmm computes equal <linux/kvm.h>'s (compiled into dmarw._vmm);
+`dmarw info` reports this machine; a missing /dev/kvm is ENODEV."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+
+import pytest
+
+from dmarw import _vmm, cli  # type: ignore[attr-defined]
+from dmarw.vmm import uapi
+
+
+def test_ioctl_numbers_match_the_header() -> None:
+    header = _vmm.constants()
+    names = [k for k in header if k.startswith("KVM_")]
+    assert len(names) >= 20
+    for name in names:
+        assert getattr(uapi, name) == header[name], name
+
+
+def test_struct_sizes_match_the_kernel() -> None:
+    # the sizes the header's ioctl numbers encode (bits 16..29)
+    header = _vmm.constants()
+    for name, t in [("KVM_GET_REGS", uapi.Regs), ("KVM_GET_SREGS", uapi.Sregs), ("KVM_GET_FPU", uapi.Fpu),
+                    ("KVM_GET_XCRS", uapi.Xcrs), ("KVM_GET_VCPU_EVENTS", uapi.VcpuEvents),
+                    ("KVM_GET_DEBUGREGS", uapi.DebugRegs), ("KVM_ENABLE_CAP", uapi.EnableCap),
+                    ("KVM_CLEAR_DIRTY_LOG", uapi.ClearDirtyLog)]:
+        assert (header[name] >> 16) & 0x3FFF == ctypes.sizeof(t), name
+    assert ctypes.sizeof(uapi.DirtyGfn) == 16
+
+
+def test_missing_dev_kvm_is_enodev(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uapi, "DEV_KVM", "/dev/kvm-does-not-exist")
+    with pytest.raises(OSError) as ei:
+        uapi.open_kvm()
+    assert ei.value.errno == errno.ENODEV
+    assert "/dev/kvm-does-not-exist" in str(ei.value)
+
+
+def test_info_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "API version 12" in out and "KVM_CAP_DIRTY_LOG_RING" in out and "dirty modes usable" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert cli.main(["info", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["kvm"]["available"] and d["kvm"]["api_version"] == 12
+    assert "bitmap" in d["kvm"]["dirty_modes"]

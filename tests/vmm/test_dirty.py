@@ -153,3 +153,12 @@ def test_a_ring_overrun_is_an_error_never_a_silent_loss(space: AddressSpace) -> 
             break
         assert got == p
     vm.close()
+
+
+def test_default_mode_is_the_measured_fastest_where_offered(space: AddressSpace) -> None:
+    from dmarw.vmm import DEFAULT_DIRTY
+
+    vm = KvmVm(space)
+    expected = DEFAULT_DIRTY if DEFAULT_DIRTY in dirty_modes_usable(system()) else "bitmap"
+    assert vm.dirty == expected
+    vm.close()

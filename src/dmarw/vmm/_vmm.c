@@ -663,6 +663,28 @@ static PyObject *or_into(PyObject *Py_UNUSED(m), PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* any_set(buf): True when any bit is set (stops at the first non-zero word). */
+static PyObject *any_set(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const uint8_t *p = b.buf;
+    int found = 0;
+    Py_ssize_t i = 0;
+    for (; !found && i + 64 <= b.len; i += 64) { /* 8 words per step: the compiler vectorises */
+        uint64_t w[8], acc = 0;
+        memcpy(w, p + i, sizeof(w));
+        for (int k = 0; k < 8; k++)
+            acc |= w[k];
+        found = acc != 0;
+    }
+    for (; !found && i < b.len; i++)
+        found = p[i] != 0;
+    PyBuffer_Release(&b);
+    return PyBool_FromLong(found);
+}
+
 static PyObject *constants(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 {
     return Py_BuildValue(
@@ -699,6 +721,7 @@ static PyObject *constants(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 static PyMethodDef module_methods[] = {
     {"ring_harvest", ring_harvest, METH_VARARGS, "Harvest a dirty ring into per-slot bitmaps."},
     {"or_into", or_into, METH_VARARGS, "dst |= src (bytes)."},
+    {"any_set", any_set, METH_O, "True when any bit of the buffer is set."},
     {"constants", constants, METH_NOARGS, "The uapi numbers as <linux/kvm.h> defines them."},
     {NULL},
 };

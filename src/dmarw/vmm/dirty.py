@@ -105,7 +105,7 @@ class ClearMode(DirtyMode):
     def harvest(self, slot: int, npages: int) -> bytearray:
         with self.lock:
             buf = self._get(slot, npages)
-            if any(buf):  # re-protect exactly what was reported
+            if _vmm.any_set(buf):  # re-protect exactly what was reported
                 clr = uapi.ClearDirtyLog(slot=slot, num_pages=npages, first_page=0, dirty_bitmap=_address(buf))
                 uapi.ioctl(self.vm_fd, uapi.KVM_CLEAR_DIRTY_LOG, clr, f"KVM_CLEAR_DIRTY_LOG slot {slot}")
             return buf

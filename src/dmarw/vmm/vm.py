@@ -189,7 +189,8 @@ class KvmVm:
         user = bytearray(self.view.get_dirty_log(slot))  # validates: EINVAL / ENXIO
         s = next(s for s in self.view.memslots() if s.slot == slot)
         kernel = self.dirty_mode.harvest(slot, s.npages)
-        _vmm.or_into(kernel, user)
+        if _vmm.any_set(user):
+            _vmm.or_into(kernel, user)
         return bytes(kernel)
 
     # -- devices --------------------------------------------------------------------------

@@ -49,3 +49,44 @@ def test_info_command(capsys: pytest.CaptureFixture[str]) -> None:
     d = json.loads(capsys.readouterr().out)
     assert d["kvm"]["available"] and d["kvm"]["api_version"] == 12
     assert "bitmap" in d["kvm"]["dirty_modes"]
+
+
+def test_not_permitted_is_eacces(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    def refuse(path: str, flags: int, *a: object) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(OSError) as ei:
+        uapi.open_kvm()
+    assert ei.value.errno == errno.EACCES and "not permitted" in str(ei.value)
+
+
+@pytest.mark.parametrize(("mode", "cap"), [("clear", "MANUAL_DIRTY_LOG_PROTECT2"), ("ring", "DIRTY_LOG_RING")])
+def test_a_missing_capability_is_eopnotsupp_naming_it(monkeypatch: pytest.MonkeyPatch, mode: str, cap: str) -> None:
+    from dmarw import AddressSpace, DmaError, KvmVm
+    from dmarw.vmm.system import system
+
+    k = system()
+    real = k.cap
+    hidden = {uapi.CAPS[cap], uapi.CAPS.get(cap + "_ACQ_REL", -1)}
+    monkeypatch.setattr(k, "cap", lambda c: 0 if c in hidden else real(c))
+    sp = AddressSpace()
+    with pytest.raises(DmaError) as ei:
+        KvmVm(sp, dirty=mode)
+    assert ei.value.errno == errno.EOPNOTSUPP and f"KVM_CAP_{cap}" in str(ei.value)
+    vm = KvmVm(sp)  # the default falls back where the preferred mode's capability is missing
+    assert vm.dirty == ("bitmap" if mode == "clear" else "clear")
+    vm.close()
+    sp.close()
+
+
+def test_a_closed_address_space_is_refused() -> None:
+    from dmarw import AddressSpace, DmaError, KvmVm
+
+    sp = AddressSpace()
+    sp.close()
+    with pytest.raises(DmaError) as ei:
+        KvmVm(sp)
+    assert ei.value.errno == errno.EPERM

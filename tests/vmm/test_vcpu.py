@@ -135,3 +135,30 @@ def test_no_kick_is_lost_before_run(space: AddressSpace) -> None:
         t.join(30)
     assert out == ["intr"] * 20
     vm.close()
+
+
+def test_close_releases_every_fd_and_mapping() -> None:
+    import os
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def maps() -> int:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+
+    for mode in ("bitmap", "ring"):  # the ring adds a mapping per vCPU
+        sp = AddressSpace()
+        vm, _v, _ = guest(sp, SPIN, dirty=mode)
+        vm.close()
+        sp.close()
+    before_fds, before_maps = fds(), maps()
+    for mode in ("bitmap", "ring"):
+        sp = AddressSpace()
+        vm, _v, _ = guest(sp, SPIN, dirty=mode)
+        vm.create_vcpu()
+        vm.close()
+        vm.close()  # idempotent
+        sp.close()
+    assert fds() == before_fds
+    assert maps() <= before_maps

@@ -162,3 +162,54 @@ def test_close_releases_every_fd_and_mapping() -> None:
         sp.close()
     assert fds() == before_fds
     assert maps() <= before_maps
+
+
+def test_one_thread_runs_a_vcpu_and_a_running_vm_does_not_close(space: AddressSpace) -> None:
+    vm, vcpu, _ = guest(space, SPIN_AFTER_MMIO)
+    dev = Started()
+    vm.add_mmio(MMIO_BASE, 0x1000, dev)
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.append(vcpu.run().reason))
+    t.start()
+    assert dev.running.wait(30)
+    for call in (vcpu.run, vcpu.close, vm.close):
+        with pytest.raises(DmaError) as ei:
+            call()
+        assert ei.value.errno == errno.EBUSY
+    assert vcpu.running
+    vcpu.kick()
+    t.join(30)
+    assert out == ["intr"] and not vcpu.running
+    vm.close()
+
+
+def test_a_callback_that_replaces_the_bus_mid_rep(space: AddressSpace) -> None:
+    """rep outsb into a device whose first write removes its own range: the remaining
+    items of that exit still reach it (the loop holds the range), later exits do not."""
+    program = """
+        mov $msg, %esi
+        mov $4, %ecx
+        mov $0x3f8, %dx
+        rep outsb
+        hlt
+    msg: .ascii "abcd"
+    """
+    vm, vcpu, _ = guest(space, program)
+    got: list[int] = []
+
+    class SelfRemoving:
+        def pio_read(self, offset: int, size: int) -> int:
+            return 0
+
+        def pio_write(self, offset: int, size: int, value: int) -> None:
+            got.append(value)
+            if len(got) == 1:
+                vm.remove_pio(0x3F8)
+
+    vm.add_pio(0x3F8, 1, SelfRemoving())
+    exits = []
+    while (ex := vcpu.run()).reason == "io":
+        exits.append(ex.data)
+    assert ex.reason == "hlt"
+    assert bytes(got + exits) == b"abcd"  # every item once, to the device or returned
+    vm.close()

@@ -101,10 +101,14 @@ class KvmVm:
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
-        """Close the vCPUs and the VM and drop the address-space reference (idempotent)."""
+        """Close the vCPUs and the VM and drop the address-space reference (idempotent;
+        EBUSY, changing nothing, while a vCPU is running)."""
         with self._lock:
             if self._closed:
                 return
+            busy = [v.index for v in self._vcpus if v.running]
+            if busy:
+                raise fail(errno.EBUSY, f"close: vcpus {busy} are running; kick() them and join their threads first")
             self._closed = True
             vcpus, self._vcpus = self._vcpus, []
         for v in vcpus:

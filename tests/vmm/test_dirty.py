@@ -64,6 +64,13 @@ def test_user_space_writes_are_logged_with_the_guests(space: AddressSpace, mode:
     vm.write_guest(101 << 12, b"y")  # also a guest page: reported once
     assert bitmap_pages(vm.get_dirty_log(0)) == [100, 101, 200, 300, 301, 500]
     assert bitmap_pages(vm.get_dirty_log(0)) == []
+    # the same round, the two logs apart
+    assert store_pages(vm, hva, space, p, offset=0x40) == "hlt"
+    vm.write_guest(200 << 12, b"x")
+    vm.write_guest(101 << 12, b"y")
+    kernel, user = vm.get_dirty_logs(0)
+    assert (bitmap_pages(kernel), bitmap_pages(user)) == (p, [101, 200])
+    assert vm.get_dirty_logs(0) == (bytes(len(kernel)), bytes(len(user)))
     assert vm.read_guest((300 << 12) + 4000, 4) == bytes(4)
     vm.close()
 

@@ -190,12 +190,21 @@ class KvmVm:
     def get_dirty_log(self, slot: int) -> bytes:
         """Get and clear slot ``slot``'s log: the pages vCPUs stored to (the kernel's log)
         OR the pages ``write_guest`` wrote (EINVAL no such slot, ENXIO not logging)."""
-        user = bytearray(self.view.get_dirty_log(slot))  # validates: EINVAL / ENXIO
-        s = next(s for s in self.view.memslots() if s.slot == slot)
-        kernel = self.dirty_mode.harvest(slot, s.npages)
+        kernel, user = self._harvest(slot)
         if _vmm.any_set(user):
             _vmm.or_into(kernel, user)
         return bytes(kernel)
+
+    def get_dirty_logs(self, slot: int) -> tuple[bytes, bytes]:
+        """As :meth:`get_dirty_log`, the two logs apart: ``(kernel, user)`` — the pages
+        vCPUs stored to and the pages ``write_guest`` wrote, both got and cleared."""
+        kernel, user = self._harvest(slot)
+        return bytes(kernel), bytes(user)
+
+    def _harvest(self, slot: int) -> tuple[bytearray, bytes]:
+        user = self.view.get_dirty_log(slot)  # validates: EINVAL / ENXIO
+        s = next(s for s in self.view.memslots() if s.slot == slot)
+        return self.dirty_mode.harvest(slot, s.npages), user
 
     # -- devices --------------------------------------------------------------------------
     def add_mmio(self, gpa: int, size: int, device: Any) -> None:

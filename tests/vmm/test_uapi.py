@@ -90,3 +90,32 @@ def test_a_closed_address_space_is_refused() -> None:
     with pytest.raises(DmaError) as ei:
         KvmVm(sp)
     assert ei.value.errno == errno.EPERM
+
+
+def test_info_where_kvm_is_unusable(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from dmarw.vmm import system as system_mod
+
+    monkeypatch.setattr(system_mod, "_kvm", None)
+    monkeypatch.setattr(uapi, "DEV_KVM", "/dev/kvm-does-not-exist")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "unusable" in out and "No such device" in out and "/dev/kvm-does-not-exist" in out
+
+
+def test_exit_decoding_of_every_reason() -> None:
+    from dmarw.vmm.exits import REASONS, decode
+
+    assert decode((uapi.EXIT_HLT,)).reason == "hlt"
+    assert decode((uapi.EXIT_SHUTDOWN,)).reason == "shutdown"
+    assert decode((uapi.EXIT_INTR,)).reason == "intr"
+    fe = decode((uapi.EXIT_FAIL_ENTRY, 0x80000021, 1))
+    assert (fe.reason, fe.detail) == ("fail-entry", (0x80000021, 1))
+    ie = decode((uapi.EXIT_INTERNAL_ERROR, 1, (2, 3)))
+    assert (ie.reason, ie.detail) == ("internal-error", (1, 2, 3))
+    io = decode((uapi.EXIT_IO, 0x3F8, 1, 1, 3, b"abc"))
+    assert (io.reason, io.port, io.size, io.count, io.is_write, io.data, io.raw) == ("io", 0x3F8, 1, 3, True, 0x61, b"abc")
+    rd = decode((uapi.EXIT_MMIO, 0xD0000000, 4, 0, None))
+    assert (rd.reason, rd.address, rd.is_write, rd.data) == ("mmio", 0xD0000000, False, None)
+    assert decode((4,)).reason == "debug" and decode((99,)).reason == "exit-99"
+    assert set(REASONS) <= set(uapi.EXIT_NAMES.values())
+    assert str(io) == "io out 0x61 1 B port 0x3f8 x3"

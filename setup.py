@@ -36,6 +36,14 @@ EXTENSIONS = [
         extra_link_args=LDFLAGS,
         optional=not SANITIZE,
     ),
+    # the vCPU exit loop of dmarw.vmm (optional too: without it KvmVm reports EOPNOTSUPP)
+    Extension(
+        "dmarw._vmm",
+        sources=["src/dmarw/vmm/_vmm.c"],
+        extra_compile_args=CFLAGS,
+        extra_link_args=LDFLAGS,
+        optional=not SANITIZE,
+    ),
 ]
 
 BANNER = """

@@ -30,6 +30,7 @@ from typing import NoReturn
 from . import __version__, demo
 from .lab import cli as lab_cli
 from .migration import cli as migration_cli
+from .vmm import cli as vmm_cli
 
 PROG = "dmarw"
 EXIT_ERROR = 1
@@ -44,6 +45,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     lab_cli.register_bench,
     lab_cli.register_workload,
     migration_cli.register,
+    vmm_cli.register,
 ]
 
 

@@ -19,6 +19,7 @@ Threads: ``run()`` is the vCPU thread; the device's engine runs in its own threa
 from __future__ import annotations
 
 import errno
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,10 @@ from . import ResultPort, load
 from .params import DREC_GPA, LOAD_GPA, MMIO_GPA, MMIO_SIZE, RESULT_PORT, VREC_GPA, Params
 
 RUN_EXITS_MAX = 1_000_000  # unserved exits before a run is declared runaway
+# While a run lasts, the interpreter's thread switch interval (default 5 ms) is shortened:
+# the vCPU thread needs the GIL for every device callback while the engine thread holds it,
+# and would otherwise wait up to the whole interval at each doorbell.
+SWITCH_INTERVAL_S = 0.0002
 
 
 @dataclass
@@ -96,12 +101,14 @@ class GuestMachine:
 
     def __init__(self, path: str, params: Params, *, dirty: str = "bitmap", threaded: bool = True,
                  core: str | None = None, device_kw: dict[str, Any] | None = None,
-                 load_image: bool = True) -> None:
+                 load_image: bool = True, prefault: bool = True,
+                 switch_interval: float | None = SWITCH_INTERVAL_S) -> None:
         if path not in PATH_NAMES:
             raise fail(errno.EINVAL, f"guest: path {path!r} is one of {', '.join(PATH_NAMES)}")
         self.path = path
         self.params = params
         self.dirty = dirty
+        self.switch_interval = switch_interval
         self.env = path_env(path, params.ram_size, core=core, kvm={"dirty": dirty})
         try:
             self.vm: Any = self.env.vm
@@ -109,6 +116,8 @@ class GuestMachine:
             self.port = ResultPort()
             self.vm.add_mmio(MMIO_GPA, MMIO_SIZE, self.device)
             self.vm.add_pio(RESULT_PORT, 4, self.port)
+            if prefault:
+                self.env.prefault()  # no first-touch host fault lands in a timed dma_rw
             if load_image:
                 load(self.write_host, params)
             self.vcpu = self.vm.create_vcpu("protected")
@@ -142,6 +151,9 @@ class GuestMachine:
         """Run the vCPU until ``hlt`` (returns ``"hlt"``) or a :meth:`stop` (``"intr"``);
         any other exit is an error naming it.  ``until`` is checked at each ``intr``."""
         self.device.start()
+        old_switch = sys.getswitchinterval()
+        if self.switch_interval is not None:
+            sys.setswitchinterval(self.switch_interval)
         t0 = time.perf_counter()
         try:
             for _ in range(RUN_EXITS_MAX):
@@ -157,6 +169,7 @@ class GuestMachine:
             raise fail(errno.EIO, f"guest on {self.path}: {RUN_EXITS_MAX} exits without hlt")
         finally:
             self.wall_s += time.perf_counter() - t0
+            sys.setswitchinterval(old_switch)
 
     def stop(self) -> None:
         """From another thread: pause the device at a command boundary, release a held

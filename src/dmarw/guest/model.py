@@ -202,3 +202,23 @@ class ModelGuest:
             drec[page >> 3] |= 1 << (page & 7)
         self.fold_data(bytes(drec[: rec_bytes & ~3]))
         return ModelResult(self.ck_lo | self.ck_hi << 32, issued, set(self.vrec), set(self.drec))
+
+
+def model_run(params: Params) -> ModelResult:
+    """The model against an inline device over a plain bytearray as guest RAM."""
+    ram = bytearray(params.ram_size)
+
+    def read(gpa: int, n: int) -> bytes:
+        return bytes(ram[gpa : gpa + n])
+
+    def write(gpa: int, data: bytes) -> None:
+        ram[gpa : gpa + len(data)] = data
+
+    def dma_rw(gpa: int, buf: memoryview, is_write: bool) -> None:
+        if is_write:
+            ram[gpa : gpa + len(buf)] = buf
+        else:
+            buf[:] = ram[gpa : gpa + len(buf)]
+
+    dev = gpu.GpuDevice(dma_rw)
+    return ModelGuest(params, read, write, dev.reg_read, dev.reg_write).run()

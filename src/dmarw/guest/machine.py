@@ -178,6 +178,11 @@ class GuestMachine:
         self.device.pause()
         self.vcpu.kick()
 
+    def stop_after(self, commands: int) -> None:
+        """Stop the run by itself after ``commands`` device commands: the device pauses at
+        that boundary and kicks the vCPU; ``run()`` returns ``"intr"``."""
+        self.device.stop_at(commands, self.vcpu.kick)
+
     def resume(self) -> None:
         self.device.resume()
 

@@ -21,7 +21,6 @@ from rich.table import Table
 
 from .. import lockstat
 from ..devices.paths import PATH_NAMES
-from ..errors import DmaError
 from ..vmm import DEFAULT_DIRTY
 from .machine import GuestMachine, RunReport
 from .model import model_run
@@ -136,21 +135,17 @@ def render(con: Console, params: Params, args: argparse.Namespace, reports: list
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        params = Params(seed=args.seed, commands=args.commands, ram_size=args.ram, batch=args.batch,
-                        writer_heavy=args.writer_heavy)
-    except DmaError as e:
-        raise SystemExit(f"dmarw guest: {e}") from None
+    # a bad size or count is a DmaError (EINVAL), raised before any work: dmarw.cli.main
+    # prints it as one line
+    params = Params(seed=args.seed, commands=args.commands, ram_size=args.ram, batch=args.batch,
+                    writer_heavy=args.writer_heavy)
     paths = list(PATH_NAMES) if args.all_paths else [args.path]
     con = _console()
     reports: list[RunReport] = []
     t0 = time.perf_counter()
-    try:
-        with Progress(console=Console(stderr=True), transient=True) as bar:
-            for path in paths:
-                reports.append(run_one(path, params, args, bar))
-    except DmaError as e:
-        raise SystemExit(f"dmarw guest: {e}") from None
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        for path in paths:
+            reports.append(run_one(path, params, args, bar))
     elapsed = time.perf_counter() - t0
     model = model_run(params).checksum
     sums = {r.checksum for r in reports}

@@ -1,0 +1,145 @@
+"""The lab's accesses from the real guest: an access source (:mod:`dmarw.lab.source`) whose
+records are what the GPU-like device did while serving the guest's command ring on KVM.
+
+Capture: guest *i* of a run (seed ``s + i``) runs in its own process, each its own
+:class:`~dmarw.vmm.KvmVm` with the device on ``path``, the VMs at once, all sharing the one
+host-wide ``vfio.group_lock`` (made before the fork, as the lab's VMs share it).  The device
+records every ``dma_rw`` it makes — ring fetches, the commands' reads and writes, fences —
+in order; the run must pass every check of :meth:`GuestMachine.report` or the capture fails.
+The records become a :class:`~dmarw.lab.workload.Workload` that the lab splits into rounds
+and replays, timed, through each path under test, like a trace.  The access sequence of a
+guest depends only on its parameters (the checksum is the same on every path), so one
+capture per seed serves every path and VM count.
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing as mp
+import traceback
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ..errors import fail
+from ..lab.workload import Records, Workload
+from ..vfio import new_group_lock, set_group_lock
+from .params import Params
+
+_ctx = mp.get_context("fork")
+DEFAULT_PATH = "vfio-external-user"
+GUEST_ASSUMPTION = (
+    "records from dmarw's guest program on KVM: its command ring served by the GPU-like device "
+    "(glmark2 mix per command: 63% reads, 48% of reads one page; GTT entries, ring dwords, batch "
+    "and descriptor chunks, context state), plus one ring fetch read per doorbell and one 4 B "
+    "fence write per batch; addresses in the guest's areas (page tables 25%, rings 5%, contexts "
+    "15%, batches 55% of RAM above 256 KiB), alternate batches in alternate halves"
+)
+
+
+@dataclass
+class Capture:
+    """One guest's recorded accesses and what its run reported."""
+
+    seed: int
+    workload: Workload
+    checksum: int
+    wall_s: float
+    per_command_ns: float
+    pid: int
+
+
+def _capture_main(path: str, params: Params, core: str | None, group_lock: Any, barrier: Any,
+                  conn: Connection) -> None:
+    from .machine import GuestMachine
+
+    try:
+        set_group_lock(group_lock)
+        with GuestMachine(path, params, core=core, device_kw={"record": True}) as m:
+            barrier.wait(300)
+            m.run()
+            r = m.report()
+            if not r.ok:
+                bad = "; ".join(f"{c.name}: {c.detail}" for c in r.checks if not c.ok)
+                raise RuntimeError(f"guest seed {params.seed} on {path}: checks failed: {bad}")
+            acc = m.device.accesses
+            writes = array("B", (w for w, _, _ in acc))
+            addrs = array("Q", (a for _, a, _ in acc))
+            sizes = array("I", (s for _, _, s in acc))
+            conn.send(("ok", (writes.tobytes(), addrs.tobytes(), sizes.tobytes(), r.checksum, r.wall_s,
+                              r.device["per_command_ns"])))
+    except BaseException:
+        barrier.abort()
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def capture(seeds: list[int], *, commands: int, ram_size: int, path: str = DEFAULT_PATH,
+            core: str | None = None, batch: int = 16) -> list[Capture]:
+    """Run one guest per seed, each in its own process and KvmVm, all at once."""
+    group_lock = new_group_lock(core)
+    barrier = _ctx.Barrier(len(seeds))
+    procs, conns = [], []
+    for s in seeds:
+        params = Params(seed=s, commands=commands, ram_size=ram_size, batch=batch)
+        rx, tx = _ctx.Pipe(duplex=False)
+        p = _ctx.Process(target=_capture_main, args=(path, params, core, group_lock, barrier, tx),
+                         name=f"dmarw-guest-{s}", daemon=True)
+        p.start()
+        tx.close()
+        procs.append(p)
+        conns.append(rx)
+    out: list[Capture] = []
+    errors = []
+    try:
+        for s, p, rx in zip(seeds, procs, conns, strict=True):
+            try:
+                kind, msg = rx.recv()
+            except EOFError:
+                kind, msg = "error", f"guest process for seed {s} exited without a result"
+            if kind == "error":
+                errors.append(msg)
+                continue
+            w, a, z, checksum, wall, per_cmd = msg
+            writes, addrs, sizes = array("B"), array("Q"), array("I")
+            writes.frombytes(w)
+            addrs.frombytes(a)
+            sizes.frombytes(z)
+            wl = Workload("guest", s, ram_size, Records(writes, addrs, sizes), GUEST_ASSUMPTION,
+                          {"source": f"real guest seed {s}: {commands:,} commands on {path}, "
+                                     f"checksum {checksum:016x}"})
+            out.append(Capture(s, wl, checksum, wall, per_cmd, p.pid or 0))
+    finally:
+        for p in procs:
+            p.join()
+    if errors:
+        raise RuntimeError("guest capture failed:\n" + "\n".join(errors))
+    return out
+
+
+def guest_source(commands: int, *, vms: int, ram_size: int = 64 << 20, path: str = DEFAULT_PATH,
+                 core: str | None = None,
+                 on_capture: Callable[[list[Capture]], None] | None = None) -> Callable[[int, int], Workload]:
+    """An access source: VM ``vm`` of a run with seed ``s`` replays guest ``s + vm``'s records.
+    Guests are captured on first use, ``vms`` at a time (the run's largest VM count), so the
+    VMs of a capture run concurrently as the lab's VMs do."""
+    Params(seed=0, commands=commands, ram_size=ram_size)  # refuse bad sizes now (EINVAL)
+    if vms < 1:
+        raise fail(errno.EINVAL, f"guest source: {vms} VMs")
+    cache: dict[int, Workload] = {}
+
+    def source(vm: int, seed: int) -> Workload:
+        g = seed + vm
+        if g not in cache:
+            todo = [s for s in range(g, g + vms) if s not in cache]
+            caps = capture(todo, commands=commands, ram_size=ram_size, path=path, core=core)
+            for c in caps:
+                cache[c.seed] = c.workload
+            if on_capture is not None:
+                on_capture(caps)
+        return cache[g]
+
+    return source

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import multiprocessing as mp
+import threading
 import traceback
 from array import array
 from collections.abc import Callable
@@ -52,14 +53,27 @@ class Capture:
 
 
 def _capture_main(path: str, params: Params, core: str | None, group_lock: Any, barrier: Any,
-                  conn: Connection) -> None:
+                  progress: Any, index: int, conn: Connection) -> None:
     from .machine import GuestMachine
 
     try:
         set_group_lock(group_lock)
         with GuestMachine(path, params, core=core, device_kw={"record": True}) as m:
+            done = threading.Event()
+
+            def tick() -> None:  # the vCPU thread sits in KVM_RUN; report the device's count
+                while not done.wait(0.2):
+                    progress[index] = m.device.regs.commands
+
+            ticker = threading.Thread(target=tick, daemon=True)
             barrier.wait(300)
-            m.run()
+            ticker.start()
+            try:
+                m.run()
+            finally:
+                done.set()
+                ticker.join()
+            progress[index] = params.commands
             r = m.report()
             if not r.ok:
                 bad = "; ".join(f"{c.name}: {c.detail}" for c in r.checks if not c.ok)
@@ -78,15 +92,19 @@ def _capture_main(path: str, params: Params, core: str | None, group_lock: Any, 
 
 
 def capture(seeds: list[int], *, commands: int, ram_size: int, path: str = DEFAULT_PATH,
-            core: str | None = None, batch: int = 16) -> list[Capture]:
-    """Run one guest per seed, each in its own process and KvmVm, all at once."""
+            core: str | None = None, batch: int = 16,
+            on_progress: Callable[[int, int], None] | None = None) -> list[Capture]:
+    """Run one guest per seed, each in its own process and KvmVm, all at once;
+    ``on_progress(done, total)`` with the commands done over all guests."""
     group_lock = new_group_lock(core)
     barrier = _ctx.Barrier(len(seeds))
+    progress = _ctx.Array("q", len(seeds), lock=False)
     procs, conns = [], []
-    for s in seeds:
+    for i, s in enumerate(seeds):
         params = Params(seed=s, commands=commands, ram_size=ram_size, batch=batch)
         rx, tx = _ctx.Pipe(duplex=False)
-        p = _ctx.Process(target=_capture_main, args=(path, params, core, group_lock, barrier, tx),
+        p = _ctx.Process(target=_capture_main,
+                         args=(path, params, core, group_lock, barrier, progress, i, tx),
                          name=f"dmarw-guest-{s}", daemon=True)
         p.start()
         tx.close()
@@ -94,12 +112,18 @@ def capture(seeds: list[int], *, commands: int, ram_size: int, path: str = DEFAU
         conns.append(rx)
     out: list[Capture] = []
     errors = []
+    total = commands * len(seeds)
     try:
         for s, p, rx in zip(seeds, procs, conns, strict=True):
+            while not rx.poll(0.2):  # an I/O wait on the pipe, reporting progress meanwhile
+                if on_progress is not None:
+                    on_progress(sum(progress[:]), total)
+                if not p.is_alive() and not rx.poll(0):
+                    break
             try:
                 kind, msg = rx.recv()
             except EOFError:
-                kind, msg = "error", f"guest process for seed {s} exited without a result"
+                kind, msg = "error", f"guest process for seed {s} exited (code {p.exitcode}) without a result"
             if kind == "error":
                 errors.append(msg)
                 continue
@@ -121,11 +145,12 @@ def capture(seeds: list[int], *, commands: int, ram_size: int, path: str = DEFAU
 
 
 def guest_source(commands: int, *, vms: int, ram_size: int = 64 << 20, path: str = DEFAULT_PATH,
-                 core: str | None = None,
+                 core: str | None = None, ops: int | None = None, progress: bool = True,
                  on_capture: Callable[[list[Capture]], None] | None = None) -> Callable[[int, int], Workload]:
     """An access source: VM ``vm`` of a run with seed ``s`` replays guest ``s + vm``'s records.
     Guests are captured on first use, ``vms`` at a time (the run's largest VM count), so the
-    VMs of a capture run concurrently as the lab's VMs do."""
+    VMs of a capture run concurrently as the lab's VMs do; ``ops`` keeps each VM's first
+    ``ops`` records; ``progress`` shows a bar on stderr while guests run."""
     Params(seed=0, commands=commands, ram_size=ram_size)  # refuse bad sizes now (EINVAL)
     if vms < 1:
         raise fail(errno.EINVAL, f"guest source: {vms} VMs")
@@ -135,11 +160,45 @@ def guest_source(commands: int, *, vms: int, ram_size: int = 64 << 20, path: str
         g = seed + vm
         if g not in cache:
             todo = [s for s in range(g, g + vms) if s not in cache]
-            caps = capture(todo, commands=commands, ram_size=ram_size, path=path, core=core)
+            caps = _capture_with_bar(todo, commands, ram_size, path, core, progress)
             for c in caps:
+                if ops is not None:
+                    c.workload.records = c.workload.records[:ops]
                 cache[c.seed] = c.workload
             if on_capture is not None:
                 on_capture(caps)
         return cache[g]
 
     return source
+
+
+def _capture_with_bar(seeds: list[int], commands: int, ram_size: int, path: str, core: str | None,
+                      show: bool) -> list[Capture]:
+    if not show:
+        return capture(seeds, commands=commands, ram_size=ram_size, path=path, core=core)
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(f"real guests {', '.join(map(str, seeds))} on KVM ({path})",
+                            total=commands * len(seeds))
+
+        def cb(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return capture(seeds, commands=commands, ram_size=ram_size, path=path, core=core, on_progress=cb)
+
+
+QUICK_COMMANDS = 25_000
+DEFAULT_COMMANDS = 100_000
+
+
+def lab_source(args: Any) -> Callable[[int, int], Workload]:
+    """``dmarw reproduce --guest``: the access source from the parsed arguments (``--trace``
+    with ``--guest`` is refused; ``--guest-commands``, ``--ops``, ``--vms``, ``--core``)."""
+    if getattr(args, "trace", None):
+        raise SystemExit("--guest and --trace are two access sources: choose one")
+    commands = args.guest_commands or (QUICK_COMMANDS if args.quick else DEFAULT_COMMANDS)
+    from ..lab.workload import DEFAULT_RAM
+
+    return guest_source(commands, vms=max(args.vms), ram_size=DEFAULT_RAM, core=args.core, ops=args.ops)

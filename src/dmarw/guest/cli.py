@@ -94,7 +94,7 @@ def render(con: Console, params: Params, args: argparse.Namespace, reports: list
     con.print(f"guest: seed {params.seed}, {params.commands:,} commands in batches of {params.batch}, "
               f"{params.ram_size >> 20} MiB RAM, writer-heavy {params.writer_heavy}, dirty {args.dirty}, "
               f"device {'inline' if args.inline else 'threaded'}")
-    t = Table(title="runs", title_justify="left", box=None, padding=(0, 1))
+    t = Table(title="runs", title_justify="left", box=None, padding=(0, 1), collapse_padding=True, pad_edge=False)
     for c in ("path", "checksum", "wall s", "hlt", "mmio", "io", "waits", "checks"):
         t.add_column(c, justify="left" if c in ("path", "checksum") else "right", no_wrap=True)
     for r in reports:
@@ -104,7 +104,7 @@ def render(con: Console, params: Params, args: argparse.Namespace, reports: list
                   f"{r.waits:,}", f"{n_ok}/{len(r.checks)}")
     con.print(t)
     cost = Table(title="cost (guest rdtsc for MMIO; device: host perf_counter)", title_justify="left",
-              box=None, padding=(0, 1))
+              box=None, padding=(0, 1), collapse_padding=True, pad_edge=False)
     for col in ("path", "mmio us", "bell us", "cmd us", "rd ns", "wr ns", "fetch us"):
         cost.add_column(col, justify="left" if col == "path" else "right", no_wrap=True)
     for r in reports:

@@ -9,7 +9,7 @@ import argparse
 import pytest
 
 from dmarw.guest.machine import run_guest
-from dmarw.guest.params import Params
+from dmarw.guest.params import CMD_SIZE, RING_ENTRIES, RING_GPA, Params
 from dmarw.guest.traffic import capture, guest_source, lab_source
 from dmarw.lab import reproduce as R
 
@@ -26,9 +26,12 @@ def test_capture_two_guests_at_once_records_the_device_stream() -> None:
     alone = run_guest("kvm", Params(seed=3, commands=150, ram_size=RAM), device_kw={"record": True})
     assert caps[0].checksum == alone.checksum
     wl = caps[0].workload
-    c = wl.counts()
-    assert c["ops"] == alone.device["reads"] + alone.device["writes"] + alone.device["fences"] \
-        + alone.device["fetches"]
+    # the commands' accesses are the guest's, the same in every run; how many ring fetches
+    # serve them depends on how doorbells and the engine interleave
+    ring = range(RING_GPA, RING_GPA + RING_ENTRIES * CMD_SIZE)
+    cmds = [r for r in wl.records if r[1] not in ring]
+    assert len(cmds) == alone.device["reads"] + alone.device["writes"] + alone.device["fences"]
+    assert wl.ops - len(cmds) >= alone.params.commands // alone.params.batch // 2
     assert all(a + s <= RAM for _, a, s in wl.records)
     assert "real guest seed 3" in wl.meta["source"]
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from . import __version__, demo
+from .guest import cli as guest_cli
 from .lab import cli as lab_cli
 from .migration import cli as migration_cli
 from .vmm import cli as vmm_cli
@@ -46,6 +47,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     lab_cli.register_workload,
     migration_cli.register,
     vmm_cli.register,
+    guest_cli.register,
 ]
 
 

@@ -130,6 +130,11 @@ def add_reproduce_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", metavar="FILE",
                    help="replay this trace file (dmarw workload -o FILE; format in docs/lab.md) in every VM")
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip table (8), the access-size sweep")
+    p.add_argument("--guest", action="store_true",
+                   help="take each VM's accesses from dmarw's guest program on real KVM: the GPU-like "
+                   "device's dma_rw calls serving its command ring (docs/guest.md)")
+    p.add_argument("--guest-commands", type=_positive, metavar="N",
+                   help="commands each real guest issues with --guest (default 100,000; quick 25,000)")
     p.add_argument("--rounds", type=_rounds,
                    help=f"interleaved rounds per configuration, at least {R.MIN_ROUNDS}: each verdict's interval "
                    f"is over the per-round figures (default {R.ROUNDS}; quick {R.QUICK_ROUNDS})")
@@ -148,6 +153,10 @@ def options_from(args: argparse.Namespace) -> R.Options:
     access = None
     if args.trace:
         access = trace_source(load_trace(args.trace), args.ops)
+    if getattr(args, "guest", False):
+        from ..guest.traffic import lab_source
+
+        access = lab_source(args)
     return R.Options(quick=args.quick, ops=args.ops, seed=args.seed, paths=args.paths, vms=args.vms,
                      profile=args.profile, trace=args.trace, sweep=args.sweep, core=args.core,
                      rounds=args.rounds, access=access)

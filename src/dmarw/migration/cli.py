@@ -18,6 +18,7 @@ from rich.table import Table
 from ..errors import DmaError
 from ..mm import PAGE_SIZE
 from .harness import Config, Outcome, run
+from .incoming import read_key, serve
 from .source import RoundStats
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -94,6 +95,10 @@ def report(o: Outcome, con: Console) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    try:
+        key = read_key(args.key_file) if args.key_file else None
+    except DmaError as e:
+        raise SystemExit(f"dmarw migrate: {e}") from None
     cfg = Config(
         ram=args.ram,
         seed=args.seed,
@@ -106,15 +111,17 @@ def _run(args: argparse.Namespace) -> int:
         no_vfio_log=args.no_vfio_log,
         ops=args.ops,
         core=args.core,
+        to=args.to,
+        key=key,
+        timeout=args.timeout,
     )
     con = Console(soft_wrap=True)
     if not con.is_terminal:  # a pipe or a file: keep the table's numbers whole
         con = Console(soft_wrap=True, width=max(con.width, 120))
     try:
         cfg.check()
-    except DmaError as e:
-        con.print(f"[red]dmarw migrate[/]: {e}")
-        return 2
+    except DmaError as e:  # a user's mistake: one line, before any work
+        raise SystemExit(f"dmarw migrate: {e}") from None
     mode = "device writes bypass dma_rw (raw hva)" if cfg.device_bypass else "device writes via dma_rw"
     if cfg.no_vfio_log:
         mode += "; the container's dirty bitmap is ignored"
@@ -154,7 +161,9 @@ def _run(args: argparse.Namespace) -> int:
         with progress:
             outcome = run(cfg, on_sent=sent, on_round_start=round_start, on_round_end=round_end)
     except DmaError as e:
-        con.print(f"[red]migration failed[/]: {e}")
+        Console(stderr=True, soft_wrap=True).print(
+            f"dmarw migrate: migration failed, the source guest kept running: {e}", markup=False, highlight=False
+        )
         return 2
     con.print(f"core: {outcome.core}")
     rc = report(outcome, con)
@@ -193,6 +202,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-bypass", action="store_true", help="negative control: device writes the raw hva")
     p.add_argument("--no-vfio-log", action="store_true", help="negative control: ignore the container's dirty bitmap")
     p.add_argument("--core", choices=("python", "native"), help="dmarw core (default: native when built)")
+    p.add_argument("--to", metavar="HOST:PORT", help="migrate to a `dmarw incoming` there (needs --key-file)")
+    p.add_argument("--key-file", metavar="FILE", help="shared key (>= 16 bytes, used as they are) authenticating the stream")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds any wait for the destination may last (default 30)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", metavar="FILE", help="write every number of the run as JSON")
     p.set_defaults(func=_run)
+
+
+def _incoming(args: argparse.Namespace) -> int:
+    try:
+        key = read_key(args.key_file)
+        if args.timeout <= 0:
+            raise DmaError(22, f"--timeout {args.timeout:g} must be > 0")
+    except DmaError as e:
+        raise SystemExit(f"dmarw incoming: {e}") from None
+    err = Console(stderr=True, soft_wrap=True)
+
+    def log(msg: str) -> None:
+        err.print(f"incoming: {msg}", markup=False, highlight=False)
+
+    try:
+        rc = serve(args.listen, key, timeout=args.timeout, log=log)
+    except DmaError as e:
+        raise SystemExit(f"dmarw incoming: {e}") from None
+    log("done" if rc == 0 else "failed: nothing resumed")
+    return rc
+
+
+def register_incoming(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "incoming",
+        help="receive one migration on a TCP port (the destination of `dmarw migrate --to`)",
+        description="Listen, authenticate the source with the shared key, receive and verify one migration.",
+    )
+    p.add_argument("--listen", metavar="HOST:PORT", required=True, help="address to listen on (port 0: any free port)")
+    p.add_argument("--key-file", metavar="FILE", required=True, help="shared key (>= 16 bytes, used as they are)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds any wait for the source may last (default 120)")
+    p.set_defaults(func=_incoming)

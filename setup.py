@@ -26,6 +26,14 @@ setup(
             extra_compile_args=CFLAGS,
             extra_link_args=LDFLAGS,
             optional=os.environ.get("DMARW_SANITIZE") != "1",
-        )
+        ),
+        # the vCPU exit loop of dmarw.vmm (optional too: without it KvmVm reports EOPNOTSUPP)
+        Extension(
+            "dmarw._vmm",
+            sources=["src/dmarw/vmm/_vmm.c"],
+            extra_compile_args=CFLAGS,
+            extra_link_args=LDFLAGS,
+            optional=os.environ.get("DMARW_SANITIZE") != "1",
+        ),
     ]
 )

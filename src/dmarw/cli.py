@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from . import demo
+from .guest import cli as guest_cli
 from .lab import cli as lab_cli
 from .migration import cli as migration_cli
 from .vmm import cli as vmm_cli
@@ -21,6 +22,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     migration_cli.register,
     migration_cli.register_incoming,
     vmm_cli.register,
+    guest_cli.register,
 ]
 
 

@@ -9,20 +9,20 @@
  *
  * What it does, in batches of `batch` commands:
  *   - it stores to its own memory (the data each command will read, and with
- *     `writer_heavy` a full page and more small stores per command),
+ *     `writer_heavy` = n, n more pages per command, one word every 256 bytes),
  *   - it writes the commands (glmark2 mix: GTT entries, ring dwords, batch and descriptor
  *     chunks, context state; 63% reads, 48% of reads one page) and a FENCE into the
  *     command ring, and rings the doorbell (the MMIO tail register),
  *   - it waits for the fence of the batch before last (spinning on the fence dword in the
- *     status page, then blocking in the WAIT register) and folds what the device wrote
- *     for that batch into its checksum.
+ *     status page, then blocking in the WAIT register) and folds every word the device
+ *     wrote for that batch into its checksum (so a lost device write changes it).
  * Batch k uses only the half (k & 1) of every memory area, so the batch in flight on the
  * device and the batch the vCPU is preparing never touch the same bytes: the run is
  * deterministic for a seed although device DMA and vCPU stores overlap.
  *
  * It keeps its own record of every page it stored to (vrec) and every page it told the
- * device to write (drec), one bit per page, in guest memory.  At the end it folds every
- * page of drec into the checksum and reports it through the result port (out), then hlt.
+ * device to write (drec), one bit per page, in guest memory.  At the end it folds drec into
+ * the checksum and reports it through the result port (out), then hlt.
  *
  * Result port protocol (32-bit outs, in this order): RESULT_HELLO, (version << 16 | sizeof
  * params); at the end RESULT_DONE then ten words: checksum low, high, commands issued,
@@ -111,7 +111,7 @@ struct wrec {
 /* bss: the guest's own bookkeeping (claimed and logged at start like every other page). */
 static struct wrec writes[2][MAX_BATCH];
 static u32 nwrites[2];
-static u64 rng_state;
+static u32 rng_state;
 static u32 ck_lo, ck_hi;
 static u32 ring_tail;
 static u32 *vrec, *drec;
@@ -151,35 +151,33 @@ static __attribute__((noreturn)) void fault(u32 code)
         __asm__ volatile("hlt");
 }
 
-/* splitmix64: the guest's only source of choices, seeded from the parameter block. */
+/* xorshift32: the guest's only source of choices, seeded from the parameter block.  Every
+ * instruction counts: under an emulating KVM (this machine's runs 32-bit code through the
+ * instruction emulator, ~1 us an instruction) the guest is the slowest part of a run. */
 static u32 rnd(void)
 {
-    u64 z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return (u32)((z ^ (z >> 31)) >> 32);
+    u32 x = rng_state;
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    return rng_state = x;
 }
 
 static u32 below(u32 n) { return (u32)(((u64)rnd() * n) >> 32); }
 
-/* The checksum: 64-bit FNV-1a over 32-bit words, kept as two halves. */
+/* The checksum: two 32-bit lanes (FNV-1a, and a rotate-multiply) over 32-bit words. */
 static void fold(u32 w)
 {
-    u64 h = ((u64)ck_hi << 32) | ck_lo;
-    h ^= w;
-    h *= 0x100000001b3ull;
-    ck_lo = (u32)h;
-    ck_hi = (u32)(h >> 32);
+    ck_lo = (ck_lo ^ w) * 0x01000193u;
+    u32 b = ck_hi ^ w;
+    ck_hi = ((b << 7) | (b >> 25)) * 0x9e3779b1u;
 }
 
-static void fold_bytes(u32 addr, u32 size)
+/* Every size the guest uses is a multiple of 4. */
+static void fold_words(u32 addr, u32 size)
 {
-    const volatile u8 *b = (const volatile u8 *)addr;
-    u32 i = 0;
-    for (; i + 4 <= size; i += 4)
+    for (u32 i = 0; i < size; i += 4)
         fold(*(const volatile u32 *)(addr + i));
-    for (; i < size; i++)
-        fold(b[i]);
 }
 
 static void mark(u32 *rec, u32 addr, u32 size)
@@ -216,16 +214,12 @@ static u32 pick(enum area a, u32 half, u32 size, u32 align)
     return P->areas[a].base + (half * half_pages + page) * PAGE + below(slots) * align;
 }
 
-/* The guest's own stores: `size` bytes of PRNG data at addr, logged in vrec. */
-static void guest_store(u32 addr, u32 size)
+/* The guest's own stores: `size` bytes (a multiple of 4) of PRNG words at addr, every
+ * `stride` bytes one word, logged in vrec. */
+static void guest_store(u32 addr, u32 size, u32 stride)
 {
-    volatile u8 *b = (volatile u8 *)addr;
-    u32 i = 0, r = 0;
-    for (; i < size; i++) {
-        if ((i & 3) == 0)
-            r = rnd();
-        b[i] = (u8)(r >> ((i & 3) * 8));
-    }
+    for (u32 i = 0; i < size; i += stride)
+        *(volatile u32 *)(addr + i) = rnd();
     mark(vrec, addr, size);
 }
 
@@ -283,16 +277,11 @@ static void make_command(u32 half, u32 slot)
     } else {
         /* the data the device is about to read: a fresh store of up to 64 bytes in it */
         u32 n = size < 64 ? size : 8 + 4 * below(15);
-        guest_store(addr + below((size - n) / 4 + 1) * 4, n);
+        guest_store(addr + below((size - n) / 4 + 1) * 4, n, 4);
     }
-    if (P->writer_heavy) {
-        /* a writer-heavy guest: one whole page and three small stores per command */
-        enum area wa = (enum area)below(A_COUNT);
-        u32 page = pick(wa, half, PAGE, PAGE);
-        guest_store(page, PAGE);
-        for (int i = 0; i < 3; i++)
-            guest_store(pick((enum area)below(A_COUNT), half, 16, 4), 16);
-    }
+    /* a writer-heavy guest: `writer_heavy` more pages per command, one word every 256 B */
+    for (u32 i = 0; i < P->writer_heavy; i++)
+        guest_store(pick((enum area)below(A_COUNT), half, PAGE, PAGE), PAGE, 256);
     ring_put(write ? OP_WRITE : OP_READ, kind, addr, size, slot);
 }
 
@@ -318,7 +307,7 @@ static void harvest(u32 j)
     u32 half = j & 1;
     fold(j);
     for (u32 i = 0; i < nwrites[half]; i++)
-        fold_bytes(writes[half][i].addr, writes[half][i].size);
+        fold_words(writes[half][i].addr, writes[half][i].size);
     nwrites[half] = 0;
 }
 
@@ -339,9 +328,9 @@ void guest_main(void)
 
     vrec = (u32 *)P->vrec_gpa;
     drec = (u32 *)P->drec_gpa;
-    rng_state = ((u64)P->seed_hi << 32) | P->seed_lo;
-    ck_lo = 0x84222325u; /* FNV-1a 64 offset basis */
-    ck_hi = 0xcbf29ce4u;
+    rng_state = (P->seed_lo ^ (P->seed_hi * 0x9e3779b9u) ^ 0x6a09e667u) | 1u;
+    ck_lo = 0x811c9dc5u; /* FNV-1a 32 offset basis */
+    ck_hi = 0x6a09e667u;
 
     /* claim every page of our own runtime: all later stores there are to logged pages */
     u32 rec_bytes = (P->ram_size / PAGE + 7) / 8;
@@ -384,13 +373,8 @@ void guest_main(void)
     if (mmio_r(REG_STATUS) & STATUS_ERROR)
         fault(FAULT_DEVICE);
 
-    /* every page the device was told to write, in page order, whole */
-    u32 pages = P->ram_size / PAGE;
-    for (u32 p = 0; p < pages; p++)
-        if (drec[p >> 5] & (1u << (p & 31))) {
-            fold(p);
-            fold_bytes(p * PAGE, PAGE);
-        }
+    /* and the record of pages the device was told to write */
+    fold_words(P->drec_gpa, rec_bytes & ~3u);
 
     report(RESULT_DONE);
     report(ck_lo);

@@ -29,9 +29,7 @@ from .params import (
     Params,
 )
 
-M64 = (1 << 64) - 1
-FNV_PRIME = 0x100000001B3
-FNV_BASIS = 0xCBF29CE484222325
+M32 = 0xFFFFFFFF
 A_GTT, A_RING, A_CTX, A_BATCH = range(len(AREAS))
 
 
@@ -55,8 +53,9 @@ class ModelGuest:
         self.p = params
         self.read, self.write = read, write
         self.reg_read, self.reg_write = reg_read, reg_write
-        self.rng = params.seed
-        self.ck = FNV_BASIS
+        lo, hi = params.seed & M32, params.seed >> 32
+        self.rng = (lo ^ ((hi * 0x9E3779B9) & M32) ^ 0x6A09E667) | 1
+        self.ck_lo, self.ck_hi = 0x811C9DC5, 0x6A09E667
         self.tail = 0
         self.vrec: set[int] = set()
         self.drec: set[int] = set()
@@ -64,26 +63,29 @@ class ModelGuest:
 
     # -- the guest's primitives, as in guest.c -------------------------------------------
     def rnd(self) -> int:
-        self.rng = z = (self.rng + 0x9E3779B97F4A7C15) & M64
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
-        return (z ^ (z >> 31)) >> 32
+        x = self.rng
+        x ^= (x << 13) & M32
+        x ^= x >> 17
+        x ^= (x << 5) & M32
+        self.rng = x
+        return x
 
     def below(self, n: int) -> int:
         return (self.rnd() * n) >> 32
 
     def fold(self, w: int) -> None:
-        self.ck = ((self.ck ^ w) * FNV_PRIME) & M64
+        self.fold_data(w.to_bytes(4, "little"))
 
-    def fold_bytes(self, addr: int, size: int) -> None:
-        data = self.read(addr, size)
-        ck = self.ck
-        n4 = size // 4
-        for (w,) in struct.iter_unpack("<I", data[: n4 * 4]):
-            ck = ((ck ^ w) * FNV_PRIME) & M64
-        for b in data[n4 * 4:]:
-            ck = ((ck ^ b) * FNV_PRIME) & M64
-        self.ck = ck
+    def fold_words(self, addr: int, size: int) -> None:
+        self.fold_data(self.read(addr, size))
+
+    def fold_data(self, data: bytes) -> None:
+        a, b = self.ck_lo, self.ck_hi
+        for (w,) in struct.iter_unpack("<I", data):
+            a = ((a ^ w) * 0x01000193) & M32
+            b ^= w
+            b = ((((b << 7) | (b >> 25)) & M32) * 0x9E3779B1) & M32
+        self.ck_lo, self.ck_hi = a, b
 
     @staticmethod
     def _mark(rec: set[int], addr: int, size: int) -> None:
@@ -104,14 +106,9 @@ class ModelGuest:
         slots = (PAGE - size) // align + 1
         return area.base + (half * half_pages + page) * PAGE + self.below(slots) * align
 
-    def guest_store(self, addr: int, size: int) -> None:
-        out = bytearray(size)
-        r = 0
-        for i in range(size):
-            if i & 3 == 0:
-                r = self.rnd()
-            out[i] = (r >> ((i & 3) * 8)) & 0xFF
-        self.write(addr, bytes(out))
+    def guest_store(self, addr: int, size: int, stride: int) -> None:
+        for i in range(0, size, stride):
+            self.write(addr + i, self.rnd().to_bytes(4, "little"))
         self._mark(self.vrec, addr, size)
 
     def ring_put(self, op: int, kind: int, addr: int, size: int, seqno: int) -> None:
@@ -149,12 +146,9 @@ class ModelGuest:
             self.writes[half].append((addr, size))
         else:
             n = size if size < 64 else 8 + 4 * below(15)
-            self.guest_store(addr + below((size - n) // 4 + 1) * 4, n)
-        if self.p.writer_heavy:
-            wa = below(len(AREAS))
-            self.guest_store(self.pick(wa, half, PAGE, PAGE), PAGE)
-            for _ in range(3):
-                self.guest_store(self.pick(below(len(AREAS)), half, 16, 4), 16)
+            self.guest_store(addr + below((size - n) // 4 + 1) * 4, n, 4)
+        for _ in range(self.p.writer_heavy):
+            self.guest_store(self.pick(below(len(AREAS)), half, PAGE, PAGE), PAGE, 256)
         self.ring_put(gpu.OP_WRITE if write else gpu.OP_READ, kind, addr, size, slot)
 
     def wait_fence(self, seqno: int) -> None:
@@ -167,7 +161,7 @@ class ModelGuest:
         half = j & 1
         self.fold(j)
         for addr, size in self.writes[half]:
-            self.fold_bytes(addr, size)
+            self.fold_words(addr, size)
         self.writes[half] = []
 
     # -- the program -------------------------------------------------------------------
@@ -203,7 +197,28 @@ class ModelGuest:
             self.harvest(j)
         if self.reg_read(gpu.REG_STATUS) & gpu.STATUS_ERROR:
             raise RuntimeError("model guest: device error at the end")
-        for page in sorted(self.drec):
-            self.fold(page)
-            self.fold_bytes(page * PAGE, PAGE)
-        return ModelResult(self.ck, issued, set(self.vrec), set(self.drec))
+        drec = bytearray(rec_bytes)
+        for page in self.drec:
+            drec[page >> 3] |= 1 << (page & 7)
+        self.fold_data(bytes(drec[: rec_bytes & ~3]))
+        return ModelResult(self.ck_lo | self.ck_hi << 32, issued, set(self.vrec), set(self.drec))
+
+
+def model_run(params: Params) -> ModelResult:
+    """The model against an inline device over a plain bytearray as guest RAM."""
+    ram = bytearray(params.ram_size)
+
+    def read(gpa: int, n: int) -> bytes:
+        return bytes(ram[gpa : gpa + n])
+
+    def write(gpa: int, data: bytes) -> None:
+        ram[gpa : gpa + len(data)] = data
+
+    def dma_rw(gpa: int, buf: memoryview, is_write: bool) -> None:
+        if is_write:
+            ram[gpa : gpa + len(buf)] = buf
+        else:
+            buf[:] = ram[gpa : gpa + len(buf)]
+
+    dev = gpu.GpuDevice(dma_rw)
+    return ModelGuest(params, read, write, dev.reg_read, dev.reg_write).run()

@@ -80,16 +80,16 @@ class Params:
     commands: int = 2000
     ram_size: int = 16 << 20
     batch: int = 16
-    writer_heavy: bool = False
-    spin: int = 2000  # fence polls (with ``pause``) before the guest blocks in WAIT
+    writer_heavy: int = 0  # extra pages the guest stores to per command (0: none)
+    spin: int = 16  # fence polls (with ``pause``) before the guest blocks in WAIT
     hot_pages: int = HOT_PAGES
     probes: int = 64  # ID-register reads the guest times with rdtsc (the MMIO round trip)
     areas: tuple[Area, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("seed", "commands", "ram_size", "batch", "spin", "hot_pages", "probes"):
+        for name in ("seed", "commands", "ram_size", "batch", "writer_heavy", "spin", "hot_pages", "probes"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            if not isinstance(v, int) or v < 0:
                 raise fail(errno.EINVAL, f"guest params: {name} {v!r} must be a non-negative int")
         if self.seed >= 1 << 64:
             raise fail(errno.EINVAL, f"guest params: seed {self.seed:#x} does not fit 64 bits")
@@ -100,6 +100,8 @@ class Params:
             raise fail(errno.EINVAL, f"guest params: commands {self.commands} must be in 1..{COMMANDS_MAX}")
         if not 1 <= self.batch <= MAX_BATCH:
             raise fail(errno.EINVAL, f"guest params: batch {self.batch} must be in 1..{MAX_BATCH}")
+        if self.writer_heavy > 64:
+            raise fail(errno.EINVAL, f"guest params: writer_heavy {self.writer_heavy} must be in 0..64")
         if self.probes > 1 << 20 or self.spin > 1 << 24:
             raise fail(errno.EINVAL, f"guest params: probes {self.probes} / spin {self.spin} too large")
         if self.hot_pages < 1:

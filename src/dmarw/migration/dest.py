@@ -60,14 +60,26 @@ def page_digests(space: AddressSpace, hvas: list[tuple[int, int]], page_size: in
 class Destination:
     """Guest RAM receiving a migration; ``complete`` only after a valid END."""
 
-    def __init__(self, page_size: int, layout: Layout, mac_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        page_size: int,
+        layout: Layout,
+        mac_key: bytes | None = None,
+        ram: tuple[AddressSpace, list[int]] | None = None,
+    ) -> None:
+        """``ram``: an existing address space and the hva of each region (a VM's RAM,
+        already prepared), instead of new memfd mappings owned by this object."""
         self.page_size = page_size
         self.layout = tuple(layout)
-        self.space = AddressSpace()
+        self._owns = ram is None
+        self.space = AddressSpace() if ram is None else ram[0]
         self._hvas: list[tuple[int, int, int]] = []  # (gpa, size, hva)
-        for gpa, size in self.layout:
-            hva = self.space.mmap(size, backing="memfd")
-            prefault(self.space, hva, size)
+        for i, (gpa, size) in enumerate(self.layout):
+            if ram is None:
+                hva = self.space.mmap(size, backing="memfd")
+                prefault(self.space, hva, size)
+            else:
+                hva = ram[1][i]
             self._hvas.append((gpa, size, hva))
         self.decoder = Decoder(page_size, self.layout, mac_key)
         self.complete = False
@@ -150,7 +162,8 @@ class Destination:
         return self.space.read(self._hva(gpa)[0], n)
 
     def close(self) -> None:
-        self.space.close()
+        if self._owns:
+            self.space.close()
 
 
 # -- the destination process ---------------------------------------------------------------

@@ -27,15 +27,6 @@ from .channel import Channel, handshake_dest
 from .dest import Destination
 from .stream import Layout, StreamError, check_layout
 
-# what runs a restored guest: (destination with the complete stream, the spec's "guest")
-# -> a JSON-able result for STAT.  Registered by the guest module; None: RAM only.
-GuestRunner = Callable[[Destination, dict[str, Any]], dict[str, Any]]
-_runners: dict[str, GuestRunner] = {}
-
-
-def register_runner(kind: str, fn: GuestRunner) -> None:
-    _runners[kind] = fn
-
 
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` too) → (host, port); EINVAL naming the text."""
@@ -95,9 +86,13 @@ def serve_connection(
     *,
     log: Callable[[str], None] = lambda _m: None,
 ) -> int:
-    """One incoming migration on a connected socket; the exit code (0 only when complete)."""
+    """One incoming migration on a connected socket; the exit code (0 only when complete).
+
+    With a guest in the spec, its VM is built before ``REDY`` and the stream fills its RAM;
+    only a complete stream is restored, and only then does the guest run (after ``HASH``)."""
     ch = Channel(sock, "source")
     mac_key = None
+    machine: Any = None
     try:
         if key is not None:
             mac_key = handshake_dest(ch, key)  # an impostor is refused here: no RAM yet
@@ -106,44 +101,60 @@ def serve_connection(
         spec = control.parse_json(control.SPEC, raw)
         page_size, layout = _spec_layout(spec)
         check_ram(sum(s for _, s in layout), "incoming guest RAM")
+        guest = spec.get("guest")
+        if isinstance(guest, dict):
+            from .guest import DestMachine, GuestSpec
+
+            gspec = GuestSpec.from_json(guest)
+            if ((0, gspec.ram),) != layout:
+                raise DmaError(errno.EINVAL, f"guest of {gspec.ram:#x} bytes does not match the layout {layout}")
+            machine = DestMachine(gspec)
+            log(f"guest VM ready: {gspec.ram >> 20} MiB, seed {gspec.seed}, {gspec.commands} commands")
     except (DmaError, OSError) as e:
         log(f"refused: {e}")
         try:
             ch.send(control.fail(str(e)))
         except OSError:
             pass
+        if machine is not None:
+            machine.close()
         return 1
-    dest = Destination(page_size, layout, mac_key)
+    dest = Destination(page_size, layout, mac_key, ram=machine.ram if machine is not None else None)
     try:
-        ch.send(control.encode(control.REDY))
-        t0 = time.perf_counter()
-        dest.receive(sock, ch.reader.take_rest())
-        recv_s = time.perf_counter() - t0
-    except (StreamError, OSError) as e:
-        log(f"migration failed, nothing resumed: {e}")
         try:
-            ch.send(control.fail(str(e)))
-        except OSError:
-            pass
-        dest.close()
-        return 1
-    try:
-        guest = spec.get("guest")
-        runner = _runners.get(guest["kind"]) if isinstance(guest, dict) else None
-        prepared = runner(dest, guest) if runner is not None and isinstance(guest, dict) else {}
-        ch.send(control.done(dest.pages_applied, dest.rounds))
-        ch.send(control.encode(control.HASH, dest.digests()))
-        log(f"stream complete: {dest.pages_applied} pages in {dest.rounds} rounds, {recv_s:.3f} s")
-        result = prepared.pop("run", None)
-        stat: dict[str, Any] = {"receive_seconds": recv_s, **prepared}
-        if callable(result):
-            stat.update(result())
-        ch.send(control.jsonmsg(control.STAT, stat))
-    except (DmaError, OSError) as e:
-        log(f"after the stream: {e}")
-        return 1
+            ch.send(control.encode(control.REDY))
+            t0 = time.perf_counter()
+            dest.receive(sock, ch.reader.take_rest())
+            recv_s = time.perf_counter() - t0
+        except (StreamError, OSError) as e:
+            log(f"migration failed, nothing resumed: {e}")
+            try:
+                ch.send(control.fail(str(e)))
+            except OSError:
+                pass
+            return 1
+        try:
+            stat: dict[str, Any] = {"receive_seconds": recv_s}
+            if machine is not None:
+                stat.update(machine.restore(dest.states))
+            ch.send(control.done(dest.pages_applied, dest.rounds))
+            ch.send(control.encode(control.HASH, dest.digests()))  # at switchover, before it runs
+            log(f"stream complete: {dest.pages_applied} pages in {dest.rounds} rounds, {recv_s:.3f} s")
+            if machine is not None:
+                stat.update(machine.run())
+                log(f"guest resumed and ran to its end: checksum {stat['checksum']:#018x}")
+            ch.send(control.jsonmsg(control.STAT, stat))
+        except (DmaError, OSError) as e:
+            log(f"after the stream: {e}")
+            try:
+                ch.send(control.fail(str(e)))
+            except OSError:
+                pass
+            return 1
     finally:
         dest.close()
+        if machine is not None:
+            machine.close()
     return 0
 
 

@@ -55,6 +55,7 @@ class RoundStats:
     seconds: float
     final: bool = False
     throttle: float = 0.0  # share of vCPU time taken away during this round (auto-converge)
+    user: int = 0  # pages of a KvmVm's user-space log
     harvest_seconds: float = 0.0  # the harvest that chose this round's pages
 
 
@@ -86,13 +87,16 @@ class Harvest:
     kvm: set[int] = field(default_factory=set)
     vfio: set[int] = field(default_factory=set)
     pinned: set[int] = field(default_factory=set)
+    user: set[int] = field(default_factory=set)  # a KvmVm's user-space log (its own writes)
 
     @property
     def pages(self) -> set[int]:
-        return self.kvm | self.vfio | self.pinned
+        return self.kvm | self.vfio | self.pinned | self.user
 
     def __or__(self, other: Harvest) -> Harvest:
-        return Harvest(self.kvm | other.kvm, self.vfio | other.vfio, self.pinned | other.pinned)
+        return Harvest(
+            self.kvm | other.kvm, self.vfio | other.vfio, self.pinned | other.pinned, self.user | other.user
+        )
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,15 @@ class Source:
     def harvest(self) -> Harvest:
         """Get-and-clear both logs (as enabled) and list the pinned pages, as gfns."""
         h = Harvest()
-        if self.use_kvm_log:
+        mode = getattr(self.vm, "dirty_mode", None)
+        if mode is not None:  # a real KVM VM: the kernel's log and the VMM's own, apart
+            view = self.vm.view  # type: ignore[attr-defined]
+            for s in self.slots:
+                base = s.gpa >> 12
+                if self.use_kvm_log:
+                    h.kvm.update(base + k for k in from_bytes(bytes(mode.harvest(s.slot, s.size >> 12))))
+                h.user.update(base + k for k in from_bytes(view.get_dirty_log(s.slot)))
+        elif self.use_kvm_log:
             for s in self.slots:
                 base = s.gpa >> 12
                 h.kvm.update(base + k for k in from_bytes(self.vm.get_dirty_log(s.slot)))
@@ -273,7 +285,7 @@ class Source:
                 nbytes = self._send_round(sock, enc, gfns, on_sent)
                 st = RoundStats(
                     rnd, len(gfns), len(h.kvm), len(h.vfio), len(h.pinned), len(gfns), nbytes, clock() - t0,
-                    throttle=share, harvest_seconds=harvest_s,
+                    throttle=share, user=len(h.user), harvest_seconds=harvest_s,
                 )
                 rep.rounds.append(st)
                 if on_round_end is not None:
@@ -312,7 +324,7 @@ class Source:
             t_done = clock()
             st = RoundStats(
                 rnd, len(final), len(h.kvm), len(h.vfio), len(h.pinned), len(final), nbytes, t_done - t0, True,
-                throttle=share, harvest_seconds=harvest_s,
+                throttle=share, user=len(h.user), harvest_seconds=harvest_s,
             )
             rep.rounds.append(st)
             if on_round_end is not None:

@@ -7,16 +7,25 @@ verification names differing pages; 2 when the migration itself failed.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import re
 from dataclasses import asdict
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from ..errors import DmaError
 from ..mm import PAGE_SIZE
+from .guest_cli import add_guest_arguments, run_guest_cli, want_guest
 from .harness import Config, Outcome, run
 from .incoming import read_key, serve
 from .source import RoundStats
@@ -94,11 +103,67 @@ def report(o: Outcome, con: Console) -> int:
     return 1
 
 
+class RoundProgress:
+    """A transient rich progress bar on stderr, one task per round (no refresh thread: the
+    run forks processes)."""
+
+    def __init__(self, disable: bool) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+            auto_refresh=False,
+            disable=disable,
+        )
+        self.task: TaskID | None = None
+        self.frames = 0
+
+    def round_start(self, rnd: int, pages: int) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(f"round {rnd}", total=max(pages, 1))
+        self.progress.refresh()
+
+    def sent(self, _n: int, pages: int) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, pages)
+        self.frames += 1
+        if self.frames % 16 == 0:
+            self.progress.refresh()
+
+    def round_end(self, _st: RoundStats) -> None:
+        self.progress.refresh()
+
+
+def check_output(path: str) -> None:
+    """Refuse an output file that cannot be written, before any work."""
+    import os
+
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d) or os.path.isdir(path) or not os.access(d, os.W_OK):
+        raise DmaError(errno.ENOENT, f"--json {path}: cannot write there (folder {d} missing, not writable, or a folder given)")
+
+
+def console() -> Console:
+    con = Console(soft_wrap=True)
+    if not con.is_terminal:  # a pipe or a file: keep the table's numbers whole
+        con = Console(soft_wrap=True, width=max(con.width, 120))
+    return con
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         key = read_key(args.key_file) if args.key_file else None
+        guest = want_guest(args)
+        if args.json:
+            check_output(args.json)
     except DmaError as e:
         raise SystemExit(f"dmarw migrate: {e}") from None
+    if guest:
+        return run_guest_cli(args, key, console(), RoundProgress(args.no_progress))
     cfg = Config(
         ram=args.ram,
         seed=args.seed,
@@ -115,9 +180,7 @@ def _run(args: argparse.Namespace) -> int:
         key=key,
         timeout=args.timeout,
     )
-    con = Console(soft_wrap=True)
-    if not con.is_terminal:  # a pipe or a file: keep the table's numbers whole
-        con = Console(soft_wrap=True, width=max(con.width, 120))
+    con = console()
     try:
         cfg.check()
     except DmaError as e:  # a user's mistake: one line, before any work
@@ -130,36 +193,10 @@ def _run(args: argparse.Namespace) -> int:
         f"vCPU {cfg.vcpu_rate:g} + device {cfg.dma_rate:g} writes per MiB streamed "
         f"({cfg.profile} workload writes), {cfg.pinned} pinned pages; {mode}"
     )
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-        auto_refresh=False,  # no refresh thread: the run forks processes
-        disable=args.no_progress,
-    )
-    state: dict[str, int] = {"task": -1, "frames": 0}
-
-    def round_start(rnd: int, pages: int) -> None:
-        if state["task"] >= 0:
-            progress.remove_task(state["task"])  # type: ignore[arg-type]
-        state["task"] = progress.add_task(f"round {rnd}", total=max(pages, 1))
-        progress.refresh()
-
-    def sent(_n: int, pages: int) -> None:
-        progress.advance(state["task"], pages)  # type: ignore[arg-type]
-        state["frames"] += 1
-        if state["frames"] % 16 == 0:
-            progress.refresh()
-
-    def round_end(st: RoundStats) -> None:
-        progress.refresh()
-
+    bar = RoundProgress(args.no_progress)
     try:
-        with progress:
-            outcome = run(cfg, on_sent=sent, on_round_start=round_start, on_round_end=round_end)
+        with bar.progress:
+            outcome = run(cfg, on_sent=bar.sent, on_round_start=bar.round_start, on_round_end=bar.round_end)
     except DmaError as e:
         Console(stderr=True, soft_wrap=True).print(
             f"dmarw migrate: migration failed, the source guest kept running: {e}", markup=False, highlight=False
@@ -188,11 +225,15 @@ def _run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "migrate",
-        help="live-migrate a guest while vCPUs and a device write, and verify every page",
-        description="Pre-copy migration driven by the KVM and VFIO dirty logs, to a second process.",
+        help="live-migrate a running guest (or a replayed one) and verify it two ways",
+        description="Pre-copy migration driven by the KVM and VFIO dirty logs, to a second process or "
+        "(--to) a `dmarw incoming` on another host. With KVM usable it migrates the guest program "
+        "running on a KvmVm with the GPU-like device (--guest); --replay migrates RAM written by "
+        "threads replaying the lab's workload instead.",
     )
     p.add_argument("--ram", type=parse_size, default=1 << 30, help="guest RAM size (default 1G)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the guest's choices (default 0)")
+    add_guest_arguments(p)
     p.add_argument("--vcpu-rate", type=float, default=64.0, help="vCPU writes per MiB streamed (default 64)")
     p.add_argument("--dma-rate", type=float, default=32.0, help="device writes per MiB streamed (default 32)")
     p.add_argument("--pinned", type=int, default=16, help="pages the device pins and writes by hva (default 16)")

@@ -222,19 +222,40 @@ class DestMachine:
         m.clear_logs()
         return {"restore_seconds": time.perf_counter() - t0, "commands_at_stop": meta.get("commands_at_stop")}
 
-    def run(self) -> dict[str, Any]:
-        """Resume and run to the guest's end; its result."""
+    def run(self, timeout: float = 300.0) -> dict[str, Any]:
+        """Resume and run to the guest's end (at most ``timeout`` s); its result, or the
+        error that ended it (a guest whose memory lost pages may crash or hang)."""
         m = self.m
         t0 = time.perf_counter()
         m.device.resume()
         m.device.start()
         resume_s = time.perf_counter() - t0
-        if not self.halted:
-            m.run()
-        t1 = time.perf_counter()
-        checksum = m.port.result.check()
-        return {"resume_seconds": resume_s, "guest_seconds": t1 - t0, "checksum": checksum,
-                "commands": m.port.result.commands, "device_commands": m.device.regs.commands}
+        out: dict[str, Any] = {"resume_seconds": resume_s}
+        expired = threading.Event()
+        done = threading.Event()
+
+        def watchdog() -> None:
+            if not done.wait(timeout):
+                expired.set()
+                m.stop()
+
+        dog = threading.Thread(target=watchdog, name="dmarw-guest-watchdog", daemon=True)
+        dog.start()
+        try:
+            if not self.halted:
+                m.run(until=expired.is_set)
+            if expired.is_set():
+                raise DmaError(errno.ETIMEDOUT, f"the guest did not finish within {timeout:g} s")
+            out["checksum"] = m.port.result.check()
+            out["commands"] = m.port.result.commands
+        except Exception as e:  # a damaged guest: reported, not raised
+            out["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            done.set()
+            dog.join()
+        out["guest_seconds"] = time.perf_counter() - t0
+        out["device_commands"] = m.device.regs.commands
+        return out
 
     def close(self) -> None:
         self.m.close()

@@ -141,8 +141,11 @@ def serve_connection(
             ch.send(control.encode(control.HASH, dest.digests()))  # at switchover, before it runs
             log(f"stream complete: {dest.pages_applied} pages in {dest.rounds} rounds, {recv_s:.3f} s")
             if machine is not None:
-                stat.update(machine.run())
-                log(f"guest resumed and ran to its end: checksum {stat['checksum']:#018x}")
+                stat.update(machine.run(float(spec.get("guest_timeout", 300.0))))
+                if "error" in stat:
+                    log(f"guest resumed but did not finish: {stat['error']}")
+                else:
+                    log(f"guest resumed and ran to its end: checksum {stat['checksum']:#018x}")
             ch.send(control.jsonmsg(control.STAT, stat))
         except (DmaError, OSError) as e:
             log(f"after the stream: {e}")

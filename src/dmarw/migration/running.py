@@ -61,7 +61,8 @@ class GuestConfig:
     plain_copy: bool = True
     to: str | None = None
     key: bytes | None = None
-    timeout: float = 60.0
+    timeout: float = 60.0  # any wait for the destination's next message
+    guest_timeout: float = 300.0  # the destination's run of the guest to its end
 
     def spec(self) -> GuestSpec:
         return GuestSpec(ram=self.ram, seed=self.seed, commands=self.commands, batch=self.batch,
@@ -93,7 +94,8 @@ class GuestOutcome:
     plain: PlainCopy | None
     reference: int
     checksum: int | None
-    stat: dict[str, Any] = field(default_factory=dict)
+    stat: dict[str, Any] = field(default_factory=dict)  # what the destination measured
+    guest_error: str | None = None  # why the destination's guest did not finish
     commands_at_stop: int = 0
     throttled_seconds: float = 0.0
     reference_seconds: float = 0.0
@@ -145,6 +147,7 @@ def open_destination(cfg: GuestConfig, src: Source, spec: GuestSpec) -> tuple[Ba
             mac = handshake_source(ch, cfg.key)
         ch.send(control.jsonmsg(control.SPEC, {
             "page_size": src.page_size, "layout": [list(r) for r in src.layout], "guest": spec.as_json(),
+            "guest_timeout": cfg.guest_timeout,
         }))
         ch.recv(control.REDY)
     except OSError as e:
@@ -209,6 +212,7 @@ def attempt_guest(
         mine = src.digests()  # the guest is stopped: the source's memory at switchover
         try:
             _, theirs = ch.recv(control.HASH)
+            ch.sock.settimeout(cfg.guest_timeout + cfg.timeout)
             _, raw = ch.recv(control.STAT)
         except OSError as e:
             # the destination has the guest now: nothing to resume here, but say what is lost
@@ -232,4 +236,4 @@ def attempt_guest(
         parts["resume"] = float(stat.get("resume_seconds", 0.0))
         report.downtime_seconds += parts["resume"]
     return GuestOutcome(cfg, report, differing, None, 0, int(checksum) if checksum is not None else None, stat,
-                        sm.commands_at_stop, sm.throttled_s)
+                        stat.get("error"), sm.commands_at_stop, sm.throttled_s)

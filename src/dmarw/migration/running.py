@@ -62,7 +62,9 @@ class GuestConfig:
     to: str | None = None
     key: bytes | None = None
     timeout: float = 60.0  # any wait for the destination's next message
-    guest_timeout: float = 300.0  # the destination's run of the guest to its end
+    # the destination's run of the guest to its end (a damaged guest may hang); None: four
+    # times the unmigrated run's time plus 10 s, or 120 s when that time is not known
+    guest_timeout: float | None = None
 
     def spec(self) -> GuestSpec:
         return GuestSpec(ram=self.ram, seed=self.seed, commands=self.commands, batch=self.batch,
@@ -120,7 +122,9 @@ def _local_child(sock: socket.socket, other: socket.socket, *_: object) -> None:
     raise SystemExit(rc)
 
 
-def open_destination(cfg: GuestConfig, src: Source, spec: GuestSpec) -> tuple[BaseProcess | None, Channel, bytes | None]:
+def open_destination(
+    cfg: GuestConfig, src: Source, spec: GuestSpec, guest_timeout: float = 120.0
+) -> tuple[BaseProcess | None, Channel, bytes | None]:
     """A destination with the guest's VM built and ``REDY`` received."""
     proc: BaseProcess | None = None
     mac = None
@@ -147,7 +151,7 @@ def open_destination(cfg: GuestConfig, src: Source, spec: GuestSpec) -> tuple[Ba
             mac = handshake_source(ch, cfg.key)
         ch.send(control.jsonmsg(control.SPEC, {
             "page_size": src.page_size, "layout": [list(r) for r in src.layout], "guest": spec.as_json(),
-            "guest_timeout": cfg.guest_timeout,
+            "guest_timeout": guest_timeout,
         }))
         ch.recv(control.REDY)
     except OSError as e:
@@ -164,18 +168,23 @@ def run_guest_migration(
     on_sent: Callable[[int, int], None] | None = None,
     on_round_start: Callable[[int, int], None] | None = None,
     on_round_end: Callable[[RoundStats], None] | None = None,
+    reference: int | None = None,
 ) -> GuestOutcome:
+    """``reference``: the unmigrated run's checksum when already recorded for this guest
+    and seed (e.g. by an earlier run); otherwise the unmigrated run happens first."""
     cfg.check()
     spec = cfg.spec()
     t0 = time.perf_counter()
-    ref = reference_checksum(spec)
+    ref = reference_checksum(spec) if reference is None else reference
     ref_s = time.perf_counter() - t0
+    if cfg.guest_timeout is None:
+        cfg.guest_timeout = 4 * ref_s + 10.0 if reference is None else 120.0
     sm = SourceMachine(spec, device_bypass=cfg.device_bypass)
     try:
         plain = plain_copy(sm.m.env.space, sm.m.env.hva, cfg.ram, tcp=cfg.to is not None) if cfg.plain_copy else None
         src = Source(sm.vm, sm.container, threshold=cfg.threshold, max_rounds=cfg.max_rounds,
                      use_kvm_log=not cfg.no_kvm_log, use_vfio_log=not cfg.no_vfio_log)
-        conn = open_destination(cfg, src, spec) if cfg.to is None else None
+        conn = open_destination(cfg, src, spec, cfg.guest_timeout) if cfg.to is None else None
         sm.start()
         o = attempt_guest(sm, src, cfg, conn, on_sent, on_round_start, on_round_end)
         o.plain, o.reference, o.reference_seconds = plain, ref, ref_s
@@ -194,7 +203,8 @@ def attempt_guest(
     on_round_end: Callable[[RoundStats], None] | None = None,
 ) -> GuestOutcome:
     """One attempt with the guest running; on :class:`MigrationFailed` it runs on."""
-    proc, ch, mac = conn if conn is not None else open_destination(cfg, src, sm.spec)
+    guest_timeout = cfg.guest_timeout if cfg.guest_timeout is not None else 120.0
+    proc, ch, mac = conn if conn is not None else open_destination(cfg, src, sm.spec, guest_timeout)
     step = {"share": 0.0}
 
     def throttle(_rnd: int, dirtied: int, sent: int) -> float:
@@ -212,7 +222,7 @@ def attempt_guest(
         mine = src.digests()  # the guest is stopped: the source's memory at switchover
         try:
             _, theirs = ch.recv(control.HASH)
-            ch.sock.settimeout(cfg.guest_timeout + cfg.timeout)
+            ch.sock.settimeout(guest_timeout + cfg.timeout)
             _, raw = ch.recv(control.STAT)
         except OSError as e:
             # the destination has the guest now: nothing to resume here, but say what is lost

@@ -46,6 +46,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     lab_cli.register_bench,
     lab_cli.register_workload,
     migration_cli.register,
+    migration_cli.register_incoming,
     vmm_cli.register,
     guest_cli.register,
 ]

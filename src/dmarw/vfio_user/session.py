@@ -189,12 +189,12 @@ class Session:
         except Disconnect as d:
             self._dead = d
             if self.mem is not None:
-                self.mem.closed = True
+                self.mem.gone = True
             raise fail(errno.ENOTCONN, str(d)) from None
         except p.ProtocolError as e:
             self._dead = Disconnect(False, str(e))
             if self.mem is not None:
-                self.mem.closed = True
+                self.mem.gone = True
             raise fail(errno.ENOTCONN, str(e)) from None
 
     # -- the loop -------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from .client import Client
 from .protocol import Command, MigState, ProtocolError
 
-__all__ = ["Command", "MigState", "ProtocolError"]
+__all__ = ["Client", "Command", "MigState", "ProtocolError"]

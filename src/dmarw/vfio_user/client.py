@@ -79,7 +79,8 @@ class Client:
     """A vfio-user client (the VMM side) connected to one device server.
 
     ``Client(path)`` connects (retrying while the server is not yet listening, up to
-    ``timeout``) and negotiates VERSION; every later call waits at most ``timeout`` s.
+    ``connect_timeout``, default ``timeout``) and negotiates VERSION; every later call waits
+    at most ``timeout`` s.
     Messages are built and parsed by :mod:`dmarw.vfio_user.protocol`; this class does the
     socket, the waiting and the serving of the server's DMA requests.
     """
@@ -89,6 +90,7 @@ class Client:
         path: str | os.PathLike[str],
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float | None = None,
         max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER,
         max_msg_fds: int = DEFAULT_MAX_MSG_FDS,
         migration_pgsize: int | None = 4096,
@@ -97,7 +99,7 @@ class Client:
     ) -> None:
         self.path = os.fspath(path)
         self.timeout = timeout
-        self._sock = self._connect(self.path, timeout)
+        self._sock = self._connect(self.path, timeout if connect_timeout is None else connect_timeout)
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._pending: dict[int, _Waiter] = {}

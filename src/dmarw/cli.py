@@ -10,6 +10,7 @@ from . import demo
 from .lab import cli as lab_cli
 from .migration import cli as migration_cli
 from .vfio_user import attach as vfio_user_attach
+from .vfio_user import cli as vfio_user_cli
 
 # Each entry: a module function ``register(subparsers)`` that adds one subcommand and sets
 # ``func`` (taking the parsed args, returning the exit code) as its default.
@@ -19,6 +20,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     lab_cli.register_bench,
     lab_cli.register_workload,
     migration_cli.register,
+    vfio_user_cli.register,
     vfio_user_attach.register,
 ]
 

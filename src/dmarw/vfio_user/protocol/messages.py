@@ -295,11 +295,13 @@ class RegionInfo(Payload):
 
     @classmethod
     def decode(cls, body: bytes, fds: Sequence[int] = ()) -> RegionInfo:
-        """A request: 32 bytes, argsz >= 32, no fds."""
-        _exact(cls, body, 32)
+        """A request: argsz >= 32, 32 bytes (or up to argsz: clients send their whole
+        buffer, the zeroed room for capabilities included), no fds."""
+        _atleast(cls, body, 32)
         _fds(cls, fds, 0, 0)
-        argsz, flags, index, cap_offset, size, offset = cls.FMT.unpack(body)
+        argsz, flags, index, cap_offset, size, offset = cls.FMT.unpack_from(body)
         _need(argsz >= 32, f"GET_REGION_INFO {index}: argsz {argsz} is smaller than 32")
+        _need(len(body) <= argsz, f"GET_REGION_INFO {index}: {len(body)} bytes exceed argsz {argsz}")
         return cls(index, argsz, flags, cap_offset, size, offset)
 
     @classmethod

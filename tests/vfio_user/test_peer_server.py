@@ -1,4 +1,6 @@
-"""dmarw's client drives libvfio-user's ``samples/server`` (a peer nobody here wrote).
+"""dmarw's client drives libvfio-user's ``samples/server`` (a peer nobody here wrote), and
+the same script drives ``dmarw serve --device sample`` (the Python device that offers what
+that sample does), so the two servers are compared on one client's view.
 
 Negotiation, device/region/IRQ info, config space, region I/O (and BAR1 through the fd the
 region info hands over), DMA with and without fds (the server DMAs into the fd mapping
@@ -13,6 +15,7 @@ import mmap
 import os
 import select
 import struct
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +28,20 @@ from dmarw.vfio_user import Client
 from dmarw.vfio_user import protocol as P
 from dmarw.vfio_user.client import region_flag_names
 
-pytestmark = [pytest.mark.peer, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
+
+CLI = "import sys; from dmarw.cli import main; sys.exit(main())"
+ServerCmd = Callable[[Path], list[str]]
+
+
+@pytest.fixture(params=["libvfio-user", "dmarw"])
+def server_cmd(request: pytest.FixtureRequest) -> ServerCmd:
+    """How to start one sample server on a socket: the peer's, or dmarw's."""
+    if request.param == "libvfio-user":
+        request.applymarker(pytest.mark.peer)
+        build: peer.PeerBuild = request.getfixturevalue("peer_build")
+        return lambda sock: [str(build.server), "-v", str(sock)]
+    return lambda sock: [sys.executable, "-c", CLI, "serve", "--once", "--device", "sample", str(sock)]
 
 BAR1_SIZE = 0x3000
 PAGE = 0x1000
@@ -78,12 +94,12 @@ def _device_dmas(c: Client, space: AddressSpace, h_msg: int, h_fd: int, irq: int
     assert space.read(h_msg, PAGE) == _expected_dma()  # written by DMA_WRITE messages
 
 
-def test_client_drives_the_sample_server(peer_build: peer.PeerBuild, tmp_path: Path) -> None:
+def test_client_drives_the_sample_server(server_cmd: ServerCmd, tmp_path: Path) -> None:
     src_sock, dst_sock = tmp_path / "src.sock", tmp_path / "dst.sock"
     space = AddressSpace()
     irq = os.eventfd(0, os.EFD_NONBLOCK)
     try:
-        with peer.running([str(peer_build.server), "-v", str(src_sock)], log=tmp_path / "src.log") as srv:
+        with peer.running(server_cmd(src_sock), log=tmp_path / "src.log") as srv:
             peer.wait_for_socket(src_sock, srv, timeout=20)
             c = Client(src_sock, timeout=10)
             assert c.server_version == (0, 2)
@@ -140,7 +156,7 @@ def test_client_drives_the_sample_server(peer_build: peer.PeerBuild, tmp_path: P
             assert srv.wait(timeout=10) == 0
 
         # ... and into a second one, which then works as the first did
-        with peer.running([str(peer_build.server), "-v", str(dst_sock)], log=tmp_path / "dst.log") as dst:
+        with peer.running(server_cmd(dst_sock), log=tmp_path / "dst.log") as dst:
             peer.wait_for_socket(dst_sock, dst, timeout=20)
             d = Client(dst_sock, timeout=10)
             assert d.region_read(1, 0, BAR1_SIZE) != _pattern()

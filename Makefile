@@ -26,6 +26,7 @@ demo: $(STAMP)
 
 test: $(TEST_STAMP) peer-deps
 	@$(BIN)/python -c "import dmarw._native" || { echo "the native core did not build (see pip's output above)"; exit 1; }
+	@$(BIN)/python -c "import dmarw._vmm" || { echo "the native vCPU loop dmarw._vmm did not build (see pip's output above)"; exit 1; }
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q

@@ -22,6 +22,7 @@ from .vfio import (
     vfio_pin_pages,
     vfio_unpin_pages,
 )
+from .vmm import KvmVm
 
 __all__ = [
     "PAGE_SIZE",
@@ -31,6 +32,7 @@ __all__ = [
     "DmaError",
     "ExternalUser",
     "Group",
+    "KvmVm",
     "Prot",
     "Vm",
     "bitmap_pages",

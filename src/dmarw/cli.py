@@ -7,10 +7,12 @@ import sys
 from collections.abc import Callable
 
 from . import demo
+from .guest import cli as guest_cli
 from .lab import cli as lab_cli
 from .migration import cli as migration_cli
 from .vfio_user import attach as vfio_user_attach
 from .vfio_user import cli as vfio_user_cli
+from .vmm import cli as vmm_cli
 
 # Each entry: a module function ``register(subparsers)`` that adds one subcommand and sets
 # ``func`` (taking the parsed args, returning the exit code) as its default.
@@ -21,6 +23,8 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     lab_cli.register_workload,
     migration_cli.register,
     vfio_user_cli.register,
+    vmm_cli.register,
+    guest_cli.register,
     vfio_user_attach.register,
 ]
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from ..errors import DmaError
 from .device import Device
 from .server import Server, stderr_log
 
@@ -38,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
     device = DEVICES[args.device]()
     server = Server(args.socket, device, log=stderr_log() if args.verbose else None)
     try:
+        try:
+            server.listen()
+        except DmaError as e:
+            raise SystemExit(f"dmarw serve: {e}") from None
         with server:
             print(f"dmarw serve: {args.device} device on {args.socket}", file=sys.stderr, flush=True)
             if args.once:

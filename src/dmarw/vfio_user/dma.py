@@ -108,6 +108,7 @@ class ClientMemory(DmaPort):
         self.logging = False
         self.log_page_size = PAGE
         self.dirty: set[int] = set()  # 4 KiB page numbers written while logging
+        self.gone = False  # the client cannot be reached any more (no DMA)
         self.closed = False
 
     # -- map / unmap ------------------------------------------------------------------------
@@ -194,7 +195,7 @@ class ClientMemory(DmaPort):
         self.unmap_all()
         self.logging_stop()
         self.space.close()
-        self.closed = True
+        self.closed = self.gone = True
 
     # -- dirty logging ----------------------------------------------------------------------
     def logging_start(self, page_size: int) -> int:
@@ -242,7 +243,7 @@ class ClientMemory(DmaPort):
     def rw(self, iova: int, buf: Buffer, write: bool, *, messages: bool = False) -> None:
         """Device DMA: all of it checked against the regions first (``EINVAL`` unmapped,
         ``EPERM`` read-only), then each piece through the container or messages."""
-        if self.closed:
+        if self.gone or self.closed:
             raise fail(errno.ENOTCONN, f"dma {rng(iova, memoryview(buf).nbytes)}: the client is gone")
         mv = buf if type(buf) is memoryview else memoryview(buf)
         if mv.format != "B" or mv.ndim != 1:

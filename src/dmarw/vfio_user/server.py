@@ -126,12 +126,13 @@ class Server:
     def serve_connection(self, conn: socket.socket) -> bool:
         """Serve an already connected socket (a socketpair end, say) until it closes."""
         conn.setblocking(True)
-        self.session = Session(self, conn)
+        session = self.session = Session(self, conn)
         try:
-            ok = self.session.run()
+            ok = session.run()
         finally:
-            self.errors.extend(self.session.errors)
-            self.session = None
+            self.errors.extend(session.errors)
+            if self.session is session:
+                self.session = None
         return ok
 
     def serve_forever(self) -> None:

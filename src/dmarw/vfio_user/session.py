@@ -153,8 +153,15 @@ class Session:
             raise AssertionError("unreachable") from e
 
     def _fatal(self, e: p.ProtocolError) -> None:
+        """A broken frame: answer it if its header could be read (a command), then hang up."""
         self.errors.append(str(e))
         self.log(f"fatal: {e}")
+        h = e.header
+        if h is not None and not h.flags & p.F_TYPE_REPLY:
+            try:
+                self.send(p.error_reply(h.msg_id, h.cmd, e.errno or errno.EINVAL))
+            except Disconnect:
+                pass
         raise Disconnect(False, str(e))
 
     # -- server-to-client calls ---------------------------------------------------------------
@@ -189,12 +196,12 @@ class Session:
         except Disconnect as d:
             self._dead = d
             if self.mem is not None:
-                self.mem.closed = True
+                self.mem.gone = True
             raise fail(errno.ENOTCONN, str(d)) from None
         except p.ProtocolError as e:
             self._dead = Disconnect(False, str(e))
             if self.mem is not None:
-                self.mem.closed = True
+                self.mem.gone = True
             raise fail(errno.ENOTCONN, str(e)) from None
 
     # -- the loop -------------------------------------------------------------------------------

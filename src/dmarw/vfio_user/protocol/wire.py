@@ -140,12 +140,13 @@ class ProtocolError(DmaError):
     def __init__(self, err: int, message: str, *, fatal: bool = False) -> None:
         super().__init__(err, message)
         self.fatal = fatal
+        self.header: Header | None = None  # the offending header, when it could be read
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (self.errno or 0, self.detail, self.fatal))
 
 
-def _rebuild(err: int, message: str, fatal: bool) -> ProtocolError:
+def _rebuild(err: int, message: str, fatal: bool) -> ProtocolError:  # for pickle
     return ProtocolError(err, message, fatal=fatal)
 
 
@@ -218,13 +219,16 @@ def parse_header(data: bytes | bytearray | memoryview, *, max_size: int = MAX_MS
     if len(data) < HEADER_SIZE:
         raise perr(errno.EINVAL, f"header truncated: {len(data)} of {HEADER_SIZE} bytes", fatal=True)
     h = Header(*HEADER.unpack_from(data, 0))
+    err = None
     if h.size < HEADER_SIZE:
-        raise perr(errno.EINVAL, f"msg {h.msg_id:#x}: size {h.size:#x} is smaller than the header", fatal=True)
-    if h.size > max_size:
-        raise perr(errno.E2BIG, f"msg {h.msg_id:#x}: size {h.size:#x} exceeds the maximum {max_size:#x}", fatal=True)
-    t = h.flags & F_TYPE_MASK
-    if t not in (F_TYPE_COMMAND, F_TYPE_REPLY) or h.flags & ~F_KNOWN:
-        raise perr(errno.EINVAL, f"msg {h.msg_id:#x}: bad flags {h.flags:#x}", fatal=True)
+        err = perr(errno.EINVAL, f"msg {h.msg_id:#x}: size {h.size:#x} is smaller than the header", fatal=True)
+    elif h.size > max_size:
+        err = perr(errno.E2BIG, f"msg {h.msg_id:#x}: size {h.size:#x} exceeds the maximum {max_size:#x}", fatal=True)
+    elif h.flags & F_TYPE_MASK not in (F_TYPE_COMMAND, F_TYPE_REPLY) or h.flags & ~F_KNOWN:
+        err = perr(errno.EINVAL, f"msg {h.msg_id:#x}: bad flags {h.flags:#x}", fatal=True)
+    if err is not None:
+        err.header = h
+        raise err
     return h
 
 

@@ -10,6 +10,7 @@ from . import demo
 from .guest import cli as guest_cli
 from .lab import cli as lab_cli
 from .migration import cli as migration_cli
+from .vfio_user import attach as vfio_user_attach
 from .vfio_user import cli as vfio_user_cli
 from .vmm import cli as vmm_cli
 
@@ -24,6 +25,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     vfio_user_cli.register,
     vmm_cli.register,
     guest_cli.register,
+    vfio_user_attach.register,
 ]
 
 

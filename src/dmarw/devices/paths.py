@@ -34,7 +34,7 @@ def path_env(path: str, ram_size: int, *, core: str | None = None, kvm: dict[str
             env.close()
             raise
         env.vm.close()
-        env.vm = vm
+        env.vm = vm  # type: ignore[assignment]  # KvmVm keeps Vm's memslot and access API
     return env
 
 

@@ -104,18 +104,18 @@ def render(con: Console, params: Params, args: argparse.Namespace, reports: list
                   str(r.exits.get("hlt", 0)), f"{r.exits.get('mmio', 0):,}", f"{r.exits.get('io', 0):,}",
                   f"{r.waits:,}", f"{n_ok}/{len(r.checks)}")
     con.print(t)
-    c = Table(title="cost (guest rdtsc for MMIO; device: host perf_counter)", title_justify="left",
+    cost = Table(title="cost (guest rdtsc for MMIO; device: host perf_counter)", title_justify="left",
               box=None, padding=(0, 1))
     for col in ("path", "mmio us", "bell us", "cmd us", "rd ns", "wr ns", "fetch us"):
-        c.add_column(col, justify="left" if col == "path" else "right", no_wrap=True)
+        cost.add_column(col, justify="left" if col == "path" else "right", no_wrap=True)
     for r in reports:
         d = r.device
         rd = d["read_ns"] / d["reads"] if d["reads"] else float("nan")
         wr = d["write_ns"] / d["writes"] if d["writes"] else float("nan")
         fe = d["fetch_ns"] / d["fetches"] / 1e3 if d["fetches"] else float("nan")
-        c.add_row(r.path, _us(r.mmio_probe_cycles, hz), _us(r.doorbell_cycles, hz),
+        cost.add_row(r.path, _us(r.mmio_probe_cycles, hz), _us(r.doorbell_cycles, hz),
                   f"{d['per_command_ns'] / 1e3:,.1f}", f"{rd:,.0f}", f"{wr:,.0f}", f"{fe:,.1f}")
-    con.print(c)
+    con.print(cost)
     con.print(f"mmio: the guest's ID-register read (the callback does nothing), {params.probes} "
               f"probes; bell: its doorbell store; both timed by the guest with rdtsc, at "
               f"{hz / 1e9:.2f} GHz. cmd: one command in the device, its dma_rw included (rd/wr: "

@@ -111,16 +111,17 @@ class GuestMachine:
         self.switch_interval = switch_interval
         self.env = path_env(path, params.ram_size, core=core, kvm={"dirty": dirty})
         try:
-            self.vm: Any = self.env.vm
+            vm: Any = self.env.vm  # the KvmVm
+            self.vm = vm
             self.device = GpuDevice(dma_rw_for(self.env), threaded=threaded, **(device_kw or {}))
             self.port = ResultPort()
-            self.vm.add_mmio(MMIO_GPA, MMIO_SIZE, self.device)
-            self.vm.add_pio(RESULT_PORT, 4, self.port)
+            vm.add_mmio(MMIO_GPA, MMIO_SIZE, self.device)
+            vm.add_pio(RESULT_PORT, 4, self.port)
             if prefault:
                 self.env.prefault()  # no first-touch host fault lands in a timed dma_rw
             if load_image:
                 load(self.write_host, params)
-            self.vcpu = self.vm.create_vcpu("protected")
+            self.vcpu = vm.create_vcpu("protected")
             self.vcpu.rip = LOAD_GPA
             self.clear_logs()
         except BaseException:

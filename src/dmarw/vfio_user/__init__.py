@@ -8,8 +8,11 @@ the client's memory, :mod:`.features` migration and DMA logging).
 
 from __future__ import annotations
 
+from .client import Client
 from .device import Device, DmaPort, PciConfig, Region
 from .protocol import Command, MigState, ProtocolError
 from .server import Server
 
-__all__ = ["Command", "Device", "DmaPort", "MigState", "PciConfig", "ProtocolError", "Region", "Server"]
+__all__ = [
+    "Client", "Command", "Device", "DmaPort", "MigState", "PciConfig", "ProtocolError", "Region", "Server",
+]

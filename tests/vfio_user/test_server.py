@@ -791,3 +791,18 @@ def test_sample_device_timer_dma(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_errors_name_the_address() -> None:
     e = fail(errno.EINVAL, "dma 0x50000+0x10: iova 0x50000 is not mapped")
     assert isinstance(e, OSError) and "0x50000" in str(e)
+
+
+def test_max_dma_maps_is_enforced() -> None:
+    h = Harness(TestDevice(), io_timeout=2.0, max_dma_maps=3)
+    c = h.connect()
+    v = c.negotiate()
+    assert v.capabilities["max_dma_maps"] == 3
+    for i in range(3):
+        _map(c, 0x1000 * i, 0x1000, None)
+    assert c.err(p.DmaMap(3, 0, 0x10000, 0x1000)) == errno.ENOSPC
+    c.ok(p.DmaUnmap(0, 0x1000, 0x1000))
+    _map(c, 0x10000, 0x1000, None)  # a freed slot is reusable
+    assert [m[0] for m in h.device.dma.mappings()] == [0, 0x10000, 0x2000]  # in slot order
+    assert h.finish(c)
+    h.device.close()

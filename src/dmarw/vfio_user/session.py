@@ -330,7 +330,7 @@ class Session:
         reply, session = p.negotiate(client, self.server.capabilities())
         self.client_caps = session
         max_xfer = min(session["client_max_data_xfer_size"], p.DEFAULT_MAX_DATA_XFER_SIZE)
-        self.mem = ClientMemory(self.call, max_xfer=max_xfer, core_name=self.server.core)
+        self.mem = ClientMemory(self.call, max_xfer=max_xfer, max_maps=self.server.max_dma_maps, core_name=self.server.core)
         self.device.dma = self.mem
         self.negotiated = True
         self.device.connected()

@@ -95,12 +95,26 @@ class Server:
             if not stat.S_ISSOCK(st.st_mode):
                 raise fail(errno.EEXIST, f"{path}: exists and is not a socket")
             os.unlink(path)
+        # bind a temporary name and rename it into place once listening: a client that
+        # waits for the path to appear (libvfio-user's does) must never find it refusing
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        if len(os.fsencode(tmp)) >= 108:
+            tmp = path
+        elif os.path.lexists(tmp) and stat.S_ISSOCK(os.lstat(tmp).st_mode):
+            os.unlink(tmp)  # left by an earlier process with our pid
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            s.bind(os.fspath(path))
+            s.bind(os.fspath(tmp))
             s.listen(1)
+            if tmp != path:
+                os.rename(tmp, path)
         except OSError as e:
             s.close()
+            if tmp != path:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
             raise fail(e.errno or errno.EINVAL, f"{path}: {e.strerror}") from e
         self.sock = s
         return self

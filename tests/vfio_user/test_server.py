@@ -806,3 +806,26 @@ def test_max_dma_maps_is_enforced() -> None:
     assert [m[0] for m in h.device.dma.mappings()] == [0, 0x10000, 0x2000]  # in slot order
     assert h.finish(c)
     h.device.close()
+
+
+def test_a_timer_bug_does_not_stop_the_server() -> None:
+    import time
+
+    class Buggy(TestDevice):
+        fired = 0
+
+        def deadline(self) -> float | None:
+            return time.monotonic() if not self.fired else None
+
+        def tick(self) -> None:
+            self.fired += 1
+            raise KeyError("model bug in a timer")
+
+    h = Harness(Buggy(), io_timeout=2.0)
+    c = h.connect()
+    c.negotiate()
+    c.region_write(2, 0, b"still")  # served after the timer raised
+    assert c.region_read(2, 0, 5) == b"still"
+    assert isinstance(h.device, Buggy) and h.device.fired == 1
+    assert h.finish(c) is False  # the session reports the model's error
+    h.device.close()

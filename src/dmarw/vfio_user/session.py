@@ -237,11 +237,17 @@ class Session:
             self.close()
 
     def _tick(self) -> None:
+        """The device's timer; what it raises is logged (the session goes on unless the
+        client is gone, which ``run`` sees next)."""
         try:
             self.device.tick()
+        except Disconnect:
+            raise
         except DmaError as e:
-            self.errors.append(f"device timer: {e}")
             self.log(f"device timer: {e}")
+        except Exception as e:  # a bug in the model must not take the server down
+            self.errors.append(f"device timer: {e!r}")
+            self.log(f"device timer: {e!r}")
 
     def handle(self, msg: p.Message) -> None:
         """Handle one message and send its reply (unless no-reply was asked)."""

@@ -159,10 +159,14 @@ def test_a_model_bug_is_eio_not_a_crash(harness: Harness) -> None:
     def boom(offset: int, count: int) -> bytes:
         raise ZeroDivisionError("model bug")
 
-    dev.regions[4] = Region(8, read=boom)
+    def boom_write(offset: int, data: bytes) -> None:
+        raise TypeError("model bug")
+
+    dev.regions[4] = Region(8, read=boom, write=boom_write)
     c = harness.connect()
     c.negotiate()
     assert c.err(p.RegionRead(4, 0, 4)) == errno.EIO
+    assert c.err(p.RegionWrite(4, 0, 4, b"abcd")) == errno.EIO  # the hot path too
     c.region_write(2, 0, b"ok")
     assert harness.finish(c)
 

@@ -268,6 +268,11 @@ class Session:
                     except DmaError as e:
                         self._error(h, e)
                         return
+                    except Disconnect:
+                        raise
+                    except Exception as e:  # a bug in the model: EIO, as below
+                        self._error(h, fail(errno.EIO, f"REGION_WRITE: the device model raised {e!r}"))
+                        return
                     if not h.no_reply:
                         self.send(_HDR.pack(h.msg_id, h.cmd, 32, _REPLY, 0) + body[:16])
                     return

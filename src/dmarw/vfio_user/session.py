@@ -219,14 +219,21 @@ class Session:
     def run(self) -> bool:
         """Serve until the client goes; True if it left cleanly (no fatal error)."""
         dev = self.device
+        ticked = False
         try:
             while True:
                 if self._dead is not None:
                     raise self._dead
                 deadline = dev.deadline() if self.negotiated else None
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if timeout == 0.0 and not ticked:  # a due timer goes first...
+                    ticked = True
+                    self._tick()
+                    continue
+                ticked = False  # ...but one message is served between two ticks
                 msg = self._next(timeout)
                 if msg is None:
+                    ticked = True
                     self._tick()
                     continue
                 self.handle(msg)

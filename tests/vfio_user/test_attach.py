@@ -14,6 +14,8 @@ import pytest
 
 from dmarw.vfio_user import protocol as P
 
+peer_build = peer.peer_build  # the session fixture (this folder has no conftest)
+
 pytestmark = pytest.mark.timeout(60)
 
 

@@ -28,6 +28,8 @@ from dmarw.vfio_user import Client
 from dmarw.vfio_user import protocol as P
 from dmarw.vfio_user.client import region_flag_names
 
+peer_build = peer.peer_build  # the session fixture (this folder has no conftest)
+
 pytestmark = pytest.mark.timeout(120)
 
 CLI = "import sys; from dmarw.cli import main; sys.exit(main())"

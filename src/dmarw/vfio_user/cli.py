@@ -17,7 +17,13 @@ def _sample() -> Device:
     return SampleDevice()
 
 
-DEVICES: dict[str, Callable[[], Device]] = {"sample": _sample}
+def _gpu() -> Device:
+    from .gpu import GpuVfioDevice
+
+    return GpuVfioDevice()
+
+
+DEVICES: dict[str, Callable[[], Device]] = {"sample": _sample, "gpu": _gpu}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

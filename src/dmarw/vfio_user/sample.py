@@ -6,10 +6,11 @@ mmap-able); one INTx; migration with PRE_COPY.
 
 BAR0: a write of a ``time_t`` (only offset 0, 8 bytes) while RUNNING arms a timer for that
 wall-clock second; a read returns the seconds since the stored value.  When the timer
-fires the device raises INTx and does its DMA: through its mapping, 4 KiB written to the
-client's second DMA region in 1 KiB pieces and read back in 2 KiB pieces; then the same on
-the first region with DMA_WRITE/DMA_READ messages (4 of each at the client's 1 KiB
-``max_data_xfer_size``).  Both must read back what was written.
+fires (it waits while the device is not RUNNING) the device raises INTx and does its DMA:
+through its mapping, 4 KiB written to the client's second DMA region in 1 KiB pieces and
+read back in 2 KiB pieces; then the same on the first region with DMA_WRITE/DMA_READ
+messages (4 of each at the client's 1 KiB ``max_data_xfer_size``).  Both must read back
+what was written.
 
 Migration data: in PRE_COPY the BAR1 contents; in STOP_COPY BAR1 then BAR0's value; the
 destination (RESUMING) takes the same 12 KiB + 8 bytes and, on RUNNING, re-arms the timer
@@ -68,7 +69,10 @@ class SampleDevice(Device):
 
     # -- the timer: INTx, then DMA ------------------------------------------------------------
     def deadline(self) -> float | None:
-        return self.timer
+        # only while RUNNING: in PRE_COPY the client is busy reading migration data and a
+        # DMA message then would interleave with its replies (STOP_COPY drops the timer,
+        # the destination re-arms it)
+        return self.timer if self.migration.state == MigState.RUNNING else None
 
     def tick(self) -> None:
         self.timer = None

@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from .server import Server
 
 RECV_SIZE = 1 << 18
+# plain ints: the socket module's flags are IntFlag members, whose operators run Python code
+_CTRUNC = int(socket.MSG_CTRUNC)
+_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
 _ACCESS = p.ACCESS
 _REPLY = p.F_TYPE_REPLY
 _HDR = p.HEADER
@@ -62,6 +66,8 @@ class Session:
         self.mem: ClientMemory | None = None
         self._ids = itertools.count(1)
         self._rbuf = bytearray(RECV_SIZE)
+        self._rbufs = [self._rbuf]
+        self._rview = memoryview(self._rbuf)
         self._anc = socket.CMSG_SPACE(p.MAX_MSG_FDS * 4)
         self.errors: list[str] = []
         self.handled = 0
@@ -92,20 +98,23 @@ class Session:
         if timeout is not None and not _poll_in(self.fd, timeout):
             return
         try:
-            n, anc, flags, _ = self.sock.recvmsg_into([self._rbuf], self._anc, socket.MSG_CMSG_CLOEXEC)
+            n, anc, flags, _ = self.sock.recvmsg_into(self._rbufs, self._anc, _CLOEXEC)
         except ConnectionResetError:
             n, anc, flags = 0, [], 0
+        if not anc and not flags:  # the common case: bytes only
+            self.conn.receive_data(self._rview[:n].tobytes())
+            return
         fds: list[int] = []
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 a = array.array("i")
                 a.frombytes(data[: len(data) - len(data) % a.itemsize])
                 fds.extend(a)
-        if flags & socket.MSG_CTRUNC:
+        if flags & _CTRUNC:
             for fd in fds:
                 os.close(fd)
             raise Disconnect(False, "more fds than one message may carry")
-        self.conn.receive_data(bytes(memoryview(self._rbuf)[:n]), fds)
+        self.conn.receive_data(self._rview[:n].tobytes(), fds)
 
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
         """Send one message; a client that has not read it after ``io_timeout`` is dropped."""
@@ -114,7 +123,7 @@ class Session:
             if fds:
                 sent = self.sock.sendmsg([view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
             else:
-                sent = self.sock.send(view, socket.MSG_DONTWAIT)
+                sent = self.sock.send(view, _DONTWAIT)
         except BlockingIOError:
             sent = 0
         except (BrokenPipeError, ConnectionResetError) as e:
@@ -127,7 +136,7 @@ class Session:
             if left <= 0 or not _poll_out(self.fd, left):
                 raise Disconnect(False, f"the client has not read a reply for {self.server.io_timeout:g} s")
             try:
-                sent += self.sock.send(view[sent:], socket.MSG_DONTWAIT)
+                sent += self.sock.send(view[sent:], _DONTWAIT)
             except BlockingIOError:
                 continue
             except (BrokenPipeError, ConnectionResetError) as e:

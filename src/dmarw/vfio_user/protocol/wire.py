@@ -214,6 +214,10 @@ class Message:
         self.fds = [fd for fd in self.fds if fd in keep]
 
 
+_unpack_header = HEADER.unpack_from
+_GOOD_FLAGS = F_KNOWN
+
+
 def parse_header(data: bytes | bytearray | memoryview, *, max_size: int = MAX_MSG_SIZE) -> Header:
     """The header at the start of ``data``; framing rules checked (fatal on violation)."""
     if len(data) < HEADER_SIZE:
@@ -276,7 +280,10 @@ class Connection:
                 raise perr(errno.ECONNRESET, f"peer closed inside a header ({avail} bytes)", fatal=True)
             return None
         start = self._pos
-        h = parse_header(memoryview(self._buf)[start : start + HEADER_SIZE], max_size=self.max_msg_size)
+        msg_id, cmd, size, flags, error = _unpack_header(self._buf, start)
+        if size < HEADER_SIZE or size > self.max_msg_size or flags & ~_GOOD_FLAGS or flags & F_TYPE_MASK > 1:
+            parse_header(self._buf[start : start + HEADER_SIZE], max_size=self.max_msg_size)  # raises
+        h = Header(msg_id, cmd, size, flags, error)
         if avail < h.size:
             if self.eof:
                 raise perr(errno.ECONNRESET, f"msg {h.msg_id:#x}: peer closed after {avail} of {h.size:#x} bytes", fatal=True)

@@ -120,7 +120,10 @@ def _serve(tmp_path: Path, name: str) -> tuple[list[str], Path]:
     return [sys.executable, "-c", CLI, "serve", "--once", "--device", "gpu", str(sock)], sock
 
 
-def test_guest_with_its_device_in_another_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("post", [False, True], ids=["writes-waited", "writes-posted"])
+def test_guest_with_its_device_in_another_process(tmp_path: Path, post: bool) -> None:
+    """``post``: the guest's stores go NO_REPLY, as QEMU posts BAR writes of a device with
+    no mmap-able region; a later load still sees them (the server handles in order)."""
     params = Params(seed=7, commands=60, ram_size=4 << 20, batch=4, probes=4)
     want = model_run(params)
     cmd, sock = _serve(tmp_path, "gpu")
@@ -128,7 +131,7 @@ def test_guest_with_its_device_in_another_process(tmp_path: Path) -> None:
     try:
         with peer.running(cmd, log=tmp_path / "serve.log") as srv:
             peer.wait_for_socket(sock, srv, timeout=30)
-            dev = RemoteDevice(g.vm, sock, gpa=MMIO_GPA)
+            dev = RemoteDevice(g.vm, sock, gpa=MMIO_GPA, post=post)
             assert dev.client.mappings() == [(0, params.ram_size, True)]
             assert g.run() == "hlt"
             result = g.port.result

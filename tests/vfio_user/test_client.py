@@ -137,6 +137,26 @@ def test_no_reply_times_out(tmp_path: Path) -> None:
     t.join(5)
 
 
+def test_a_server_that_stops_reading_cannot_block_a_send(tmp_path: Path) -> None:
+    done = threading.Event()
+
+    def script(p: Peer) -> None:
+        m = p.recv()
+        assert m is not None
+        p.reply(m, P.Version(0, 2, {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20}).encode()[0])
+        done.wait(10)  # and never read again
+
+    path, t, _ = serve(tmp_path, script)
+    with Client(path, timeout=0.5) as c:
+        with pytest.raises(DmaError) as e:
+            for _ in range(64):  # until the socket buffers are full
+                c.region_write(0, 0, bytes(1 << 20), post=True)
+        assert e.value.errno == errno.ETIMEDOUT and "read nothing" in str(e.value)
+        assert not c.connected
+    done.set()
+    t.join(5)
+
+
 def test_disconnect_mid_request_fails_the_waiter(tmp_path: Path) -> None:
     def script(p: Peer) -> None:
         p.negotiate()

@@ -100,6 +100,9 @@ class Client:
         self.path = os.fspath(path)
         self.timeout = timeout
         self._sock = self._connect(self.path, timeout if connect_timeout is None else connect_timeout)
+        # A send that cannot complete in ``timeout`` (a server that stopped reading: both sides
+        # blocked writing) fails instead of hanging; the reader simply waits again.
+        self._sock.settimeout(timeout)
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()
         self._pending: dict[int, _Waiter] = {}
@@ -150,10 +153,7 @@ class Client:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self._shutdown()
         if threading.current_thread() is not self._reader:
             self._reader.join(timeout=self.timeout)
         self._sock.close()
@@ -211,8 +211,18 @@ class Client:
                 sent = self._sock.sendmsg([data], anc)
                 if sent < len(data):  # the rest, without the fds
                     self._sock.sendall(memoryview(data)[sent:])
+            except TimeoutError:
+                self._dead = f"{_name(cmd)}: the server read nothing for {self.timeout:g} s"
+                self._shutdown()  # part of a message may be out: the stream is lost
+                raise fail(errno.ETIMEDOUT, self._dead) from None
             except OSError as e:
                 raise fail(e.errno or errno.EIO, f"{_name(cmd)}: send failed: {e.strerror}") from None
+
+    def _shutdown(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def request(self, payload: P.Payload, *, what: str = "", timeout: float | None = None) -> P.Payload:
         """Send one request; its decoded reply (``DmaError`` with the server's errno on an
@@ -268,7 +278,12 @@ class Client:
         why = "server closed the connection"
         try:
             while True:
-                data, anc, _flags, _ = self._sock.recvmsg(1 << 16, socket.CMSG_SPACE(4 * 253))
+                try:
+                    data, anc, _flags, _ = self._sock.recvmsg(1 << 16, socket.CMSG_SPACE(4 * 253))
+                except TimeoutError:
+                    if self._closed or self._dead:
+                        break
+                    continue  # idle: nothing from the server for a while
                 fds: list[int] = []
                 for level, kind, cdata in anc:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

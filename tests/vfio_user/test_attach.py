@@ -14,6 +14,8 @@ import pytest
 
 from dmarw.vfio_user import protocol as P
 
+peer_build = peer.peer_build  # the session fixture (this folder has no conftest)
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -125,3 +127,20 @@ def test_attach_bad_input_is_one_line(tmp_path: Path) -> None:
 def test_attach_bad_arguments(tmp_path: Path, args: list[str]) -> None:
     r = attach(str(tmp_path / "s.sock"), *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("device, ids", [("sample", "dead:beef subsystem cafe:babe"),
+                                         ("gpu", "4744:5550 subsystem 4744:5550")])
+def test_attach_reports_dmarw_serve(tmp_path: Path, device: str, ids: str) -> None:
+    sock = tmp_path / f"{device}.sock"
+    cli = "import sys; from dmarw.cli import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", cli, "serve", "--once", "--device", device, str(sock)]
+    with peer.running(cmd, log=tmp_path / "log") as srv:
+        peer.wait_for_socket(sock, srv, timeout=30)
+        r = attach(str(sock), "--json")
+        assert srv.wait(timeout=20) == 0, (tmp_path / "log").read_text()
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["ok"] and doc["dma"]["fd"]
+    p = doc["pci"]
+    assert f"{p['vendor']:04x}:{p['device']:04x} subsystem {p['subsystem_vendor']:04x}:{p['subsystem']:04x}" == ids

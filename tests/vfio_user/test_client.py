@@ -137,6 +137,26 @@ def test_no_reply_times_out(tmp_path: Path) -> None:
     t.join(5)
 
 
+def test_a_server_that_stops_reading_cannot_block_a_send(tmp_path: Path) -> None:
+    done = threading.Event()
+
+    def script(p: Peer) -> None:
+        m = p.recv()
+        assert m is not None
+        p.reply(m, P.Version(0, 2, {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20}).encode()[0])
+        done.wait(10)  # and never read again
+
+    path, t, _ = serve(tmp_path, script)
+    with Client(path, timeout=0.5) as c:
+        with pytest.raises(DmaError) as e:
+            for _ in range(64):  # until the socket buffers are full
+                c.region_write(0, 0, bytes(1 << 20), post=True)
+        assert e.value.errno == errno.ETIMEDOUT and "read nothing" in str(e.value)
+        assert not c.connected
+    done.set()
+    t.join(5)
+
+
 def test_disconnect_mid_request_fails_the_waiter(tmp_path: Path) -> None:
     def script(p: Peer) -> None:
         p.negotiate()
@@ -292,3 +312,101 @@ def test_connect_to_nothing_is_one_error(tmp_path: Path) -> None:
     with pytest.raises(DmaError) as e:
         Client(tmp_path / "none.sock", timeout=0.2)
     assert e.value.errno == errno.ENOENT and "none.sock" in str(e.value)
+
+
+# -- the client's DMA serving against a model ---------------------------------------------
+MAPS = [  # iova, size, prot, with_fd
+    (0x1000, 0x2000, P.DMA_READ_FLAG | P.DMA_WRITE_FLAG, False),
+    (0x8000, 0x1000, P.DMA_READ_FLAG, False),
+    (0x10000, 0x1000, P.DMA_READ_FLAG | P.DMA_WRITE_FLAG, True),
+]
+XFER = 4096
+
+
+def _expect(iova: int, count: int, write: bool) -> int:
+    """The errno the client must answer with (0: served), by the rules it follows."""
+    if count > XFER:
+        return errno.E2BIG
+    m = next((m for m in MAPS if m[0] <= iova and iova + count <= m[0] + m[1]), None)
+    if m is None:
+        return errno.EFAULT
+    if write and not m[2] & P.DMA_WRITE_FLAG:
+        return errno.EPERM
+    return 0
+
+
+def test_dma_serving_matches_a_model(tmp_path: Path) -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    path = tmp_path / "model.sock"
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(str(path))
+    lsock.listen(1)
+    lsock.settimeout(10)
+    holder: list[Peer] = []
+
+    def setup() -> None:  # negotiation and the DMA_MAPs; then the test drives this end
+        conn, _ = lsock.accept()
+        conn.settimeout(10)
+        p = Peer(conn)
+        m = p.recv()
+        assert m is not None
+        p.reply(m, P.Version(0, 2, {"max_msg_fds": 8, "max_data_xfer_size": XFER}).encode()[0])
+        for _ in MAPS:
+            m = p.recv()
+            assert m is not None and m.header.cmd == P.Command.DMA_MAP
+            m.close_fds()
+            p.reply(m)
+        holder.append(p)
+
+    t = threading.Thread(target=setup, daemon=True)
+    t.start()
+    space = AddressSpace()
+    model = {iova: bytearray(size) for iova, size, _p, _f in MAPS}
+    hvas = {}
+    written: set[int] = set()
+    try:
+        with Client(path, timeout=5) as c:
+            for iova, size, prot, with_fd in MAPS:
+                hvas[iova] = space.mmap(size, backing="memfd" if with_fd else "anon")
+                c.dma_map(iova, size, space, hvas[iova], with_fd=with_fd, prot=prot)
+            t.join(10)
+            p = holder[0]
+            edges = sorted({x for iova, size, _p, _f in MAPS for x in (iova, iova + size)})
+            addr = st.one_of(st.integers(0, 0x12000), st.sampled_from(edges).flatmap(
+                lambda e: st.integers(max(0, e - 8), e + 8)))
+            op = st.tuples(st.booleans(), addr, st.one_of(st.integers(1, 64), st.integers(1, XFER + 64)))
+            mid = [0x300]
+
+            @settings(max_examples=60, deadline=None)
+            @given(st.lists(op, min_size=1, max_size=8), st.randoms(use_true_random=False))
+            def run(ops: list[tuple[bool, int, int]], rnd: object) -> None:
+                for write, iova, count in ops:
+                    data = bytes(rnd.getrandbits(8) for _ in range(count)) if write else b""  # type: ignore[attr-defined]
+                    cmd = P.Command.DMA_WRITE if write else P.Command.DMA_READ
+                    mid[0] = (mid[0] + 1) & 0xFFFF
+                    p.request(mid[0], cmd, struct.pack("<QQ", iova, count) + data)
+                    r = p.recv()
+                    assert r is not None and r.header.msg_id == mid[0] and r.header.is_reply
+                    want = _expect(iova, count, write)
+                    assert r.header.error == want, (write, hex(iova), count)
+                    if want:
+                        assert r.header.is_error and r.body == b""
+                        continue
+                    base = next(m[0] for m in MAPS if m[0] <= iova < m[0] + m[1])
+                    lo = iova - base
+                    if write:
+                        model[base][lo : lo + count] = data
+                        written.update(range(iova // 4096, (iova + count - 1) // 4096 + 1))
+                        assert r.body == struct.pack("<QQ", iova, count)
+                    else:
+                        assert r.body == struct.pack("<QQ", iova, count) + bytes(model[base][lo : lo + count])
+
+            run()
+            for iova, size, _p, _f in MAPS:
+                assert space.read(hvas[iova], size) == bytes(model[iova])
+            assert c.take_message_dirty() == written
+    finally:
+        space.close()
+        lsock.close()

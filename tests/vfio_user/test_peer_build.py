@@ -7,6 +7,9 @@ from pathlib import Path
 import peer
 import pytest
 
+peer_build = peer.peer_build  # the session fixture (this folder has no conftest)
+
+
 
 def test_missing_source_is_unavailable_not_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -20,6 +20,8 @@ from pathlib import Path
 import peer
 import pytest
 
+peer_build = peer.peer_build  # the session fixture (this folder has no conftest)
+
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(180)]
 
 CLI = "import sys; from dmarw.cli import main; sys.exit(main())"

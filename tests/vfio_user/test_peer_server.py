@@ -28,6 +28,8 @@ from dmarw.vfio_user import Client
 from dmarw.vfio_user import protocol as P
 from dmarw.vfio_user.client import region_flag_names
 
+peer_build = peer.peer_build  # the session fixture (this folder has no conftest)
+
 pytestmark = pytest.mark.timeout(120)
 
 CLI = "import sys; from dmarw.cli import main; sys.exit(main())"
@@ -85,7 +87,7 @@ def _offer_dma(c: Client, space: AddressSpace, base: int) -> tuple[int, int]:
 def _device_dmas(c: Client, space: AddressSpace, h_msg: int, h_fd: int, irq: int) -> None:
     """Arm the timer, take the interrupt, see the device's DMA in both mappings."""
     before = dict(c.dma_requests)
-    _arm(c, 1)
+    _arm(c, 2)  # whole seconds: +1 could land on the server's "now" across a second boundary
     _wait_irq(irq)
     _wait_until(lambda: c.dma_requests[P.Command.DMA_READ] >= before[P.Command.DMA_READ] + 2,
                 10, "the device's DMA_READ messages")

@@ -56,6 +56,8 @@ import pytest
 from dmarw.vfio_user import protocol as P
 from dmarw.vfio_user.cli import DEVICES
 
+peer_build = peer.peer_build  # the session fixture (this folder has no conftest)
+
 pytestmark = pytest.mark.timeout(60)
 
 CLI = "import sys; from dmarw.cli import main; sys.exit(main())"

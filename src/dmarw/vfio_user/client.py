@@ -1,16 +1,21 @@
 """The VMM side of vfio-user: :class:`Client` drives a device server over a UNIX socket.
 
-One socket, two directions.  The client's requests (VERSION, DMA_MAP, region I/O, ...) are
-sent under ``_send_lock`` and wait for their reply, matched by message id, with a timeout on
-every wait.  The server's requests (DMA_READ / DMA_WRITE, for memory it was offered without
-an fd) arrive at any time; one reader thread receives every message, hands replies to their
-waiters and serves those requests from the client's memory at once, so a server's DMA is
-answered whether or not a client call is in flight.
+One socket, two directions.  The client's requests (VERSION, DMA_MAP, region I/O, ...) wait
+for their reply, matched by message id, with a timeout on every wait.  The server's
+requests (DMA_READ / DMA_WRITE, for memory it was offered without an fd) arrive at any
+time and are served from the client's memory by whichever thread is receiving.
 
-Locks: ``_send_lock`` orders whole messages on the socket; ``_lock`` guards the pending-reply
-table and the DMA map table (held briefly, never across a send or a wait).  A failed call
-raises :class:`~dmarw.DmaError` with the server's errno (or ETIMEDOUT / ECONNRESET) and a
-message naming the command and the address range.
+Receiving is leader/follower: a caller waiting for its reply takes ``_rx_lock`` and reads
+the socket itself (dispatching other callers' replies and serving the server's requests on
+the way), so a round trip costs one thread wake-up; while no caller waits, an idle thread
+polls the socket and takes the lock only to read what has arrived, so a server's DMA is
+answered whether or not a call is in flight.
+
+Locks: ``_send_lock`` orders whole messages on the socket; ``_rx_lock`` is held by the one
+thread reading it; ``_lock`` guards the pending-reply table and the DMA map table (held
+briefly, never across I/O).  A failed call raises :class:`~dmarw.DmaError` with the
+server's errno (or ETIMEDOUT / ECONNRESET / EPROTO) and a message naming the command and
+the address range.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import array
 import bisect
 import errno
 import os
+import select
 import socket
 import struct
 import threading
@@ -100,7 +106,11 @@ class Client:
         self.path = os.fspath(path)
         self.timeout = timeout
         self._sock = self._connect(self.path, timeout if connect_timeout is None else connect_timeout)
+        # A send that cannot complete in ``timeout`` (a server that stopped reading: both sides
+        # blocked writing) fails instead of hanging; the reader simply waits again.
+        self._sock.settimeout(timeout)
         self._send_lock = threading.Lock()
+        self._rx_lock = threading.Lock()
         self._lock = threading.Lock()
         self._pending: dict[int, _Waiter] = {}
         self._next_id = 0
@@ -118,7 +128,7 @@ class Client:
         self.max_msg_fds = max_msg_fds
         self.server_version = (0, 0)
         self.server_caps: dict[str, Any] = {}
-        self._reader = threading.Thread(target=self._read_loop, name="vfio-user-client", daemon=True)
+        self._reader = threading.Thread(target=self._idle_loop, name="vfio-user-client", daemon=True)
         self._reader.start()
         try:
             self._negotiate(version, max_data_xfer_size, max_msg_fds, migration_pgsize, extra_caps)
@@ -150,10 +160,7 @@ class Client:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self._shutdown()
         if threading.current_thread() is not self._reader:
             self._reader.join(timeout=self.timeout)
         self._sock.close()
@@ -211,8 +218,18 @@ class Client:
                 sent = self._sock.sendmsg([data], anc)
                 if sent < len(data):  # the rest, without the fds
                     self._sock.sendall(memoryview(data)[sent:])
+            except TimeoutError:
+                self._dead = f"{_name(cmd)}: the server read nothing for {self.timeout:g} s"
+                self._shutdown()  # part of a message may be out: the stream is lost
+                raise fail(errno.ETIMEDOUT, self._dead) from None
             except OSError as e:
                 raise fail(e.errno or errno.EIO, f"{_name(cmd)}: send failed: {e.strerror}") from None
+
+    def _shutdown(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def request(self, payload: P.Payload, *, what: str = "", timeout: float | None = None) -> P.Payload:
         """Send one request; its decoded reply (``DmaError`` with the server's errno on an
@@ -226,7 +243,7 @@ class Client:
             data, fds = P.encode_request(mid, payload)
             self._send(data, fds, cmd)
             wait = self.timeout if timeout is None else timeout
-            if not w.event.wait(wait):
+            if not self._wait(w, time.monotonic() + wait):
                 raise fail(errno.ETIMEDOUT, f"{_name(cmd)}{what}: no reply after {wait:g} s")
         finally:
             with self._lock:
@@ -264,29 +281,82 @@ class Client:
                 w.lost = why
                 w.event.set()
 
-    def _read_loop(self) -> None:
-        why = "server closed the connection"
+    def _wait(self, w: _Waiter, deadline: float) -> bool:
+        """Until ``w`` has its reply (True) or ``deadline`` (False): read the socket while
+        holding ``_rx_lock``, or, while another thread reads, wait for it to hand the reply
+        over."""
+        while not w.event.is_set():
+            if self._dead is not None or self._closed:  # ended after this request went out
+                w.lost = w.lost or self._dead or "client closed"
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._rx_lock.acquire(timeout=min(left, 0.005)):
+                try:
+                    self._pump(w.event, deadline)
+                finally:
+                    self._rx_lock.release()
+        return True
+
+    def _pump(self, done: threading.Event, deadline: float) -> None:
+        """Receive and dispatch (``_rx_lock`` held) until ``done``, the deadline or the end."""
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        while not done.is_set() and self._dead is None and not self._closed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if poller.poll(min(left, 0.2) * 1000):
+                self._receive()
+
+    def _receive(self) -> None:
+        """One recvmsg (``_rx_lock`` held), its complete messages dispatched; at the end of
+        the connection (EOF, a broken frame, an error) every waiter is failed."""
+        why = ""
         try:
-            while True:
-                data, anc, _flags, _ = self._sock.recvmsg(1 << 16, socket.CMSG_SPACE(4 * 253))
-                fds: list[int] = []
-                for level, kind, cdata in anc:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        a = array.array("i")
-                        a.frombytes(cdata[: len(cdata) - len(cdata) % a.itemsize])
-                        fds.extend(a)
-                self._conn.receive_data(data, fds)
-                while (msg := self._conn.next_message()) is not None:
-                    self._dispatch(msg)
-                if not data:
-                    break
+            data, anc, _flags, _ = self._sock.recvmsg(1 << 16, socket.CMSG_SPACE(4 * 253))
+            fds: list[int] = []
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    a = array.array("i")
+                    a.frombytes(cdata[: len(cdata) - len(cdata) % a.itemsize])
+                    fds.extend(a)
+            self._conn.receive_data(data, fds)
+            while (msg := self._conn.next_message()) is not None:
+                self._dispatch(msg)
+            if not data:
+                why = "server closed the connection"
+        except TimeoutError:
+            return
         except P.ProtocolError as e:
             why = f"server broke the framing: {e.detail}"
         except OSError as e:
             why = f"connection failed: {e.strerror}"
-        for fd in self._conn.leftover_fds():
-            os.close(fd)
-        self._fail_pending(why)
+        if why:
+            for fd in self._conn.leftover_fds():
+                os.close(fd)
+            self._fail_pending(why)
+            self._shutdown()
+
+    def _idle_loop(self) -> None:
+        """While no caller reads: poll, and read what arrives (the server's own requests)."""
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        while self._dead is None and not self._closed:
+            try:
+                if not poller.poll(50):
+                    continue
+            except OSError:
+                return
+            if self._rx_lock.acquire(blocking=False):
+                try:
+                    if self._dead is None and not self._closed and poller.poll(0):
+                        self._receive()
+                finally:
+                    self._rx_lock.release()
+            else:  # a caller is reading: it serves what came
+                time.sleep(0.002)
 
     def _dispatch(self, msg: P.Message) -> None:
         if msg.header.is_reply:

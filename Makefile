@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test lint bench clean asan
+.PHONY: demo test lint bench clean asan peer-deps
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,8 +24,9 @@ $(TEST_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(BIN)/dmarw demo
 
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) peer-deps
 	@$(BIN)/python -c "import dmarw._native as n; assert n.__file__" || { echo "the native core did not build (see pip's output above)"; exit 1; }
+	@$(BIN)/python -c "import dmarw._vmm" || { echo "the native vCPU loop dmarw._vmm did not build (see pip's output above)"; exit 1; }
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
@@ -57,3 +58,22 @@ asan: $(TEST_STAMP)
 	  ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
 	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  $(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# The Debian packages that build the vfio-user peer (libvfio-user, in ../shared/peers), which
+# the interop tests build in a scratch folder.  Installed only when missing; apt-get update
+# runs once, first.  Without root or apt this says so loudly and goes on: the peer tests then
+# skip, each saying why.
+PEER_DEBS := meson ninja-build pkg-config libjson-c-dev libcmocka-dev
+peer-deps:
+	@missing=""; for p in $(PEER_DEBS); do \
+	  dpkg -s $$p 2>/dev/null | grep -q '^Status: install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then echo "peer build tools present: $(PEER_DEBS)"; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "*** WARNING: cannot install$$missing (needs root and apt-get): the vfio-user peer tests will skip ***"; \
+	else \
+	  echo "installing the peer build tools:$$missing"; \
+	  { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends $$missing >/dev/null; } \
+	  || echo "*** WARNING: apt-get could not install$$missing: the vfio-user peer tests will skip ***"; \
+	fi

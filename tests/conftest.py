@@ -164,7 +164,7 @@ def make_bitmap(bitmap_kind: str) -> Callable[[], Any]:
 # -- benchmarks as modules ------------------------------------------------------------------
 
 
-def load_bench(name: str) -> Any:
+def _load_bench(name: str) -> Any:
     """Import ``bench/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
     import importlib.util
     import sys
@@ -177,6 +177,13 @@ def load_bench(name: str) -> Any:
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture
+def load_bench() -> Callable[[str], Any]:
+    """``load_bench(name)``: bench/<name>.py as a module (a fixture: a sub-folder's own
+    conftest.py shadows this one's module name on the import path)."""
+    return _load_bench
 
 
 # -- markers of tests that need the machine: counted at the end of the run -------------------

@@ -229,11 +229,10 @@ def test_cycles_and_timer_overhead_are_reported() -> None:
     assert lockstat.timer_overhead_ns(101) >= 0
 
 
-def test_bench_lockstat_overhead_runs_and_writes_json(tmp_path: Any) -> None:
+def test_bench_lockstat_overhead_runs_and_writes_json(tmp_path: Any, load_bench: Any) -> None:
     """A tiny run of bench/lockstat_overhead.py (its numbers are not asserted, only its shape)."""
     import json
 
-    from conftest import load_bench
 
     mod = load_bench("lockstat_overhead")
     out = tmp_path / "overhead.json"

@@ -28,6 +28,7 @@ from .vfio import (
     vfio_pin_pages,
     vfio_unpin_pages,
 )
+from .vmm import KvmVm
 
 if TYPE_CHECKING:
     from .vfio import vfio_dma_rw
@@ -50,6 +51,7 @@ __all__ = [
     "DmaError",
     "ExternalUser",
     "Group",
+    "KvmVm",
     "Prot",
     "Vm",
     "bitmap_pages",

@@ -675,11 +675,10 @@ def test_random_walk_keeps_references_consistent(
 # -- the benchmark's paths are the real ones and agree with each other ---------------------------
 
 
-def test_bench_paths_runs_every_path_and_writes_json(tmp_path: Any) -> None:
+def test_bench_paths_runs_every_path_and_writes_json(tmp_path: Any, load_bench: Any) -> None:
     """A tiny run of bench/paths.py: every path reads what every other wrote; JSON schema."""
     import json
 
-    from conftest import load_bench
 
     mod = load_bench("paths")
     out = tmp_path / "paths.json"

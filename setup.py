@@ -54,13 +54,16 @@ EXTENSIONS = [
 
 BANNER = """
 {rule}
-WARNING: the native core of dmarw ({name}) could not be built:
+WARNING: dmarw's extension {name} could not be built:
   {error}
-dmarw is installed and runs on the pure-Python core, about 7x slower per access.
+{what}
 Install a C compiler and the Python headers (e.g. apt-get install gcc python3-dev),
 then reinstall: pip install -e .
 {rule}
 """
+MISSING = {  # what an optional extension's absence means
+    "dmarw._native": "The native core is missing: dmarw runs on the pure-Python core, about 7x slower per access.",
+}
 
 
 def _shout(text: str) -> None:
@@ -98,7 +101,8 @@ class BuildExt(build_ext):
         self._missing: list[tuple[str, str]] = []
         super().run()
         for name, error in self._missing:
-            _shout(BANNER.format(rule="!" * 78, name=name, error=error))
+            what = MISSING.get(name, "dmarw is installed without it.")
+            _shout(BANNER.format(rule="!" * 78, name=name, error=error, what=what))
         _build_guest(self)
 
     def build_extension(self, ext: Extension) -> None:

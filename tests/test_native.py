@@ -17,8 +17,7 @@ import threading
 from typing import Any
 
 import pytest
-
-from conftest import NATIVE_MISSING  # noqa: E402
+from cores import NATIVE_MISSING  # noqa: E402
 
 if NATIVE_MISSING is not None:
     pytest.skip(NATIVE_MISSING, allow_module_level=True)

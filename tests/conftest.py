@@ -3,9 +3,10 @@
 * ``core``: the contract suites under ``tests/contract/`` run once per available core
   ("python" always, "native" when ``dmarw._native`` is built; if it is not, the native runs
   are skipped with the import error as the reason).  A suite never names a class of a core:
-  it builds its objects through :func:`new_container` / :func:`new_vm` / :func:`new_group`
-  (or the fixtures ``make_container`` / ``make_vm`` / ``make_group`` bound to ``core``), so
-  this file is the one place that knows how a core's objects are made.
+  it builds its objects through the fixtures ``make_container`` / ``make_vm`` /
+  ``make_group`` bound to ``core`` (or ``cores.new_container`` / ``new_vm`` / ``new_group``
+  where a fixture cannot reach), so ``tests/cores.py`` is the one place that knows how a
+  core's objects are made.
 * ``container_kwargs``: one per lock strategy × mm-ref mode.
 * ``bitmap_kind`` / ``make_bitmap``: every dirty bitmap implementation.
 * Markers of tests that need something of the machine (registered in ``pyproject.toml``):
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -40,47 +41,8 @@ def container_kwargs(request: pytest.FixtureRequest) -> dict[str, str]:
     return dict(request.param)
 
 
-# -- the cores ------------------------------------------------------------------------------
-
-
-def _native_missing() -> str | None:
-    """Why the native core cannot run here, or None when it can."""
-    import importlib.machinery
-
-    try:
-        import dmarw._native as ext
-    except ImportError as e:
-        return f"the native core dmarw._native is not built ({e}); run `pip install -e .` with a C compiler"
-    origin = getattr(ext, "__file__", None) or ""
-    if not origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):  # e.g. only the C sources
-        return "the native core dmarw._native is not built (no extension module); run `pip install -e .` with a C compiler"
-    return None
-
-
-NATIVE_MISSING = _native_missing()
-CORES = [
-    pytest.param("python", id="python"),
-    pytest.param(
-        "native",
-        id="native",
-        marks=pytest.mark.skipif(NATIVE_MISSING is not None, reason=str(NATIVE_MISSING)),
-    ),
-]
-
-
-def new_container(core: str, **kwargs: Any) -> dmarw.Container:
-    """A container of ``core`` (``lock=``, ``mm_ref=``, ``pgsize=`` as the API takes them)."""
-    return dmarw.Container(core=core, **kwargs)
-
-
-def new_vm(space: dmarw.AddressSpace, core: str) -> dmarw.Vm:
-    """A VM of ``core`` over ``space``."""
-    return dmarw.Vm(space, core=core)
-
-
-def new_group(name: str, core: str) -> dmarw.Group:
-    """A VFIO group of ``core``."""
-    return dmarw.Group(name, core=core)
+# -- the cores (the helpers live in tests/cores.py) ----------------------------------------
+from cores import BITMAP_KINDS, CORES, new_bitmap, new_container, new_group, new_vm  # noqa: E402
 
 
 @pytest.fixture(params=CORES)
@@ -105,47 +67,6 @@ def make_vm(core: str) -> Callable[[dmarw.AddressSpace], dmarw.Vm]:
 def make_group(core: str) -> Callable[[str], dmarw.Group]:
     """``make_group(name)``: a group of the core under test."""
     return lambda name: new_group(name, core)
-
-
-# -- the dirty bitmaps ----------------------------------------------------------------------
-
-BITMAP_PAGES = 1 << 15  # pages of the fixed-size (native) bitmap: more than any test marks
-
-
-def new_bitmap(kind: str, pages: Iterable[int] = ()) -> Any:
-    """A dirty bitmap of ``kind`` holding ``pages``."""
-    from dmarw.bitmap import NO_DIRTY, DirtyBitmap, NoDirty
-
-    if kind == "DirtyBitmap":
-        return DirtyBitmap(pages)
-    if kind == "NoDirty":
-        assert not list(pages)
-        return NoDirty()
-    if kind == "NO_DIRTY":
-        assert not list(pages)
-        return NO_DIRTY
-    if kind == "native":
-        from dmarw.native import NativeDirtyBitmap
-
-        return NativeDirtyBitmap(BITMAP_PAGES, pages)
-    raise AssertionError(kind)
-
-
-def _native_param(value: str) -> Any:
-    return pytest.param(
-        value,
-        id=value,
-        marks=pytest.mark.skipif(NATIVE_MISSING is not None, reason=str(NATIVE_MISSING)),
-    )
-
-
-BITMAP_KINDS = [
-    pytest.param("DirtyBitmap", id="DirtyBitmap"),
-    pytest.param("NoDirty", id="NoDirty"),
-    pytest.param("NO_DIRTY", id="NO_DIRTY"),
-    _native_param("native"),
-]
-TRACKING_BITMAP_KINDS = [BITMAP_KINDS[0], BITMAP_KINDS[3]]
 
 
 @pytest.fixture(params=BITMAP_KINDS)

@@ -17,12 +17,10 @@ import threading
 from typing import Any
 
 import pytest
+from cores import NATIVE_MISSING  # noqa: E402
 
-import dmarw.core  # noqa: E402  (not `from conftest import`: a sub-folder's conftest.py can shadow that name)
-
-if not dmarw.core.native_available():
-    pytest.skip("the native core dmarw._native is not built; run `pip install -e .` with a C compiler",
-                allow_module_level=True)
+if NATIVE_MISSING is not None:
+    pytest.skip(NATIVE_MISSING, allow_module_level=True)
 
 from dmarw import AddressSpace, Container, DmaError, Prot, Vm, _native, bitmap_pages, core  # noqa: E402
 from dmarw.bitmap import DirtyBitmap, bitmap_bytes, to_bytes  # noqa: E402

@@ -9,7 +9,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from conftest import new_container, new_group, new_vm
+from cores import new_container, new_group, new_vm
+
 from dmarw import AddressSpace, Container, ExternalUser, Group, Prot, Vm
 
 P = 4096

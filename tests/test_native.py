@@ -17,6 +17,7 @@ import threading
 from typing import Any
 
 import pytest
+
 from cores import NATIVE_MISSING  # noqa: E402
 
 if NATIVE_MISSING is not None:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 import world
-from cores import NATIVE_MISSING
 from world import World, build_world, close_world
 
+from cores import NATIVE_MISSING
 from dmarw import AddressSpace, DmaError, Prot, vfio_dma_rw, vfio_pin_pages
 
 P, TOP, RO_IOVA, WO_IOVA, HOST = world.P, world.TOP, world.RO_IOVA, world.WO_IOVA, world.HOST

@@ -13,10 +13,10 @@ import threading
 from collections.abc import Callable
 
 import pytest
-from cores import TRACKING_BITMAP_KINDS, new_bitmap
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cores import TRACKING_BITMAP_KINDS, new_bitmap
 from dmarw import bitmap_pages
 from dmarw.bitmap import (
     NO_DIRTY,

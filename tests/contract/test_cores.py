@@ -18,9 +18,9 @@ import sys
 from collections.abc import Callable
 
 import pytest
-from cores import NATIVE_MISSING
 
 import dmarw
+from cores import NATIVE_MISSING
 from dmarw import PAGE_SIZE, AddressSpace, Container, DmaError, Group, Vm
 
 

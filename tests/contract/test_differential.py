@@ -12,10 +12,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from cores import NATIVE_MISSING, new_container, new_vm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cores import NATIVE_MISSING, new_container, new_vm
 from dmarw import AddressSpace, DmaError, Prot
 
 pytestmark = pytest.mark.skipif(NATIVE_MISSING is not None, reason=str(NATIVE_MISSING))

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cores import new_container, new_group, new_vm
-
 from dmarw import AddressSpace, Container, ExternalUser, Group, Prot, Vm
 
 P = 4096

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from . import __version__, demo
+from .errors import DmaError
 from .guest import cli as guest_cli
 from .lab import cli as lab_cli
 from .migration import cli as migration_cli
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line(err: BaseException) -> str:
     """An error as one line: OSError's ``strerror: filename`` form, else its text."""
-    if isinstance(err, OSError) and not err.__class__.__name__ == "DmaError" and err.filename is not None:
+    if isinstance(err, OSError) and not isinstance(err, DmaError) and err.filename is not None:
         text = f"{err.strerror}: {err.filename}"
     else:
         text = str(err) or err.__class__.__name__

@@ -8,6 +8,7 @@ runs on the pure-Python core (``DMARW_CORE=native`` then fails loudly at import)
 
 from __future__ import annotations
 
+import glob
 import os
 
 from setuptools import Extension, setup
@@ -30,7 +31,9 @@ setup(
         # the vCPU exit loop of dmarw.vmm (optional too: without it KvmVm reports EOPNOTSUPP)
         Extension(
             "dmarw._vmm",
-            sources=["src/dmarw/vmm/_vmm.c"],
+            sources=sorted(glob.glob("src/dmarw/_vmm/*.c")),
+            depends=["src/dmarw/_vmm/vmm.h"],
+            include_dirs=["src/dmarw/_vmm"],
             extra_compile_args=CFLAGS,
             extra_link_args=LDFLAGS,
             optional=os.environ.get("DMARW_SANITIZE") != "1",

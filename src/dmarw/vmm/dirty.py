@@ -10,12 +10,14 @@ it reported, so a page stored to again after the harvest is reported by the next
 - ``ring``: ``KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]``: each vCPU has a ring of (slot, page)
   entries; a harvest walks every ring (``dmarw._vmm.ring_harvest``) into per-slot pending
   bitmaps, hands the entries back and issues ``KVM_RESET_DIRTY_RINGS``; a vCPU whose ring
-  fills exits with ``KVM_EXIT_DIRTY_RING_FULL`` and its ``run()`` harvests and resumes.
+  fills exits with ``KVM_EXIT_DIRTY_RING_FULL`` and its ``run()`` harvests and resumes;
+  the exit loop also harvests before KVM_RUN whenever the ring is half full.
 
 Ring overrun: KVM asks a vCPU to exit once its ring holds ``entries - 64`` entries, and a
 hypervisor that emulates guest instructions in batches (PVM does, ``pvm_emul_batch``)
 can push more than those 64 before the exit; a full ring is overwritten and pages are
-lost.  A harvest that finds the whole ring dirty, or a ring-full exit with nothing to
+lost.  Harvesting at half full before each KVM_RUN keeps that room in practice; a harvest
+that still finds the whole ring dirty, or a ring-full exit with nothing to
 harvest, is that overrun: it raises ``DmaError(EOVERFLOW)`` (from ``run()`` or
 ``get_dirty_log``) and the ring mode stays failed, rather than under-report.
 
@@ -30,6 +32,7 @@ import ctypes as C
 import errno
 import mmap
 import threading
+from array import array
 from typing import Any
 
 from ..bitmap import bitmap_bytes
@@ -61,8 +64,9 @@ class DirtyMode:
     def enable(self) -> None:
         pass
 
-    def add_vcpu(self, vcpu_fd: int) -> None:
-        pass
+    def add_vcpu(self, vcpu_fd: int) -> tuple[int, int, array[int]] | None:
+        """Set up a new vCPU's part; the ring's (address, entries, fetch) for the exit loop."""
+        return None
 
     def ring_full(self) -> Any:
         """The callable the exit loop runs on KVM_EXIT_DIRTY_RING_FULL (None: not a ring)."""
@@ -118,7 +122,8 @@ class RingMode(DirtyMode):
         super().__init__(kvm, vm_fd)
         self.entries = entries or 0  # 0: the default, set by enable()
         self.acq_rel = False
-        self._rings: list[tuple[mmap.mmap, int, list[int]]] = []  # (map, address, [fetch])
+        # (map, address, fetch): fetch is a one-u64 array the exit loop reads too
+        self._rings: list[tuple[mmap.mmap, int, array[int]]] = []
         self._pending: dict[int, bytearray] = {}
         self._npages: dict[int, int] = {}
         self.harvests = 0
@@ -146,13 +151,15 @@ class RingMode(DirtyMode):
         cap.args[0] = size
         uapi.ioctl(self.vm_fd, uapi.KVM_ENABLE_CAP, cap, f"KVM_ENABLE_CAP DIRTY_LOG_RING {size:#x} bytes")
 
-    def add_vcpu(self, vcpu_fd: int) -> None:
+    def add_vcpu(self, vcpu_fd: int) -> tuple[int, int, array[int]] | None:
         size = self.entries * C.sizeof(uapi.DirtyGfn)
         m = mmap.mmap(vcpu_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                       offset=uapi.DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
         addr = C.addressof(C.c_char.from_buffer(m))
+        fetch = array("Q", [0])
         with self.lock:
-            self._rings.append((m, addr, [0]))
+            self._rings.append((m, addr, fetch))
+        return addr, self.entries, fetch
 
     def track(self, slot: int, npages: int) -> None:
         with self.lock:

@@ -251,9 +251,9 @@ class KvmVm:
             index = len(self._vcpus)
             fd = uapi.ioctl(self.fd, uapi.KVM_CREATE_VCPU, index, f"KVM_CREATE_VCPU {index}")
             try:
+                ring = self.dirty_mode.add_vcpu(fd)
                 loop = _vmm.VcpuLoop(fd, self.kvm.vcpu_mmap_size, self.mmio.native, self.pio.native,
-                                     self.dirty_mode.ring_full())
-                self.dirty_mode.add_vcpu(fd)
+                                     self.dirty_mode.ring_full(), ring)
                 vcpu = Vcpu(self, index, fd, loop, mode)
             except BaseException:
                 os.close(fd)

@@ -284,9 +284,11 @@ static int ring_half_full(VcpuLoop *self)
     return (__atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) & KVM_DIRTY_GFN_F_DIRTY) != 0;
 }
 
-static int harvest_ring(VcpuLoop *self)
+/* ring_full(kvm_full): True for KVM's KVM_EXIT_DIRTY_RING_FULL, False for the loop's own
+ * half-full harvest. */
+static int harvest_ring(VcpuLoop *self, int kvm_full)
 {
-    PyObject *res = PyObject_CallNoArgs(self->ring_full);
+    PyObject *res = PyObject_CallOneArg(self->ring_full, kvm_full ? Py_True : Py_False);
     if (!res)
         return -1;
     Py_DECREF(res);
@@ -300,7 +302,7 @@ static PyObject *loop_common(VcpuLoop *self, int bare)
         return NULL;
     for (;;) {
         if (self->ring_full != Py_None && ring_half_full(self)) {
-            if (harvest_ring(self) < 0)
+            if (harvest_ring(self, 0) < 0)
                 return NULL;
             self->n_ring_early++;
         }
@@ -320,7 +322,7 @@ static PyObject *loop_common(VcpuLoop *self, int bare)
         case KVM_EXIT_DIRTY_RING_FULL:
             if (self->ring_full == Py_None)
                 break;
-            if (harvest_ring(self) < 0)
+            if (harvest_ring(self, 1) < 0)
                 return NULL;
             self->n_ring_full++;
             rc = 1;

@@ -17,8 +17,8 @@ Ring overrun: KVM asks a vCPU to exit once its ring holds ``entries - 64`` entri
 hypervisor that emulates guest instructions in batches (PVM does, ``pvm_emul_batch``)
 can push more than those 64 before the exit; a full ring is overwritten and pages are
 lost.  Harvesting at half full before each KVM_RUN keeps that room in practice; a harvest
-that still finds the whole ring dirty, or a ring-full exit with nothing to
-harvest, is that overrun: it raises ``DmaError(EOVERFLOW)`` (from ``run()`` or
+that still finds the whole ring dirty, or ring-full exits that find every ring empty 8
+times in a row (once can be another thread's harvest in between), is that overrun: it raises ``DmaError(EOVERFLOW)`` (from ``run()`` or
 ``get_dirty_log``) and the ring mode stays failed, rather than under-report.
 
 Locking: ``lock`` serialises harvests (a ring-full exit on a vCPU thread against
@@ -129,6 +129,7 @@ class RingMode(DirtyMode):
         self.harvests = 0
         self.full_exits = 0
         self.overrun: str | None = None
+        self._empty_full_exits = 0  # consecutive ring-full exits that found every ring empty
 
     def enable(self) -> None:
         limit = self.kvm.cap(uapi.CAP_DIRTY_LOG_RING_ACQ_REL)
@@ -191,10 +192,17 @@ class RingMode(DirtyMode):
             raise fail(errno.EOVERFLOW, self.overrun)
         return n
 
-    def _on_full(self) -> None:
+    def _on_full(self, kvm_full: bool = True) -> None:
+        """The exit loop's harvest: on KVM's ring-full exit, or (``kvm_full`` False) its own
+        at half full.  KVM saying full while every ring is empty, again and again (once can
+        be a harvest by another thread in between), means the ring is out of step."""
         with self.lock:
+            n = self._collect()
+            if not kvm_full:
+                return
             self.full_exits += 1
-            if self._collect() == 0:  # KVM says full, the rings say empty: out of step
+            self._empty_full_exits = 0 if n else self._empty_full_exits + 1
+            if self._empty_full_exits >= EMPTY_FULL_EXITS:
                 self.overrun = (
                     f"a dirty ring of {self.entries} entries is out of step with KVM after an "
                     "overrun (dirty pages were lost): use a larger ring_entries or another dirty= mode"
@@ -225,6 +233,7 @@ class RingMode(DirtyMode):
 
 MODES = ("bitmap", "clear", "ring")
 DEFAULT_RING_ENTRIES = 65536  # 1 MiB per vCPU: a 256 MiB working set between harvests
+EMPTY_FULL_EXITS = 8  # ring-full exits in a row with nothing to harvest: out of step
 
 
 def make(name: str, kvm: Kvm, vm_fd: int, ring_entries: int | None) -> DirtyMode:

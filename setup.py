@@ -45,7 +45,9 @@ EXTENSIONS = [
     # the vCPU exit loop of dmarw.vmm (optional too: without it KvmVm reports EOPNOTSUPP)
     Extension(
         "dmarw._vmm",
-        sources=["src/dmarw/vmm/_vmm.c"],
+        sources=sorted(glob.glob("src/dmarw/_vmm/*.c")),
+        depends=["src/dmarw/_vmm/vmm.h"],
+        include_dirs=["src/dmarw/_vmm"],
         extra_compile_args=CFLAGS,
         extra_link_args=LDFLAGS,
         optional=not SANITIZE,

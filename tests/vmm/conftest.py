@@ -27,7 +27,7 @@ def kvm_unusable() -> str | None:
         system()
     except OSError as e:
         return f"KVM unusable: {e}"
-    from kvm_asm import missing_tools
+    from .kvm_asm import missing_tools
 
     missing = missing_tools()
     if missing:
@@ -35,15 +35,21 @@ def kvm_unusable() -> str | None:
     return None
 
 
+_kvm_ids: set[str] = set()  # node ids of the tests marked kvm (by marker, not keyword: a
+# keyword match would also hit every test under a directory named "kvm")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.kvm)
+        if item.get_closest_marker("kvm") is not None:
+            _kvm_ids.add(item.nodeid)
     why = kvm_unusable()
     if why:
         skip = pytest.mark.skip(reason=why)
         for item in items:
-            if "kvm" in item.keywords:
+            if item.nodeid in _kvm_ids:
                 item.add_marker(skip)
 
 
@@ -51,7 +57,7 @@ _counts = {"passed": 0, "failed": 0, "skipped": 0}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if "kvm" not in report.keywords:
+    if report.nodeid not in _kvm_ids:
         return
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         _counts[report.outcome] = _counts.get(report.outcome, 0) + 1

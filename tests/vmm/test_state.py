@@ -9,10 +9,11 @@ import multiprocessing
 import struct
 
 import pytest
-from kvm_guests import COMPUTE, RESULT_PORT, TICK_PORT, guest
 
 from dmarw import AddressSpace, DmaError
 from dmarw.vmm.state import MAGIC, VERSION
+
+from .kvm_guests import COMPUTE, RESULT_PORT, TICK_PORT, guest
 
 SIZE = 4 << 20
 ITERATIONS = 6 * 4096 + 123
@@ -110,3 +111,31 @@ def test_state_carries_regs_sregs_fpu_and_msrs(space: AddressSpace) -> None:
     (nmsrs,) = struct.unpack_from("<I", sections[b"MSRS"])
     assert nmsrs >= 1  # at least the TSC
     vm.close()
+
+
+def test_save_completes_a_pending_mmio_read_first() -> None:
+    """Stopped on an MMIO read nobody served, answered with complete(): save() finishes
+    the load before reading state, so the restored vCPU continues after the instruction
+    with the value in its register."""
+    program = f"""
+        mov 0xd0000000, %eax
+        out %eax, ${RESULT_PORT:#x}
+        hlt
+    """
+    sp = AddressSpace()
+    vm, vcpu, hva = guest(sp, program, size=1 << 20)
+    ex = vcpu.run()
+    assert ex.reason == "mmio" and not ex.is_write
+    vcpu.complete(0x600DCAFE)
+    state = vcpu.save()
+    memory = sp.read(hva, 1 << 20)
+    vm.close()
+    sp.close()
+    sp = AddressSpace()
+    vm, vcpu, hva = guest(sp, program, size=1 << 20)
+    sp.write(hva, memory)
+    vcpu.restore(state)
+    ex = vcpu.run()
+    assert (ex.reason, ex.port, ex.data) == ("io", RESULT_PORT, 0x600DCAFE)
+    vm.close()
+    sp.close()

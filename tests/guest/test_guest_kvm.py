@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from guest_skip import MARKS
 
 from dmarw.devices.paths import PATH_NAMES
 from dmarw.guest import build, image, image_path
@@ -20,7 +21,7 @@ from dmarw.guest.machine import GuestMachine, run_guest
 from dmarw.guest.model import model_run
 from dmarw.guest.params import Params
 
-pytestmark = pytest.mark.guest_kvm
+pytestmark = MARKS
 
 P = Params(seed=11, commands=200, ram_size=4 << 20, batch=16)
 

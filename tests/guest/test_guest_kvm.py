@@ -8,9 +8,12 @@ guest code)."""
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from guest_skip import MARKS
@@ -105,6 +108,32 @@ def test_save_restore_mid_run_same_checksum(threaded: bool, reference: int) -> N
         assert m2.run() == "hlt"
         r = m2.report()
     assert r.checksum == reference and r.commands == P.commands
+
+
+def _finish_elsewhere(state: dict[str, bytes], conn: Any) -> None:
+    with GuestMachine("vfio-external-user", P, load_image=False) as m:
+        m.restore(state)
+        m.resume()
+        m.run()
+        conn.send((os.getpid(), m.report().checksum))
+    conn.close()
+
+
+def test_save_restore_into_another_process(reference: int) -> None:
+    with GuestMachine("vfio-external-user", P) as m:
+        m.stop_after(P.commands // 3)
+        assert m.run() == "intr"
+        m.device.pause()
+        state = m.save()
+    ctx = mp.get_context("fork")
+    rx, tx = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_finish_elsewhere, args=(state, tx))
+    child.start()
+    tx.close()
+    pid, checksum = rx.recv()
+    child.join(60)
+    assert child.exitcode == 0 and pid != os.getpid()
+    assert checksum == reference
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -52,7 +52,7 @@ class RunReport:
 
     path: str
     params: Params
-    dirty: str
+    dirty: str | None
     threaded: bool
     checksum: int | None
     commands: int | None
@@ -99,7 +99,7 @@ def _diff(got: set[int], want: set[int]) -> str:
 class GuestMachine:
     """The guest and its device on ``path``; ``device_kw`` goes to :class:`GpuDevice`."""
 
-    def __init__(self, path: str, params: Params, *, dirty: str = "bitmap", threaded: bool = True,
+    def __init__(self, path: str, params: Params, *, dirty: str | None = None, threaded: bool = True,
                  core: str | None = None, device_kw: dict[str, Any] | None = None,
                  load_image: bool = True, prefault: bool = True,
                  switch_interval: float | None = SWITCH_INTERVAL_S) -> None:
@@ -109,10 +109,11 @@ class GuestMachine:
         self.params = params
         self.dirty = dirty
         self.switch_interval = switch_interval
-        self.env = path_env(path, params.ram_size, core=core, kvm={"dirty": dirty})
+        self.env = path_env(path, params.ram_size, core=core, kvm={"dirty": dirty, "core": core})
         try:
             vm: Any = self.env.vm  # the KvmVm
             self.vm = vm
+            self.dirty = vm.dirty  # the mode in use (KvmVm's default when None was asked)
             self.device = GpuDevice(dma_rw_for(self.env), threaded=threaded, **(device_kw or {}))
             self.port = ResultPort()
             vm.add_mmio(MMIO_GPA, MMIO_SIZE, self.device)

@@ -12,6 +12,7 @@ in-place build); a failed guest build warns and leaves ``dmarw guest`` unusable.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 from pathlib import Path
@@ -24,7 +25,6 @@ LDFLAGS: list[str] = []
 if os.environ.get("DMARW_SANITIZE") == "1":
     CFLAGS += ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined"]
     LDFLAGS += ["-fsanitize=address,undefined"]
-
 
 
 class build_ext_and_guest(build_ext):
@@ -59,7 +59,9 @@ setup(
         # the vCPU exit loop of dmarw.vmm (optional too: without it KvmVm reports EOPNOTSUPP)
         Extension(
             "dmarw._vmm",
-            sources=["src/dmarw/vmm/_vmm.c"],
+            sources=sorted(glob.glob("src/dmarw/_vmm/*.c")),
+            depends=["src/dmarw/_vmm/vmm.h"],
+            include_dirs=["src/dmarw/_vmm"],
             extra_compile_args=CFLAGS,
             extra_link_args=LDFLAGS,
             optional=os.environ.get("DMARW_SANITIZE") != "1",

@@ -27,7 +27,7 @@ def kvm_unusable() -> str | None:
         system()
     except OSError as e:
         return f"KVM unusable: {e}"
-    from kvm_asm import missing_tools
+    from .kvm_asm import missing_tools
 
     missing = missing_tools()
     if missing:

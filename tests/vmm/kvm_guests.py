@@ -5,10 +5,10 @@ inputs come in registers set with ``vcpu.set_regs``; results come out through a 
 
 from __future__ import annotations
 
-from kvm_asm import assemble
-
 from dmarw import AddressSpace, KvmVm
 from dmarw.vmm import Vcpu
+
+from .kvm_asm import assemble
 
 CODE = 0x1000
 MMIO_BASE = 0xD000_0000

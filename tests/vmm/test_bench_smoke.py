@@ -3,25 +3,12 @@ timing lives in the benchmarks)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-
-def load_bench(name: str) -> Any:
-    """bench/<name>.py as a module (tests/conftest.py's helper, which this directory's
-    conftest shadows on the import path)."""
-    root = Path(__file__).resolve().parents[1] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("dmarw_tests_root_conftest", root)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod.load_bench(name)
+from conftest import load_bench
 
 
 def test_vmm_mmio_bench_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,10 +8,11 @@ import errno
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kvm_asm import assemble
-from kvm_guests import CODE, RESULT_PORT
 
 from dmarw import AddressSpace, DmaError, KvmVm
+
+from .kvm_asm import assemble
+from .kvm_guests import CODE, RESULT_PORT
 
 RAM = 0x10000  # slot 0: [0, 64 KiB)
 BASE = 0x8000  # MMIO ranges are drawn around the end of RAM: [BASE, BASE + 0x20000)

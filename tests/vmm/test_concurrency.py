@@ -8,10 +8,11 @@ import struct
 import threading
 
 import pytest
-from kvm_guests import CODE, STORE_TABLE, STORE_TABLE_SPACED, guest
 
 from dmarw import AddressSpace, bitmap_pages
 from dmarw.vmm.system import dirty_modes_usable, system
+
+from .kvm_guests import CODE, STORE_TABLE, STORE_TABLE_SPACED, guest
 
 SIZE = 16 << 20
 MODES = ("bitmap", "clear", "ring")

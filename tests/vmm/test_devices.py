@@ -7,9 +7,10 @@ import errno
 import threading
 
 import pytest
-from kvm_guests import CODE, DEV_PORT, DEVICE_IO, MMIO_BASE, guest
 
 from dmarw import AddressSpace, DmaError
+
+from .kvm_guests import CODE, DEV_PORT, DEVICE_IO, MMIO_BASE, guest
 
 
 class Recorder:

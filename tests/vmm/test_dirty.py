@@ -9,10 +9,11 @@ import random
 import struct
 
 import pytest
-from kvm_guests import CODE, STORE_TABLE, STORE_TABLE_SPACED, guest
 
 from dmarw import AddressSpace, DmaError, KvmVm, bitmap_pages
 from dmarw.vmm.system import dirty_modes_usable, system
+
+from .kvm_guests import CODE, STORE_TABLE, STORE_TABLE_SPACED, guest
 
 MODES = ("bitmap", "clear", "ring")
 SIZE = 8 << 20

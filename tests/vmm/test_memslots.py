@@ -9,10 +9,11 @@ import errno
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kvm_asm import assemble
-from kvm_guests import CODE, RESULT_PORT
 
 from dmarw import AddressSpace, DmaError, KvmVm, Vm
+
+from .kvm_asm import assemble
+from .kvm_guests import CODE, RESULT_PORT
 
 PAGE = 4096
 # esi = address; loads the dword there, reports it, stores edx there, halts

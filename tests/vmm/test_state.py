@@ -9,10 +9,11 @@ import multiprocessing
 import struct
 
 import pytest
-from kvm_guests import COMPUTE, RESULT_PORT, TICK_PORT, guest
 
 from dmarw import AddressSpace, DmaError
 from dmarw.vmm.state import MAGIC, VERSION
+
+from .kvm_guests import COMPUTE, RESULT_PORT, TICK_PORT, guest
 
 SIZE = 4 << 20
 ITERATIONS = 6 * 4096 + 123

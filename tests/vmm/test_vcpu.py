@@ -6,10 +6,11 @@ import errno
 import threading
 
 import pytest
-from kvm_asm import assemble
-from kvm_guests import CODE, MMIO_BASE, RESULT_PORT, SPIN, guest
 
 from dmarw import AddressSpace, DmaError, KvmVm
+
+from .kvm_asm import assemble
+from .kvm_guests import CODE, MMIO_BASE, RESULT_PORT, SPIN, guest
 
 
 def test_registers_round_trip_and_bad_input_changes_nothing(space: AddressSpace) -> None:

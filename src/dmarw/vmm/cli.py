@@ -39,6 +39,7 @@ def render(d: dict[str, Any]) -> str:
         return "\n".join(lines)
     lines.append(f"{'KVM (' + k['dev'] + ')':<34}API version {k['api_version']}, "
                  f"kvm_run {k['vcpu_mmap_size']} bytes")
+    lines.append(f"{'KVM module':<34}{k['module']} on {k['cpu']}"[:80])
     lines.append("capabilities:")
     for name in SHOWN:
         lines.append(f"  KVM_CAP_{name:<28} {k['caps'].get(name, 0)}")

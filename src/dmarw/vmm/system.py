@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes as C
 import errno
 import fcntl
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,6 +129,24 @@ def dirty_modes_usable(k: Kvm) -> list[str]:
     return out
 
 
+def hypervisor() -> str:
+    """Which KVM backend module this kernel has loaded (``kvm_intel``, ``kvm_amd``,
+    ``kvm_pvm``), or ``"unknown"``."""
+    found = [m for m in ("kvm_intel", "kvm_amd", "kvm_pvm") if os.path.isdir(f"/sys/module/{m}")]
+    return ", ".join(found) or "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def info() -> dict[str, Any]:
     """What this machine offers: KVM's API version and capabilities, the usable dirty
     modes (or why KVM is unusable), for ``dmarw info``."""
@@ -139,6 +158,8 @@ def info() -> dict[str, Any]:
         out["error"] = str(e)
         return out
     out["available"] = True
+    out["module"] = hypervisor()
+    out["cpu"] = cpu_model()
     out["api_version"] = fcntl.ioctl(k.fd, uapi.KVM_GET_API_VERSION, 0)
     out["vcpu_mmap_size"] = k.vcpu_mmap_size
     out["caps"] = {name: k.cap(num) for name, num in uapi.CAPS.items()}

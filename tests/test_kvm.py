@@ -77,7 +77,7 @@ def test_set_memslot_unaligned_is_einval(vm: Vm, space: AddressSpace) -> None:
     _fails(vm, errno.EINVAL, vm.set_memslot, 1, G, P + 1, hva)
     _fails(vm, errno.EINVAL, vm.set_memslot, 1, G, P, hva + 8)
     _fails(vm, errno.EINVAL, vm.set_memslot, 1, -P, P, hva)
-    _fails(vm, errno.EINVAL, vm.set_memslot, 1, (1 << 64) - P, 2 * P, hva)  # wraps
+    _fails(vm, errno.EOVERFLOW, vm.set_memslot, 1, (1 << 64) - P, 2 * P, hva)  # wraps
     _fails(vm, errno.EINVAL, vm.set_memslot, 0, G, P // 2, hva)  # replace, still checked
 
 
@@ -171,8 +171,8 @@ def test_no_slot_is_efault_and_moves_no_byte(vm: Vm, space: AddressSpace) -> Non
     buf = bytearray(b"\xee" * 3 * P)
     _fails(vm, errno.EFAULT, vm.read_guest_into, 0, buf)
     assert buf == b"\xee" * 3 * P
-    _fails(vm, errno.EFAULT, vm.read_guest, (1 << 64) - 1, 2)
-    _fails(vm, errno.EFAULT, vm.read_guest, -P, 1)
+    _fails(vm, errno.EOVERFLOW, vm.read_guest, (1 << 64) - 1, 2)  # past 2**64
+    _fails(vm, errno.EINVAL, vm.read_guest, -P, 1)  # a negative gpa
 
 
 def test_readonly_slot(vm: Vm, space: AddressSpace) -> None:

@@ -146,7 +146,7 @@ def test_file_backing(tmp_path: Path) -> None:
     path = tmp_path / "guest.ram"
     path.write_bytes(b"preexisting" + bytes(10))
     space = AddressSpace()
-    hva = space.mmap(2 * P, backing=str(path))
+    hva = space.mmap(2 * P, backing=path)
     assert space.read(hva, 11) == b"preexisting"
     assert path.stat().st_size == 2 * P  # grown to the mapping size
     space.write(hva + P, b"written")
@@ -158,7 +158,7 @@ def test_file_backing(tmp_path: Path) -> None:
 def test_file_backing_bad_path_is_an_error(tmp_path: Path) -> None:
     space = AddressSpace()
     with pytest.raises(DmaError) as info:
-        space.mmap(P, backing=str(tmp_path / "no" / "such" / "dir"))
+        space.mmap(P, backing=tmp_path / "no" / "such" / "dir")
     assert info.value.errno == errno.ENOENT
     assert space.regions() == ()
 

@@ -4,11 +4,16 @@ Layers, each one module: :mod:`~dmarw.mm` (host memory and its lifetime) →
 :mod:`~dmarw.kvm` (memslots, the KVM path) and :mod:`~dmarw.type1` (the IOMMU container) →
 :mod:`~dmarw.vfio` (groups, devices, per-call path, external users); :mod:`~dmarw.bitmap`
 and :mod:`~dmarw.locks`/:mod:`~dmarw.lockstat` serve them all.
+
+Cores: :class:`Container`, :class:`Vm`, :class:`Group` and :class:`ExternalUser` are built on
+the native core when ``dmarw._native`` is built and on the pure-Python reference under
+``DMARW_CORE=python``; ``core="native"|"python"`` overrides, ``obj.core`` says which
+(:mod:`~dmarw.core`, :mod:`~dmarw.backend`).  Importing dmarw only defines things.
 """
 
 from . import lockstat
 from .bitmap import from_bytes as bitmap_pages
-from .errors import DmaError
+from .errors import CoreUnavailable, DmaError
 from .kvm import Vm
 from .mm import PAGE_SIZE, AddressSpace
 from .type1 import Container, Prot
@@ -28,6 +33,7 @@ __all__ = [
     "PAGE_SIZE",
     "AddressSpace",
     "Container",
+    "CoreUnavailable",
     "Device",
     "DmaError",
     "ExternalUser",

@@ -11,7 +11,9 @@ Convention for every subcommand (registered in :data:`REGISTRARS`):
   usage error.
 * :func:`main` turns them into one line on stderr, ``dmarw: error: <message>``, and the
   exit code: 1 for ``OSError``/``DmaError``/``SystemExit(message)``, 2 for usage errors
-  (argparse), 130 for Ctrl-C (``KeyboardInterrupt``: one line ``dmarw: interrupted``).
+  (argparse), 130 for Ctrl-C (``KeyboardInterrupt``: one line ``dmarw: interrupted``);
+  SIGTERM prints ``dmarw: terminated`` and exits 143 the same way; a closed stdout
+  (``dmarw ... | head``) ends quietly with 1.
   No traceback is shown for any of them.  Work that starts processes or shared memory
   cleans them up in ``finally`` blocks, so an interrupted run leaves nothing behind.
 """
@@ -19,12 +21,14 @@ Convention for every subcommand (registered in :data:`REGISTRARS`):
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable
 from typing import NoReturn
 
 from . import __version__, demo
+from .errors import DmaError
 from .guest import cli as guest_cli
 from .lab import cli as lab_cli
 from .migration import cli as migration_cli
@@ -70,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line(err: BaseException) -> str:
     """An error as one line: OSError's ``strerror: filename`` form, else its text."""
-    if isinstance(err, OSError) and not err.__class__.__name__ == "DmaError" and err.filename is not None:
+    if isinstance(err, OSError) and not isinstance(err, DmaError) and err.filename is not None:
         text = f"{err.strerror}: {err.filename}"
     else:
         text = str(err) or err.__class__.__name__
@@ -83,6 +87,7 @@ def fail_line(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, run the subcommand, and map every failure to one line and an exit code."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = build_parser().parse_args(argv)
         func: Callable[[argparse.Namespace], int] = args.func
@@ -96,12 +101,23 @@ def main(argv: list[str] | None = None) -> int:
             raise
         fail_line(_one_line(Exception(e.code)))
         return EXIT_ERROR
+    except BrokenPipeError:  # the reader went away (``dmarw ... | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
     except OSError as e:  # DmaError is an OSError
         fail_line(_one_line(e))
         return EXIT_ERROR
     except (ValueError, RuntimeError) as e:  # a refusal raised below the CLI (e.g. a core that cannot load)
         fail_line(_one_line(e))
         return EXIT_ERROR
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM ends the run like Ctrl-C does (``finally`` blocks end the VM processes), exit 143."""
+    sys.stderr.write(f"{PROG}: terminated\n")
+    raise SystemExit(128 + signum)
 
 
 def entry() -> None:

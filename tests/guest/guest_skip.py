@@ -2,8 +2,8 @@
 ``/dev/kvm`` is unusable or the native vCPU loop or the guest image did not build.
 
 (A helper module with its own name rather than a conftest: several conftest modules under
-tests/ would shadow one another as ``conftest``.)  The suite's KVM summary line counts
-these tests with the other ``kvm`` tests.
+tests/ shadow one another as ``conftest`` for the tests that import from it.)  The
+suite-wide summary of tests/conftest.py counts these with every other ``kvm`` test.
 """
 
 from __future__ import annotations

@@ -159,6 +159,7 @@ def test_cli_runs_checks_and_writes_json(tmp_path: Path, reference: int) -> None
     (["--commands", "0"], "commands"),
     (["--batch", "65"], "batch"),
     (["--path", "nope"], "invalid choice"),
+    (["--json", "/nonexistent-dir/g.json"], "no such folder"),
 ])
 def test_cli_bad_input_one_line(args: list[str], text: str) -> None:
     p = _cli(*args)

@@ -7,6 +7,7 @@ guest code)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -18,11 +19,12 @@ from typing import Any
 import pytest
 from guest_skip import MARKS
 
+from dmarw import DmaError
 from dmarw.devices.paths import PATH_NAMES
 from dmarw.guest import build, image, image_path
 from dmarw.guest.machine import GuestMachine, run_guest
 from dmarw.guest.model import model_run
-from dmarw.guest.params import Params
+from dmarw.guest.params import PARAMS_GPA, Params
 
 pytestmark = MARKS
 
@@ -76,6 +78,26 @@ def test_inline_device_and_writer_heavy_guest() -> None:
     assert r.checksum == model_run(p).checksum and r.ok
     light = run_guest("vfio-mutex", Params(seed=2, commands=120, ram_size=4 << 20), threaded=False)
     assert r.pages["vrec"] > light.pages["vrec"]
+
+
+def test_guest_reports_a_bad_parameter_block_through_the_port() -> None:
+    with GuestMachine("vfio-mutex", P) as m:
+        m.write_host(PARAMS_GPA, b"XXXX")  # the magic
+        assert m.run() == "hlt"
+        r = m.report()
+    assert not r.ok and r.checksum is None
+    first = r.checks[0]
+    assert first.name == "guest finished" and not first.ok and "bad parameter block" in first.detail
+
+
+def test_guest_sees_a_device_error_and_stops() -> None:
+    with GuestMachine("vfio-mutex", P) as m:
+        m.device.dma_rw = lambda addr, buf, w: (_ for _ in ()).throw(  # every DMA faults
+            DmaError(errno.EFAULT, f"iova {addr:#x}: injected"))
+        assert m.run() == "hlt"
+        r = m.report()
+    assert "device reported an error" in r.checks[0].detail
+    assert not r.checks[1].ok and "injected" in r.checks[1].detail
 
 
 def test_lost_device_write_is_detected(reference: int) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 from guest_skip import MARKS
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dmarw import DmaError
 from dmarw.devices.paths import PATH_NAMES
@@ -64,6 +66,20 @@ def test_each_path_checksum_and_dirty_sets(path: str, reference: int) -> None:
     else:
         assert r.pages["container"] == r.pages["drec"] > 0 and r.pages["user"] == 0
     assert r.exits["hlt"] == 1 and r.exits["mmio"] > P.commands // P.batch
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, (1 << 64) - 1), commands=st.integers(1, 120), batch=st.integers(1, 64),
+       writer_heavy=st.integers(0, 3), ram_mib=st.sampled_from([2, 3, 5]))
+def test_real_guest_equals_its_model(seed: int, commands: int, batch: int, writer_heavy: int,
+                                     ram_mib: int) -> None:
+    """The C guest under KVM and the Python model agree over the parameter space."""
+    p = Params(seed=seed, commands=commands, ram_size=ram_mib << 20, batch=batch,
+               writer_heavy=writer_heavy)
+    r = run_guest("vfio-external-user-mmget", p, threaded=bool(seed & 1))
+    want = model_run(p)
+    assert r.checksum == want.checksum and r.ok, [c for c in r.checks if not c.ok]
+    assert r.pages["drec"] == len(want.device_pages)
 
 
 @pytest.mark.parametrize("dirty", ["clear", "ring"])

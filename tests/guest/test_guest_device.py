@@ -272,3 +272,19 @@ def test_register_file_against_a_model(ops: list[tuple[int, int, int]], reset_at
         assert dev.reg_read(gpu.REG_ID) == gpu.DEVICE_ID and dev.reg_read(gpu.REG_FENCE) == 0
         assert dev.mmio_read(gpu.REG_RING_BASE_HI, 4) == m["base"] >> 32
         assert dev.regs.commands == 0 and dev.stats.doorbells <= len(ops)
+
+
+def test_a_broken_dma_rw_is_an_engine_error_not_a_dead_engine() -> None:
+    def broken(addr: int, buf: memoryview, write: bool) -> None:
+        raise TypeError("not a buffer")
+
+    dev = GpuDevice(broken, threaded=True)
+    dev.start()
+    try:
+        dev.reg_write(gpu.REG_RING_SIZE, 8)
+        dev.reg_write(gpu.REG_CTRL, gpu.CTRL_ENABLE)
+        dev.reg_write(gpu.REG_RING_TAIL, 1)
+        dev.reg_write(gpu.REG_WAIT, 1)  # held until the error
+        assert dev.regs.status & gpu.STATUS_ERROR and "TypeError" in dev.last_error
+    finally:
+        dev.stop()

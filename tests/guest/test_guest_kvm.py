@@ -116,6 +116,14 @@ def test_guest_sees_a_device_error_and_stops() -> None:
     assert not r.checks[1].ok and "injected" in r.checks[1].detail
 
 
+def test_a_guest_that_stops_progressing_is_a_timeout_not_a_hang() -> None:
+    with GuestMachine("vfio-mutex", P) as m:
+        m.device.stop_at(20)  # paused for good: the guest spins on its fence
+        with pytest.raises(DmaError) as e:
+            m.run(stall_s=1.0)
+    assert e.value.errno == errno.ETIMEDOUT and "at command 20 of 200" in str(e.value)
+
+
 def test_lost_device_write_is_detected(reference: int) -> None:
     r = run_guest("vfio-external-user", P, device_kw={"drop_write": 10})
     assert r.checksum is not None and r.checksum != reference

@@ -3,12 +3,26 @@ timing lives in the benchmarks)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conftest import load_bench
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def load_bench(name: str) -> Any:
+    """bench/<name>.py as a module, by path (``from conftest import load_bench`` would find
+    whichever test directory's conftest.py is first on the import path)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_vmm_mmio_bench_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

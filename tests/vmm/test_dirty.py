@@ -170,3 +170,36 @@ def test_default_mode_is_the_measured_fastest_where_offered(space: AddressSpace)
     expected = DEFAULT_DIRTY if DEFAULT_DIRTY in dirty_modes_usable(system()) else "bitmap"
     assert vm.dirty == expected
     vm.close()
+
+
+def test_the_loop_harvests_a_half_full_ring_before_kvm_run(space: AddressSpace) -> None:
+    """A guest that exits (MMIO) after every store: the loop harvests whenever the ring is
+    half full, before re-entering, so it never fills; the log stays exact."""
+    usable("ring")
+    program = """
+    1:  test %ecx, %ecx
+        jz 2f
+        mov (%esi), %edi
+        mov %ecx, (%edi)
+        mov %ecx, 0xd0000000
+        add $4, %esi
+        dec %ecx
+        jmp 1b
+    2:  hlt
+    """
+
+    class Sink:
+        def mmio_read(self, offset: int, size: int) -> int:
+            return 0
+
+        def mmio_write(self, offset: int, size: int, value: int) -> None:
+            pass
+
+    vm, vcpu, hva = guest(space, program, size=SIZE, dirty="ring", ring_entries=512)
+    vm.add_mmio(0xD000_0000, 0x1000, Sink())
+    p = guest_pages(random.Random(11), 1500)
+    assert store_pages(vm, hva, space, p) == "hlt"
+    assert bitmap_pages(vm.get_dirty_log(0)) == p
+    st = vcpu.stats
+    assert st["ring_half_full"] >= 2 and st["ring_full"] == 0, st
+    vm.close()

@@ -100,6 +100,20 @@ def test_replacing_a_slot_remaps_it_for_the_guest(space: AddressSpace) -> None:
     vm.close()
 
 
+def test_a_refused_replacement_leaves_the_old_slot_working(space: AddressSpace) -> None:
+    vm, _ = code_vm(space)
+    a = space.mmap(0x2000)
+    space.write(a, b"OLD!")
+    vm.set_memslot(1, 0x100000, 0x2000, a, dirty_log=True)
+    with pytest.raises(DmaError) as ei:
+        vm.set_memslot(1, 1 << 52, 0x1000, a)  # the kernel refuses the new geometry
+    assert ei.value.errno == errno.EINVAL
+    assert [(s.slot, s.gpa, s.size) for s in vm.memslots()] == [(0, 0, 0x10000), (1, 0x100000, 0x2000)]
+    assert guest_load_store(vm, 0x100000, 7)[0] == int.from_bytes(b"OLD!", "little")
+    assert vm.get_dirty_log(1)[0] == 1  # still logging: the guest's store to page 0
+    vm.close()
+
+
 def test_read_only_slot(space: AddressSpace) -> None:
     vm, _ = code_vm(space)
     hva = space.mmap(0x1000)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from dmarw import _vmm, cli  # type: ignore[attr-defined]
+from dmarw import _vmm, cli
 from dmarw.vmm import uapi
 
 

@@ -29,12 +29,17 @@ typedef struct {
     size_t run_size;
     Bus *mmio, *pio;
     PyObject *ring_full; /* callable run on KVM_EXIT_DIRTY_RING_FULL, or None */
+    /* this vCPU's dirty ring, for the half-full probe before each KVM_RUN (NULL: none) */
+    struct kvm_dirty_gfn *ring;
+    uint64_t ring_mask;
+    Py_buffer fetch; /* a u64: the harvest's next index, kept by dmarw.vmm.dirty */
+    int have_fetch;
     pthread_mutex_t lock;
     pthread_t thread;
     int in_loop;
     int busy; /* a thread is inside run()/run_bare() (read and written with the GIL) */
     /* counters of exits served inside the loop */
-    unsigned long long n_mmio, n_pio, n_ring_full, n_entries;
+    unsigned long long n_mmio, n_pio, n_ring_full, n_ring_early, n_entries;
 } VcpuLoop;
 
 static void kick_handler(int sig) { (void)sig; }
@@ -58,13 +63,24 @@ static int install_kick_handler(void)
 
 static int loop_init(VcpuLoop *self, PyObject *args, PyObject *kw)
 {
-    static char *names[] = {"fd", "run_size", "mmio", "pio", "ring_full", NULL};
+    static char *names[] = {"fd", "run_size", "mmio", "pio", "ring_full", "ring", NULL};
     int fd;
     Py_ssize_t run_size;
-    PyObject *mmio, *pio, *ring_full;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "inO!O!O", names, &fd, &run_size, &vmm_BusType, &mmio,
-                                     &vmm_BusType, &pio, &ring_full))
+    PyObject *mmio, *pio, *ring_full, *ring = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "inO!O!O|O", names, &fd, &run_size, &vmm_BusType, &mmio,
+                                     &vmm_BusType, &pio, &ring_full, &ring))
         return -1;
+    unsigned long long ring_addr = 0;
+    unsigned int ring_entries = 0;
+    PyObject *fetch = NULL;
+    if (ring != Py_None) {
+        if (!PyArg_ParseTuple(ring, "KIO;ring is (address, entries, fetch buffer)", &ring_addr, &ring_entries, &fetch))
+            return -1;
+        if (!ring_addr || !ring_entries || (ring_entries & (ring_entries - 1))) {
+            PyErr_SetString(PyExc_ValueError, "ring: a mapped ring of a power-of-two entries");
+            return -1;
+        }
+    }
     if (self->run) {
         PyErr_SetString(PyExc_RuntimeError, "VcpuLoop already initialised");
         return -1;
@@ -89,6 +105,18 @@ static int loop_init(VcpuLoop *self, PyObject *args, PyObject *kw)
     self->mmio = (Bus *)mmio;
     self->pio = (Bus *)pio;
     self->ring_full = ring_full;
+    if (fetch) {
+        if (PyObject_GetBuffer(fetch, &self->fetch, PyBUF_WRITABLE) < 0)
+            return -1;
+        if (self->fetch.len != 8) {
+            PyBuffer_Release(&self->fetch);
+            PyErr_SetString(PyExc_ValueError, "ring: the fetch buffer is one u64");
+            return -1;
+        }
+        self->have_fetch = 1;
+        self->ring = (struct kvm_dirty_gfn *)(uintptr_t)ring_addr;
+        self->ring_mask = ring_entries - 1;
+    }
     pthread_mutex_init(&self->lock, NULL);
     return 0;
 }
@@ -102,6 +130,8 @@ static void loop_dealloc(VcpuLoop *self)
     Py_XDECREF(self->mmio);
     Py_XDECREF(self->pio);
     Py_XDECREF(self->ring_full);
+    if (self->have_fetch)
+        PyBuffer_Release(&self->fetch);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -241,12 +271,41 @@ static PyObject *decode(VcpuLoop *self)
     }
 }
 
+/* True when the ring is at least half full: the entry half a ring past the harvest's
+ * next index is already dirty.  Harvesting then, before KVM_RUN, keeps room for what a
+ * hypervisor that emulates instructions in batches pushes past KVM's 64-entry reserve. */
+static int ring_half_full(VcpuLoop *self)
+{
+    if (!self->ring)
+        return 0;
+    uint64_t fetch;
+    memcpy(&fetch, self->fetch.buf, 8);
+    struct kvm_dirty_gfn *e = &self->ring[(fetch + (self->ring_mask + 1) / 2) & self->ring_mask];
+    return (__atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) & KVM_DIRTY_GFN_F_DIRTY) != 0;
+}
+
+/* ring_full(kvm_full): True for KVM's KVM_EXIT_DIRTY_RING_FULL, False for the loop's own
+ * half-full harvest. */
+static int harvest_ring(VcpuLoop *self, int kvm_full)
+{
+    PyObject *res = PyObject_CallOneArg(self->ring_full, kvm_full ? Py_True : Py_False);
+    if (!res)
+        return -1;
+    Py_DECREF(res);
+    return 0;
+}
+
 /* The loop: bare=1 serves every MMIO/port exit in C with no callback (reads return 0). */
 static PyObject *loop_common(VcpuLoop *self, int bare)
 {
     if (check_ready(self) < 0)
         return NULL;
     for (;;) {
+        if (self->ring_full != Py_None && ring_half_full(self)) {
+            if (harvest_ring(self, 0) < 0)
+                return NULL;
+            self->n_ring_early++;
+        }
         if (enter(self) < 0) {
             if (errno == EINTR || errno == EAGAIN)
                 return intr_exit(self);
@@ -263,12 +322,8 @@ static PyObject *loop_common(VcpuLoop *self, int bare)
         case KVM_EXIT_DIRTY_RING_FULL:
             if (self->ring_full == Py_None)
                 break;
-            {
-                PyObject *res = PyObject_CallNoArgs(self->ring_full);
-                if (!res)
-                    return NULL;
-                Py_DECREF(res);
-            }
+            if (harvest_ring(self, 1) < 0)
+                return NULL;
             self->n_ring_full++;
             rc = 1;
             break;
@@ -349,8 +404,8 @@ static PyObject *loop_complete(VcpuLoop *self, PyObject *arg)
 
 static PyObject *loop_stats(VcpuLoop *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue("{sKsKsKsK}", "mmio", self->n_mmio, "pio", self->n_pio, "ring_full",
-                         self->n_ring_full, "entries", self->n_entries);
+    return Py_BuildValue("{sKsKsKsKsK}", "mmio", self->n_mmio, "pio", self->n_pio, "ring_full",
+                         self->n_ring_full, "ring_half_full", self->n_ring_early, "entries", self->n_entries);
 }
 
 static PyObject *loop_close(VcpuLoop *self, PyObject *Py_UNUSED(ignored))
@@ -437,5 +492,6 @@ PyTypeObject vmm_VcpuLoopType = {
     .tp_dealloc = (destructor)loop_dealloc,
     .tp_methods = loop_methods,
     .tp_getset = loop_getset,
-    .tp_doc = "VcpuLoop(fd, run_size, mmio, pio, ring_full): a vCPU's exit loop over its kvm_run.",
+    .tp_doc = "VcpuLoop(fd, run_size, mmio, pio, ring_full, ring=None): a vCPU's exit loop over its kvm_run;\n"
+              "ring = (address, entries, fetch) of its dirty ring, harvested before KVM_RUN when half full.",
 };

@@ -10,13 +10,15 @@ it reported, so a page stored to again after the harvest is reported by the next
 - ``ring``: ``KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]``: each vCPU has a ring of (slot, page)
   entries; a harvest walks every ring (``dmarw._vmm.ring_harvest``) into per-slot pending
   bitmaps, hands the entries back and issues ``KVM_RESET_DIRTY_RINGS``; a vCPU whose ring
-  fills exits with ``KVM_EXIT_DIRTY_RING_FULL`` and its ``run()`` harvests and resumes.
+  fills exits with ``KVM_EXIT_DIRTY_RING_FULL`` and its ``run()`` harvests and resumes;
+  the exit loop also harvests before KVM_RUN whenever the ring is half full.
 
 Ring overrun: KVM asks a vCPU to exit once its ring holds ``entries - 64`` entries, and a
 hypervisor that emulates guest instructions in batches (PVM does, ``pvm_emul_batch``)
 can push more than those 64 before the exit; a full ring is overwritten and pages are
-lost.  A harvest that finds the whole ring dirty, or a ring-full exit with nothing to
-harvest, is that overrun: it raises ``DmaError(EOVERFLOW)`` (from ``run()`` or
+lost.  Harvesting at half full before each KVM_RUN keeps that room in practice; a harvest
+that still finds the whole ring dirty, or ring-full exits that find every ring empty 8
+times in a row (once can be another thread's harvest in between), is that overrun: it raises ``DmaError(EOVERFLOW)`` (from ``run()`` or
 ``get_dirty_log``) and the ring mode stays failed, rather than under-report.
 
 Locking: ``lock`` serialises harvests (a ring-full exit on a vCPU thread against
@@ -30,6 +32,7 @@ import ctypes as C
 import errno
 import mmap
 import threading
+from array import array
 from typing import Any
 
 from ..bitmap import bitmap_bytes
@@ -38,9 +41,9 @@ from . import uapi
 from .system import Kvm
 
 try:
-    from .. import _vmm  # type: ignore[attr-defined]
+    from .. import _vmm
 except ImportError:  # pragma: no cover - reported by KvmVm
-    _vmm = None
+    _vmm = None  # type: ignore[assignment]
 
 
 def _address(buf: bytearray) -> int:
@@ -61,8 +64,9 @@ class DirtyMode:
     def enable(self) -> None:
         pass
 
-    def add_vcpu(self, vcpu_fd: int) -> None:
-        pass
+    def add_vcpu(self, vcpu_fd: int) -> tuple[int, int, array[int]] | None:
+        """Set up a new vCPU's part; the ring's (address, entries, fetch) for the exit loop."""
+        return None
 
     def ring_full(self) -> Any:
         """The callable the exit loop runs on KVM_EXIT_DIRTY_RING_FULL (None: not a ring)."""
@@ -118,12 +122,14 @@ class RingMode(DirtyMode):
         super().__init__(kvm, vm_fd)
         self.entries = entries or 0  # 0: the default, set by enable()
         self.acq_rel = False
-        self._rings: list[tuple[mmap.mmap, int, list[int]]] = []  # (map, address, [fetch])
+        # (map, address, fetch): fetch is a one-u64 array the exit loop reads too
+        self._rings: list[tuple[mmap.mmap, int, array[int]]] = []
         self._pending: dict[int, bytearray] = {}
         self._npages: dict[int, int] = {}
         self.harvests = 0
         self.full_exits = 0
         self.overrun: str | None = None
+        self._empty_full_exits = 0  # consecutive ring-full exits that found every ring empty
 
     def enable(self) -> None:
         limit = self.kvm.cap(uapi.CAP_DIRTY_LOG_RING_ACQ_REL)
@@ -146,13 +152,15 @@ class RingMode(DirtyMode):
         cap.args[0] = size
         uapi.ioctl(self.vm_fd, uapi.KVM_ENABLE_CAP, cap, f"KVM_ENABLE_CAP DIRTY_LOG_RING {size:#x} bytes")
 
-    def add_vcpu(self, vcpu_fd: int) -> None:
+    def add_vcpu(self, vcpu_fd: int) -> tuple[int, int, array[int]] | None:
         size = self.entries * C.sizeof(uapi.DirtyGfn)
         m = mmap.mmap(vcpu_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                       offset=uapi.DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
         addr = C.addressof(C.c_char.from_buffer(m))
+        fetch = array("Q", [0])
         with self.lock:
-            self._rings.append((m, addr, [0]))
+            self._rings.append((m, addr, fetch))
+        return addr, self.entries, fetch
 
     def track(self, slot: int, npages: int) -> None:
         with self.lock:
@@ -184,10 +192,17 @@ class RingMode(DirtyMode):
             raise fail(errno.EOVERFLOW, self.overrun)
         return n
 
-    def _on_full(self) -> None:
+    def _on_full(self, kvm_full: bool = True) -> None:
+        """The exit loop's harvest: on KVM's ring-full exit, or (``kvm_full`` False) its own
+        at half full.  KVM saying full while every ring is empty, again and again (once can
+        be a harvest by another thread in between), means the ring is out of step."""
         with self.lock:
+            n = self._collect()
+            if not kvm_full:
+                return
             self.full_exits += 1
-            if self._collect() == 0:  # KVM says full, the rings say empty: out of step
+            self._empty_full_exits = 0 if n else self._empty_full_exits + 1
+            if self._empty_full_exits >= EMPTY_FULL_EXITS:
                 self.overrun = (
                     f"a dirty ring of {self.entries} entries is out of step with KVM after an "
                     "overrun (dirty pages were lost): use a larger ring_entries or another dirty= mode"
@@ -218,6 +233,7 @@ class RingMode(DirtyMode):
 
 MODES = ("bitmap", "clear", "ring")
 DEFAULT_RING_ENTRIES = 65536  # 1 MiB per vCPU: a 256 MiB working set between harvests
+EMPTY_FULL_EXITS = 8  # ring-full exits in a row with nothing to harvest: out of step
 
 
 def make(name: str, kvm: Kvm, vm_fd: int, ring_entries: int | None) -> DirtyMode:

@@ -156,7 +156,8 @@ class Vcpu:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Exits served inside ``run()`` (mmio, pio, ring_full) and KVM_RUN entries."""
+        """Exits served inside ``run()`` (mmio, pio, ring_full), ring harvests the loop made
+        at half full (ring_half_full) and KVM_RUN entries."""
         return dict(self._loop.stats())
 
     # -- state ----------------------------------------------------------------------------

@@ -33,9 +33,9 @@ from .system import Kvm, dirty_modes_usable, system
 from .vcpu import MODES, Vcpu
 
 try:
-    from .. import _vmm  # type: ignore[attr-defined]
+    from .. import _vmm
 except ImportError:  # pragma: no cover - the extension is optional at install time
-    _vmm = None
+    _vmm = None  # type: ignore[assignment]
 
 # The harvest measured fastest at 1 % dirty pages of a 1 GiB guest (bench/vmm_harvest.py,
 # docs/vmm.md); where KVM lacks its capability the default falls back to "bitmap".
@@ -158,25 +158,32 @@ class KvmVm:
                 raise
 
     def _kernel_set(self, slot: int, gpa: int, size: int, hva: int, flags: int) -> None:
+        """Make the kernel's slot ``slot`` this one; a refusal leaves the kernel's old slot
+        in place (re-created if it had to be deleted first)."""
         old = self._kslots.get(slot)
-        mode = self.dirty_mode
+        removed = None
         if old is not None and (size == 0 or old[:3] != (gpa, size, hva) or (old[3] ^ flags) & uapi.MEM_READONLY):
-            self._region(slot, 0, 0, 0, 0)
-            del self._kslots[slot]
-            mode.forget(slot)
-            old = None
+            self._region(slot, 0, 0, 0, 0)  # KVM moves a slot or changes its flags, nothing else
+            removed, old = old, None
+            self._kslots.pop(slot)
+            self.dirty_mode.forget(slot)
         if size == 0:
             return
         try:
             self._region(slot, gpa, size, hva, flags)
         except OSError:
-            if old is None and slot in self._kslots:  # pragma: no cover - defensive
-                del self._kslots[slot]
+            if removed is not None:
+                self._region(slot, *removed)
+                self._commit(slot, removed)
             raise
-        self._kslots[slot] = (gpa, size, hva, flags)
+        self._commit(slot, (gpa, size, hva, flags))
+
+    def _commit(self, slot: int, kslot: tuple[int, int, int, int]) -> None:
+        self._kslots[slot] = kslot
+        mode = self.dirty_mode
         if isinstance(mode, dirty_modes.RingMode):
-            if flags & uapi.MEM_LOG_DIRTY_PAGES:
-                mode.track(slot, size >> 12)
+            if kslot[3] & uapi.MEM_LOG_DIRTY_PAGES:
+                mode.track(slot, kslot[1] >> 12)
             else:
                 mode.forget(slot)
 
@@ -244,9 +251,9 @@ class KvmVm:
             index = len(self._vcpus)
             fd = uapi.ioctl(self.fd, uapi.KVM_CREATE_VCPU, index, f"KVM_CREATE_VCPU {index}")
             try:
+                ring = self.dirty_mode.add_vcpu(fd)
                 loop = _vmm.VcpuLoop(fd, self.kvm.vcpu_mmap_size, self.mmio.native, self.pio.native,
-                                     self.dirty_mode.ring_full())
-                self.dirty_mode.add_vcpu(fd)
+                                     self.dirty_mode.ring_full(), ring)
                 vcpu = Vcpu(self, index, fd, loop, mode)
             except BaseException:
                 os.close(fd)

@@ -11,6 +11,8 @@ the native core when ``dmarw._native`` is built and on the pure-Python reference
 (:mod:`~dmarw.core`, :mod:`~dmarw.backend`).  Importing dmarw only defines things.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from . import lockstat
 from .bitmap import from_bytes as bitmap_pages
 from .errors import CoreUnavailable, DmaError
@@ -23,11 +25,22 @@ from .vfio import (
     Group,
     new_group_lock,
     set_group_lock,
-    vfio_dma_rw,
     vfio_pin_pages,
     vfio_unpin_pages,
 )
 from .vmm import KvmVm
+
+if TYPE_CHECKING:
+    from .vfio import vfio_dma_rw
+
+
+def __getattr__(name: str) -> Any:
+    """``vfio_dma_rw`` is chosen on first use (the selected core's per-call path)."""
+    if name == "vfio_dma_rw":
+        from . import vfio
+
+        return vfio.vfio_dma_rw
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "PAGE_SIZE",

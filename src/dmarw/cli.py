@@ -32,6 +32,8 @@ from .errors import DmaError
 from .guest import cli as guest_cli
 from .lab import cli as lab_cli
 from .migration import cli as migration_cli
+from .vfio_user import attach as vfio_user_attach
+from .vfio_user import cli as vfio_user_cli
 from .vmm import cli as vmm_cli
 
 PROG = "dmarw"
@@ -47,8 +49,11 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     lab_cli.register_bench,
     lab_cli.register_workload,
     migration_cli.register,
+    migration_cli.register_incoming,
+    vfio_user_cli.register,
     vmm_cli.register,
     guest_cli.register,
+    vfio_user_attach.register,
 ]
 
 

@@ -31,10 +31,12 @@ ENV = "DMARW_CORE"
 def native_available() -> bool:
     """True when the extension ``dmarw._native`` imports."""
     try:
-        from . import _native  # noqa: F401
+        from . import _native
     except ImportError:
         return False
-    return True
+    # without the built .so, the C sources' folder src/dmarw/_native/ imports as an empty
+    # namespace package: that is no native core
+    return getattr(_native, "__file__", None) is not None
 
 
 def resolve(core: str | None = None) -> str:
@@ -58,7 +60,9 @@ def resolve(core: str | None = None) -> str:
 
 
 def classes(core: str | None = None) -> tuple[type[Container], type[Vm]]:
-    """(Container class, Vm class) of the selected core."""
+    """(Container class, Vm class) whose instances the selected core builds (for
+    ``isinstance``/``type`` checks; build objects with :func:`container`/:func:`vm` or
+    ``Container(core=...)``: the public classes build the selected core by default)."""
     if resolve(core) == "native":
         from .native import NativeContainer, NativeVm
 

@@ -102,13 +102,17 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def check_access(op: str, a: object, n: object, what: str = "iova", empty: bool = False) -> None:
+def check_access(
+    op: str, a: object, n: object, what: str = "iova", empty: bool = False, guest: bool = False
+) -> None:
     """The argument rules of every access, in this order (both cores):
 
     ``a`` (named ``what``) or the length ``n`` not an int (``bool`` included) → EINVAL naming
     the value; a negative address or length → EINVAL; an empty access unless ``empty``
     (KVM allows it, type1 does not) → EINVAL; ``a + n`` past 2**64 → EOVERFLOW naming the
-    address given.  Returns when the arguments are valid.  The native core calls this (and
+    address given.  A guest access (``guest``: KVM's read/write of guest memory) outside guest
+    physical space — a negative gpa, or past 2**64 — is instead EFAULT, as KVM finds no
+    memslot there.  Returns when the arguments are valid.  The native core calls this (and
     :func:`check_rw`) from C with positional arguments when a call fails its inline checks.
     """
     if not _is_int(a):
@@ -116,10 +120,12 @@ def check_access(op: str, a: object, n: object, what: str = "iova", empty: bool 
     if not _is_int(n):
         raise DmaError(_errno.EINVAL, f"{op} {what} {addr(a)}: length {n!r} is not an int")
     assert isinstance(a, int) and isinstance(n, int)
-    if a < 0:
-        raise DmaError(_errno.EINVAL, f"{op}: {what} {addr(a)} is negative")
     if n < 0:
         raise DmaError(_errno.EINVAL, f"{op} {what} {addr(a)}: length {addr(n)} is negative")
+    if guest and (a < 0 or a + max(n, 1) > ADDR_LIMIT):
+        raise DmaError(_errno.EFAULT, f"{op} {rng(a, n)}: outside guest physical space")
+    if a < 0:
+        raise DmaError(_errno.EINVAL, f"{op}: {what} {addr(a)} is negative")
     if n == 0 and not empty:
         raise DmaError(_errno.EINVAL, f"{op} {what} {addr(a)}: zero length")
     if a + max(n, 1) > ADDR_LIMIT:
@@ -139,12 +145,14 @@ def buffer_view(op: str, a: object, buf: object, *, what: str = "iova") -> memor
     return mv
 
 
-def check_rw(op: str, a: object, buf: object, fill: bool, what: str = "iova", empty: bool = False) -> memoryview:
+def check_rw(
+    op: str, a: object, buf: object, fill: bool, what: str = "iova", empty: bool = False, guest: bool = False
+) -> memoryview:
     """The rules of an access through a caller's buffer (both cores, in this order): the
     buffer (:func:`buffer_view`), the address and its length (:func:`check_access`), then a
     read-only buffer that the access would fill → EINVAL.  Returns the byte view."""
     mv = buffer_view(op, a, buf, what=what)
-    check_access(op, a, mv.nbytes, what=what, empty=empty)
+    check_access(op, a, mv.nbytes, what, empty, guest)
     if fill and mv.readonly:
         raise DmaError(_errno.EINVAL, f"{op} {rng(a, mv.nbytes)}: buffer is read-only")
     return mv

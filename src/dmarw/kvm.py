@@ -208,18 +208,18 @@ class Vm:
 
     def read_guest_into(self, gpa: int, buf: bytearray | memoryview) -> None:
         """Fill ``buf`` from guest memory at ``gpa`` (a read-only ``buf`` is ``EINVAL``)."""
-        self._access("read_guest_into", gpa, check_rw("read_guest_into", gpa, buf, True, "gpa", True), False)
+        self._access("read_guest_into", gpa, check_rw("read_guest_into", gpa, buf, True, "gpa", True, True), False)
 
     def read_guest(self, gpa: int, n: int) -> bytes:
         """``n`` bytes of guest memory at ``gpa``."""
-        check_access("read_guest", gpa, n, "gpa", True)
+        check_access("read_guest", gpa, n, "gpa", True, True)
         buf = zeroed("read_guest", gpa, n)
         self._access("read_guest", gpa, memoryview(buf), False)
         return bytes(buf)
 
     def write_guest(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` to guest memory at ``gpa``, marking each page in the dirty log."""
-        self._access("write_guest", gpa, check_rw("write_guest", gpa, data, False, "gpa", True), True)
+        self._access("write_guest", gpa, check_rw("write_guest", gpa, data, False, "gpa", True, True), True)
 
     # -- dirty log ---------------------------------------------------------------------
     def get_dirty_log(self, slot: int) -> bytes:

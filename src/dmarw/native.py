@@ -39,6 +39,9 @@ from .mm import AddressSpace, Region
 from .type1 import Container, _Table
 from .vfio import ExternalUser
 
+if getattr(_native, "__file__", None) is None:  # only the C sources' folder: not built
+    raise ImportError("the native core dmarw._native is not built (pip install -e . with a C compiler)")
+
 cycles = _native.cycles
 tsc_hz = _native.tsc_hz
 counter_kind = _native.counter_kind

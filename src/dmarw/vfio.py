@@ -11,7 +11,7 @@ Per-call path (the 2020 kernel's ``vfio_dma_rw(dev, ...)``), on every call:
 5. drop the container user and the group reference (atomics, no lock).
 
 :class:`ExternalUser` does steps 1–3 once and keeps the references until closed, so each
-call costs only step 4 — the fix the seed thread arrived at.
+call costs only step 4 — the fix the 2020 thread arrived at.
 
 The global ``vfio.group_lock`` can be replaced by a process-shared lock
 (:func:`set_group_lock`, :func:`new_group_lock`), so that VMs in separate processes contend
@@ -34,7 +34,7 @@ import errno
 import itertools
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import core as _core
 from .errors import DmaError, addr, error, fail, rng
@@ -352,20 +352,33 @@ def vfio_dma_rw_py(device: Device, iova: int, buf: Buffer, write: bool) -> None:
         _leave(g)
 
 
-def vfio_dma_rw(device: Device, iova: int, buf: Buffer, write: bool) -> None:
-    """The per-call path (steps 1-5 of the module docstring) around one ``dma_rw``: one C
-    call for a device of a native group (:func:`percall_entry` gives that entry itself),
-    the Python path otherwise."""
-    percall_entry(device)(device, iova, buf, write)
+PerCall = Callable[[Device, int, Buffer, bool], None]
 
 
-def percall_entry(device: Device) -> Callable[[Device, int, Buffer, bool], None]:
-    """The fastest callable of the per-call path for ``device``: the native one-call
-    ``vfio_dma_rw`` for a device of a native group, else :func:`vfio_dma_rw_py`."""
-    if getattr(device, "native_state", None) is not None:
-        fn: Callable[[Device, int, Buffer, bool], None] = _registry.native_setup()._native.vfio_dma_rw
+def percall_entry() -> PerCall:
+    """The per-call path of the selected core: the native one-call ``vfio_dma_rw`` (which
+    runs a device of a Python group through :func:`vfio_dma_rw_py`), or the Python path."""
+    try:
+        native = _core.resolve() == "native"
+    except DmaError:
+        native = False
+    if not native:
+        return vfio_dma_rw_py
+    fn: PerCall = _registry.native_setup()._native.vfio_dma_rw
+    return fn
+
+
+if TYPE_CHECKING:
+    vfio_dma_rw: PerCall
+    """The per-call path (steps 1-5 of the module docstring) around one ``dma_rw``."""
+
+
+def __getattr__(name: str) -> Any:
+    """``vfio_dma_rw`` is chosen on first use (:func:`percall_entry`), not at import."""
+    if name == "vfio_dma_rw":
+        fn = globals()["vfio_dma_rw"] = percall_entry()
         return fn
-    return vfio_dma_rw_py
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def vfio_pin_pages(device: Device, iova: int, npage: int, prot: Prot) -> list[int]:

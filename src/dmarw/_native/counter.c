@@ -158,7 +158,7 @@ fail:
 
 
 /* Run every record through one(target, ...), each call between two counter reads (the
- * seed's get_cycles() pair); the first failing call raises. */
+ * get_cycles() pair of the 2020 measurements); the first failing call raises. */
 PyObject *
 replay_records(Records *r, ReplayOne one, PyObject *target)
 {

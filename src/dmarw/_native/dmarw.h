@@ -444,6 +444,7 @@ extern PyTypeObject HandleType;
 
 extern PyTypeObject LockType;
 extern PyTypeObject GroupStateType;
+int vfio_init(void); /* interned attribute names, from PyInit */
 PyObject *vfio_setup(PyObject *self, PyObject *args);
 PyObject *vfio_set_group_lock(PyObject *self, PyObject *arg);
 PyObject *vfio_dma_rw(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames);

@@ -85,12 +85,12 @@ kvm_buffer_access(KvmObject *self, const char *op, PyObject *gpa_obj, PyObject *
     Py_buffer v;
     if (PyObject_GetBuffer(buf_obj, &v, write ? PyBUF_SIMPLE : PyBUF_WRITABLE) < 0) {
         PyErr_Clear();
-        return rules_error("check_rw", "sOOisi", op, gpa_obj, buf_obj, !write, "gpa", 1);
+        return rules_error("check_rw", "sOOisii", op, gpa_obj, buf_obj, !write, "gpa", 1, 1);
     }
     uint64_t gpa;
     PyObject *ret;
     if (parse_addr(gpa_obj, &gpa) < 0 || past_end(gpa, (uint64_t)v.len))
-        ret = rules_error("check_rw", "sOOisi", op, gpa_obj, buf_obj, !write, "gpa", 1);
+        ret = rules_error("check_rw", "sOOisii", op, gpa_obj, buf_obj, !write, "gpa", 1, 1);
     else
         ret = kvm_run(self, op, gpa, (char *)v.buf, (uint64_t)v.len, write);
     PyBuffer_Release(&v);
@@ -112,7 +112,7 @@ Kvm_read_guest(KvmObject *self, PyObject *const *args_in, Py_ssize_t nargs, PyOb
     if (n == -1 && PyErr_Occurred())
         PyErr_Clear();
     if (n < 0 || parse_addr(args[0], &gpa) < 0 || past_end(gpa, (uint64_t)n))
-        return rules_error("check_access", "sOOsi", "read_guest", args[0], args[1], "gpa", 1);
+        return rules_error("check_access", "sOOsii", "read_guest", args[0], args[1], "gpa", 1, 1);
     PyObject *out = PyBytes_FromStringAndSize(NULL, n);
     if (out == NULL)
         return NULL;
@@ -154,7 +154,7 @@ kvm_replay_one(PyObject *target, uint64_t addr, Py_buffer *v, int write)
     const char *op = write ? "write_guest" : "read_guest_into";
     if (past_end(addr, (uint64_t)v->len)) {
         PyObject *a = PyLong_FromUnsignedLongLong(addr);
-        PyObject *r = a ? rules_error("check_access", "sOnsi", op, a, v->len, "gpa", 1) : NULL;
+        PyObject *r = a ? rules_error("check_access", "sOnsii", op, a, v->len, "gpa", 1, 1) : NULL;
         Py_XDECREF(a);
         return r;
     }

@@ -199,6 +199,8 @@ PyInit__native(void)
         PyErr_SetString(PyExc_OSError, "dmarw._native: pthread_key_create failed");
         return NULL;
     }
+    if (vfio_init() < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&native_module);
     if (m == NULL)
         return NULL;

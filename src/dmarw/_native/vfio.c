@@ -40,13 +40,30 @@ Lock_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     PyObject *name = PyObject_GetAttrString(cls, "name");
     if (name == NULL)
         return NULL;
+    PyObject *made = NULL; /* (class, counter) from dmarw.native.lock_class when none was given */
+    if (counter == NULL || counter == Py_None) {
+        PyObject *mod = PyImport_ImportModule("dmarw.native");
+        made = mod ? PyObject_CallMethod(mod, "lock_class", "O", name) : NULL;
+        Py_XDECREF(mod);
+        if (made == NULL || !PyTuple_Check(made) || PyTuple_GET_SIZE(made) != 2) {
+            if (made != NULL)
+                PyErr_SetString(PyExc_TypeError, "dmarw.native.lock_class: expected (class, counter)");
+            Py_XDECREF(made);
+            Py_DECREF(name);
+            return NULL;
+        }
+        counter = PyTuple_GET_ITEM(made, 1);
+    }
     LockObject *l = (LockObject *)type->tp_alloc(type, 0);
     if (l == NULL) {
+        Py_XDECREF(made);
         Py_DECREF(name);
         return NULL;
     }
     l->name = name;
-    if (stat_class_init(&l->stat, cls, counter) < 0) {
+    int bad = stat_class_init(&l->stat, cls, counter) < 0;
+    Py_XDECREF(made);
+    if (bad) {
         Py_DECREF(l);
         return NULL;
     }
@@ -329,6 +346,19 @@ PyTypeObject GroupStateType = {
     .tp_getset = GroupState_getset,
 };
 
+static PyObject *str_native_state; /* "native_state", interned by vfio_init */
+static PyObject *str_group;        /* "group" */
+static PyObject *str_dma_rw;       /* "dma_rw" */
+
+int
+vfio_init(void)
+{
+    str_native_state = PyUnicode_InternFromString("native_state");
+    str_group = PyUnicode_InternFromString("group");
+    str_dma_rw = PyUnicode_InternFromString("dma_rw");
+    return str_native_state && str_group && str_dma_rw ? 0 : -1;
+}
+
 static PyObject *vfio_groups;     /* the registry: dmarw.vfio._registry.groups */
 static PyObject *vfio_fallback;   /* the Python per-call path */
 static LockObject *vfio_group_lock; /* the registry lock when it is native, else NULL */
@@ -397,14 +427,14 @@ vfio_enter(PyObject *device, uint64_t iova, uint64_t n, VfioRef *r)
     LockObject *gl = vfio_group_lock;
     if (gl == NULL || vfio_groups == NULL)
         return 0;
-    PyObject *sto = PyObject_GetAttrString(device, "native_state");
+    PyObject *sto = PyObject_GetAttr(device, str_native_state);
     if (sto == NULL || !PyObject_TypeCheck(sto, &GroupStateType)) {
         Py_XDECREF(sto);
         PyErr_Clear();
         return 0;
     }
     GroupStateObject *st = (GroupStateObject *)sto;
-    PyObject *grp = PyObject_GetAttrString(device, "group");
+    PyObject *grp = PyObject_GetAttr(device, str_group);
     if (grp == NULL) {
         Py_DECREF(st);
         return -1;
@@ -505,9 +535,7 @@ vfio_dma_rw(PyObject *self, PyObject *const *args_in, Py_ssize_t nargs, PyObject
     PyObject *ret;
     if (r.core == NULL) {
         PyObject *call[4] = {r.container, args[1], args[2], args[3]};
-        PyObject *name = PyUnicode_FromString("dma_rw");
-        ret = name ? PyObject_VectorcallMethod(name, call, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL) : NULL;
-        Py_XDECREF(name);
+        ret = PyObject_VectorcallMethod(str_dma_rw, call, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     } else if (!r.core->base.ready || v.len == 0 || past_end(iova, (uint64_t)v.len) || (!write && v.readonly)) {
         ret = type1_dma_rw_obj(r.core, args[1], args[2], write); /* the rules word the error */
     } else {

@@ -1,6 +1,7 @@
 """The type1 container: map/unmap, dma_rw, dirty tracking and pinning (issue 2).
 
-Every test runs for each lock strategy x mm-ref mode (``container_kwargs``).  Every failing
+Every test runs on each core (``core``) for each lock strategy x mm-ref mode
+(``container_kwargs``).  Every failing
 call is checked to leave mappings, pins, tracking and host memory exactly as they were;
 where tracking is on, the next get shows the dirty bits were neither added nor lost.
 """
@@ -21,6 +22,7 @@ P = 4096
 NPAGES = 16
 TOP = 1 << 64
 RW = Prot.READ | Prot.WRITE
+MakeContainer = Callable[..., Container]
 
 
 def _pattern(n: int, seed: int = 0) -> bytes:
@@ -58,11 +60,11 @@ class Env:
 
 
 @pytest.fixture
-def env(container_kwargs: dict[str, str]) -> Env:
+def env(make_container: MakeContainer, container_kwargs: dict[str, str]) -> Env:
     space = AddressSpace()
     hva = space.mmap(NPAGES * P)
     space.write(hva, _pattern(NPAGES * P))
-    return Env(Container(**container_kwargs), space, hva)
+    return Env(make_container(**container_kwargs), space, hva)
 
 
 def _notifier(env: Env, *, unpin: bool = True) -> list[tuple[int, int]]:
@@ -88,9 +90,9 @@ def _notifier(env: Env, *, unpin: bool = True) -> list[tuple[int, int]]:
     "kwargs",
     [{"pgsize": 2048}, {"pgsize": 3 * 4096}, {"lock": "spin"}, {"mm_ref": "borrow"}],
 )
-def test_container_arguments(kwargs: dict[str, Any]) -> None:
+def test_container_arguments(make_container: MakeContainer, kwargs: dict[str, Any]) -> None:
     with pytest.raises(DmaError) as info:
-        Container(**kwargs)
+        make_container(**kwargs)
     assert info.value.errno == errno.EINVAL
 
 
@@ -173,8 +175,8 @@ def test_map_dma_of_an_exited_owner_is_efault(env: Env) -> None:
     env.space.mmput()
 
 
-def test_map_dma_larger_pgsize(container_kwargs: dict[str, str]) -> None:
-    c = Container(pgsize=8192, **container_kwargs)
+def test_map_dma_larger_pgsize(make_container: MakeContainer, container_kwargs: dict[str, str]) -> None:
+    c = make_container(pgsize=8192, **container_kwargs)
     space = AddressSpace()
     hva = space.mmap(8 * P)
     base = hva if hva % 8192 == 0 else hva + P
@@ -314,8 +316,8 @@ def test_dma_rw_owner_closed_is_eperm(env: Env) -> None:
     assert info.value.errno == errno.EPERM
 
 
-def test_dma_rw_kernel_thread_owner(container_kwargs: dict[str, str]) -> None:
-    c = Container(**container_kwargs)
+def test_dma_rw_kernel_thread_owner(make_container: MakeContainer, container_kwargs: dict[str, str]) -> None:
+    c = make_container(**container_kwargs)
     space = AddressSpace(kthread=True)
     hva = space.mmap(P)
     c.map_dma(0, P, hva, space)

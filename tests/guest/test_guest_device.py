@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dmarw import DmaError, bitmap_pages
 from dmarw.devices import gpu
@@ -213,3 +215,76 @@ def test_bad_commands_stop_the_engine_with_an_error(entry: tuple, code: int, tex
     assert dev.regs.status & gpu.STATUS_ERROR and dev.regs.error == code
     assert text in dev.last_error
     assert dev.regs.head == 0 and dev.regs.commands == 0  # the second command never ran
+
+
+# -- the register file against a plain model (engine disabled: register rules only) -------
+
+REGS = [gpu.REG_RING_BASE_LO, gpu.REG_RING_BASE_HI, gpu.REG_RING_SIZE, gpu.REG_RING_TAIL,
+        gpu.REG_HWSP_LO, gpu.REG_HWSP_HI, gpu.REG_ID, gpu.REG_FENCE, 0x3C]
+VALUES = st.one_of(st.integers(0, 8), st.integers(4090, 4100), st.integers(0, 0xFFFFFFFF))
+
+
+def _model_write(m: dict[str, int], off: int, v: int) -> None:
+    v &= 0xFFFFFFFF
+
+    def err(code: int) -> None:
+        if not m["error_set"]:
+            m["error_set"], m["error"] = 1, code
+
+    if off == gpu.REG_RING_BASE_LO:
+        m["base"] = (m["base"] & ~0xFFFFFFFF) | v
+    elif off == gpu.REG_RING_BASE_HI:
+        m["base"] = (m["base"] & 0xFFFFFFFF) | v << 32
+    elif off == gpu.REG_HWSP_LO:
+        m["hwsp"] = (m["hwsp"] & ~0xFFFFFFFF) | v
+    elif off == gpu.REG_HWSP_HI:
+        m["hwsp"] = (m["hwsp"] & 0xFFFFFFFF) | v << 32
+    elif off == gpu.REG_RING_SIZE:
+        if 1 <= v <= gpu.RING_MAX:
+            m["size"], m["head"], m["tail"] = v, 0, 0
+        else:
+            err(gpu.ERR_RING)
+    elif off == gpu.REG_RING_TAIL:
+        if v < m["size"]:
+            m["tail"] = v
+        else:
+            err(gpu.ERR_RING)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(REGS), VALUES, st.sampled_from([4, 4, 4, 2])), max_size=40),
+       st.integers(0, 40))
+def test_register_file_against_a_model(ops: list[tuple[int, int, int]], reset_at: int) -> None:
+    dev = GpuDevice(FlatRam(4096).dma)  # never enabled: the engine does not run
+    m = {"base": 0, "hwsp": 0, "size": 0, "head": 0, "tail": 0, "error": 0, "error_set": 0}
+    for i, (off, v, size) in enumerate(ops):
+        if i == reset_at:
+            dev.mmio_write(gpu.REG_CTRL, 4, gpu.CTRL_RESET)
+            m = dict.fromkeys(m, 0)
+        dev.mmio_write(off, size, v)
+        if size == 4:
+            _model_write(m, off, v)
+        r = dev.regs
+        assert (r.ring_base, r.hwsp, r.ring_size, r.head, r.tail) == (m["base"], m["hwsp"], m["size"],
+                                                                        m["head"], m["tail"])
+        assert dev.reg_read(gpu.REG_ERROR) == m["error"]
+        assert bool(dev.reg_read(gpu.REG_STATUS) & gpu.STATUS_ERROR) == bool(m["error_set"])
+        assert dev.reg_read(gpu.REG_ID) == gpu.DEVICE_ID and dev.reg_read(gpu.REG_FENCE) == 0
+        assert dev.mmio_read(gpu.REG_RING_BASE_HI, 4) == m["base"] >> 32
+        assert dev.regs.commands == 0 and dev.stats.doorbells <= len(ops)
+
+
+def test_a_broken_dma_rw_is_an_engine_error_not_a_dead_engine() -> None:
+    def broken(addr: int, buf: memoryview, write: bool) -> None:
+        raise TypeError("not a buffer")
+
+    dev = GpuDevice(broken, threaded=True)
+    dev.start()
+    try:
+        dev.reg_write(gpu.REG_RING_SIZE, 8)
+        dev.reg_write(gpu.REG_CTRL, gpu.CTRL_ENABLE)
+        dev.reg_write(gpu.REG_RING_TAIL, 1)
+        dev.reg_write(gpu.REG_WAIT, 1)  # held until the error
+        assert dev.regs.status & gpu.STATUS_ERROR and "TypeError" in dev.last_error
+    finally:
+        dev.stop()

@@ -7,20 +7,28 @@ guest code)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import multiprocessing as mp
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from guest_skip import MARKS
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from dmarw import DmaError
 from dmarw.devices.paths import PATH_NAMES
 from dmarw.guest import build, image, image_path
 from dmarw.guest.machine import GuestMachine, run_guest
 from dmarw.guest.model import model_run
-from dmarw.guest.params import Params
+from dmarw.guest.params import PARAMS_GPA, Params
 
-pytestmark = pytest.mark.guest_kvm
+pytestmark = MARKS
 
 P = Params(seed=11, commands=200, ram_size=4 << 20, batch=16)
 
@@ -60,6 +68,20 @@ def test_each_path_checksum_and_dirty_sets(path: str, reference: int) -> None:
     assert r.exits["hlt"] == 1 and r.exits["mmio"] > P.commands // P.batch
 
 
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, (1 << 64) - 1), commands=st.integers(1, 120), batch=st.integers(1, 64),
+       writer_heavy=st.integers(0, 3), ram_mib=st.sampled_from([2, 3, 5]))
+def test_real_guest_equals_its_model(seed: int, commands: int, batch: int, writer_heavy: int,
+                                     ram_mib: int) -> None:
+    """The C guest under KVM and the Python model agree over the parameter space."""
+    p = Params(seed=seed, commands=commands, ram_size=ram_mib << 20, batch=batch,
+               writer_heavy=writer_heavy)
+    r = run_guest("vfio-external-user-mmget", p, threaded=bool(seed & 1))
+    want = model_run(p)
+    assert r.checksum == want.checksum and r.ok, [c for c in r.checks if not c.ok]
+    assert r.pages["drec"] == len(want.device_pages)
+
+
 @pytest.mark.parametrize("dirty", ["clear", "ring"])
 def test_dirty_modes_agree(dirty: str, reference: int) -> None:
     r = run_guest("vfio-rcu", P, dirty=dirty)
@@ -72,6 +94,34 @@ def test_inline_device_and_writer_heavy_guest() -> None:
     assert r.checksum == model_run(p).checksum and r.ok
     light = run_guest("vfio-mutex", Params(seed=2, commands=120, ram_size=4 << 20), threaded=False)
     assert r.pages["vrec"] > light.pages["vrec"]
+
+
+def test_guest_reports_a_bad_parameter_block_through_the_port() -> None:
+    with GuestMachine("vfio-mutex", P) as m:
+        m.write_host(PARAMS_GPA, b"XXXX")  # the magic
+        assert m.run() == "hlt"
+        r = m.report()
+    assert not r.ok and r.checksum is None
+    first = r.checks[0]
+    assert first.name == "guest finished" and not first.ok and "bad parameter block" in first.detail
+
+
+def test_guest_sees_a_device_error_and_stops() -> None:
+    with GuestMachine("vfio-mutex", P) as m:
+        m.device.dma_rw = lambda addr, buf, w: (_ for _ in ()).throw(  # every DMA faults
+            DmaError(errno.EFAULT, f"iova {addr:#x}: injected"))
+        assert m.run() == "hlt"
+        r = m.report()
+    assert "device reported an error" in r.checks[0].detail
+    assert not r.checks[1].ok and "injected" in r.checks[1].detail
+
+
+def test_a_guest_that_stops_progressing_is_a_timeout_not_a_hang() -> None:
+    with GuestMachine("vfio-mutex", P) as m:
+        m.device.stop_at(20)  # paused for good: the guest spins on its fence
+        with pytest.raises(DmaError) as e:
+            m.run(stall_s=1.0)
+    assert e.value.errno == errno.ETIMEDOUT and "at command 20 of 200" in str(e.value)
 
 
 def test_lost_device_write_is_detected(reference: int) -> None:
@@ -106,6 +156,32 @@ def test_save_restore_mid_run_same_checksum(threaded: bool, reference: int) -> N
     assert r.checksum == reference and r.commands == P.commands
 
 
+def _finish_elsewhere(state: dict[str, bytes], conn: Any) -> None:
+    with GuestMachine("vfio-external-user", P, load_image=False) as m:
+        m.restore(state)
+        m.resume()
+        m.run()
+        conn.send((os.getpid(), m.report().checksum))
+    conn.close()
+
+
+def test_save_restore_into_another_process(reference: int) -> None:
+    with GuestMachine("vfio-external-user", P) as m:
+        m.stop_after(P.commands // 3)
+        assert m.run() == "intr"
+        m.device.pause()
+        state = m.save()
+    ctx = mp.get_context("fork")
+    rx, tx = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_finish_elsewhere, args=(state, tx))
+    child.start()
+    tx.close()
+    pid, checksum = rx.recv()
+    child.join(60)
+    assert child.exitcode == 0 and pid != os.getpid()
+    assert checksum == reference
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     main = "import sys; from dmarw.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", main, "guest", *args], capture_output=True,
@@ -129,6 +205,7 @@ def test_cli_runs_checks_and_writes_json(tmp_path: Path, reference: int) -> None
     (["--commands", "0"], "commands"),
     (["--batch", "65"], "batch"),
     (["--path", "nope"], "invalid choice"),
+    (["--json", "/nonexistent-dir/g.json"], "no such folder"),
 ])
 def test_cli_bad_input_one_line(args: list[str], text: str) -> None:
     p = _cli(*args)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import argparse
 
 import pytest
+from guest_skip import MARKS
 
 from dmarw.guest.machine import run_guest
 from dmarw.guest.params import CMD_SIZE, RING_ENTRIES, RING_GPA, Params
 from dmarw.guest.traffic import capture, guest_source, lab_source
 from dmarw.lab import reproduce as R
 
-pytestmark = pytest.mark.guest_kvm
+pytestmark = MARKS
 
 RAM = 4 << 20
 

@@ -392,7 +392,10 @@ class GpuDevice:
                         return
         except DmaError as e:
             with self._cond:
-                self._error(ERR_DMA, f"ring fetch: {e}")
+                self._error(ERR_DMA, f"ring fetch at {base + head * CMD.size:#x}: {e}")
+        except Exception as e:  # a broken dma_rw: the guest must see an error, not a dead engine
+            with self._cond:
+                self._error(ERR_DMA, f"engine: {type(e).__name__}: {e}")
         finally:
             with self._cond:
                 self._busy = False

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from .. import lockstat
 from ..devices.paths import PATH_NAMES
+from ..lab.cli import check_core, check_output
 from ..vmm import DEFAULT_DIRTY
 from .machine import GuestMachine, RunReport
 from .model import model_run
@@ -139,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     # prints it as one line
     params = Params(seed=args.seed, commands=args.commands, ram_size=args.ram, batch=args.batch,
                     writer_heavy=args.writer_heavy)
+    check_output(args.json, "--json")
+    check_core(args.core)
     paths = list(PATH_NAMES) if args.all_paths else [args.path]
     con = _console()
     reports: list[RunReport] = []

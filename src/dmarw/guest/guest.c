@@ -4,7 +4,7 @@
  *
  * Built by the package's build (setup.py, see build.py beside this file):
  *   gcc -m32 -ffreestanding -fno-pic -nostdlib -O2 ... ; ld -T guest.ld ; objcopy -O binary
- * and loaded at GUEST_LOAD (0x1000) by dmarw.guest.load(), which also writes the parameter
+ * and loaded at 0x1000 by dmarw.guest.load(), which also writes the parameter
  * block at GUEST_PARAMS (0xF000).  The vCPU starts at _start with flat segments.
  *
  * What it does, in batches of `batch` commands:
@@ -72,6 +72,7 @@ typedef unsigned long long u64;
 #define OP_WRITE 2u
 #define OP_FENCE 3u
 
+/* The access class of a command, for the device's statistics: the order of dmarw.devices.gpu.KINDS. */
 enum kind {
     K_PAGE_READ, K_GTT_READ, K_RING_READ, K_BATCH_READ,
     K_STATUS_WRITE, K_PTE_WRITE, K_DESC_WRITE, K_CTX_WRITE,

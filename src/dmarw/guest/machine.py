@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ RUN_EXITS_MAX = 1_000_000  # unserved exits before a run is declared runaway
 # the vCPU thread needs the GIL for every device callback while the engine thread holds it,
 # and would otherwise wait up to the whole interval at each doorbell.
 SWITCH_INTERVAL_S = 0.0002
+STALL_S = 60.0  # the watchdog's window: no command done and no port output in it is a hang
 
 
 @dataclass
@@ -52,7 +54,7 @@ class RunReport:
 
     path: str
     params: Params
-    dirty: str
+    dirty: str | None
     threaded: bool
     checksum: int | None
     commands: int | None
@@ -99,7 +101,7 @@ def _diff(got: set[int], want: set[int]) -> str:
 class GuestMachine:
     """The guest and its device on ``path``; ``device_kw`` goes to :class:`GpuDevice`."""
 
-    def __init__(self, path: str, params: Params, *, dirty: str = "bitmap", threaded: bool = True,
+    def __init__(self, path: str, params: Params, *, dirty: str | None = None, threaded: bool = True,
                  core: str | None = None, device_kw: dict[str, Any] | None = None,
                  load_image: bool = True, prefault: bool = True,
                  switch_interval: float | None = SWITCH_INTERVAL_S) -> None:
@@ -109,10 +111,11 @@ class GuestMachine:
         self.params = params
         self.dirty = dirty
         self.switch_interval = switch_interval
-        self.env = path_env(path, params.ram_size, core=core, kvm={"dirty": dirty})
+        self.env = path_env(path, params.ram_size, core=core, kvm={"dirty": dirty, "core": core})
         try:
             vm: Any = self.env.vm  # the KvmVm
             self.vm = vm
+            self.dirty = vm.dirty  # the mode in use (KvmVm's default when None was asked)
             self.device = GpuDevice(dma_rw_for(self.env), threaded=threaded, **(device_kw or {}))
             self.port = ResultPort()
             vm.add_mmio(MMIO_GPA, MMIO_SIZE, self.device)
@@ -146,13 +149,32 @@ class GuestMachine:
         return kernel, user, cont
 
     # -- running ---------------------------------------------------------------------------
-    def run(self, *, until: Callable[[], bool] | None = None) -> str:
+    def run(self, *, until: Callable[[], bool] | None = None, stall_s: float | None = STALL_S) -> str:
         """Run the vCPU until ``hlt`` (returns ``"hlt"``) or a :meth:`stop` (``"intr"``);
-        any other exit is an error naming it.  ``until`` is checked at each ``intr``."""
+        any other exit is an error naming it.  ``until`` is checked at each ``intr``.
+        A watchdog kicks the vCPU when neither the device's command count nor the guest's
+        port output has moved for ``stall_s`` seconds: ``ETIMEDOUT`` naming where it stood
+        (a guest spinning on a fence that never comes is served inside ``run()``)."""
         self.device.start()
         old_switch = sys.getswitchinterval()
         if self.switch_interval is not None:
             sys.setswitchinterval(self.switch_interval)
+        stalled = threading.Event()
+        done = threading.Event()
+        dog = None
+        if stall_s is not None:
+            def watch() -> None:
+                last = (-1, -1)
+                while not done.wait(stall_s):
+                    now = (self.device.regs.commands, len(self.port.result.words))
+                    if now == last:
+                        stalled.set()
+                        self.vcpu.kick()
+                        return
+                    last = now
+
+            dog = threading.Thread(target=watch, name="guest-watchdog", daemon=True)
+            dog.start()
         t0 = time.perf_counter()
         try:
             for _ in range(RUN_EXITS_MAX):
@@ -161,12 +183,19 @@ class GuestMachine:
                 if ex.reason == "hlt":
                     return "hlt"
                 if ex.reason == "intr":
+                    if stalled.is_set():
+                        raise fail(errno.ETIMEDOUT, f"guest on {self.path}: no progress for {stall_s} s "
+                                   f"at command {self.device.regs.commands} of {self.params.commands} "
+                                   f"(device: {self.device.last_error or 'no error'})")
                     if until is None or until():
                         return "intr"
                     continue
                 raise fail(errno.EIO, f"guest on {self.path}: unexpected exit {ex}")
             raise fail(errno.EIO, f"guest on {self.path}: {RUN_EXITS_MAX} exits without hlt")
         finally:
+            done.set()
+            if dog is not None:
+                dog.join()
             self.wall_s += time.perf_counter() - t0
             sys.setswitchinterval(old_switch)
 

@@ -199,6 +199,17 @@ def lab_source(args: Any) -> Callable[[int, int], Workload]:
     if getattr(args, "trace", None):
         raise SystemExit("--guest and --trace are two access sources: choose one")
     commands = args.guest_commands or (QUICK_COMMANDS if args.quick else DEFAULT_COMMANDS)
+    from rich.console import Console
+
     from ..lab.workload import DEFAULT_RAM
 
-    return guest_source(commands, vms=max(args.vms), ram_size=DEFAULT_RAM, core=args.core, ops=args.ops)
+    err = Console(stderr=True)
+
+    def said(caps: list[Capture]) -> None:
+        for c in caps:
+            err.print(f"real guest {c.seed} (pid {c.pid}): {commands:,} commands, checksum "
+                      f"{c.checksum:016x}, {c.wall_s:.1f} s, device {c.per_command_ns / 1e3:.1f} us a "
+                      f"command, {c.workload.ops:,} records")
+
+    return guest_source(commands, vms=max(args.vms), ram_size=DEFAULT_RAM, core=args.core, ops=args.ops,
+                        on_capture=said)

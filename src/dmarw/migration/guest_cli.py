@@ -124,10 +124,7 @@ def run_guest_cli(args: argparse.Namespace, key: bytes | None, con: Console, bar
         auto_converge=not args.no_auto_converge, device_bypass=args.device_bypass, no_vfio_log=args.no_vfio_log,
         no_kvm_log=args.no_kvm_log, to=args.to, key=key, timeout=args.timeout,
     )
-    try:
-        cfg.check()
-    except DmaError as e:  # a user's mistake: one line, before any work
-        raise SystemExit(f"dmarw migrate: {e}") from None
+    cfg.check()  # a user's mistake: raised before any work, main prints one line
     controls = [n for n, on in (("device writes bypass dma_rw", cfg.device_bypass),
                                 ("the container's bitmap ignored", cfg.no_vfio_log),
                                 ("the kernel's dirty log ignored", cfg.no_kvm_log)) if on]

@@ -199,7 +199,7 @@ def run_guest_migration(
         plain = plain_copy(sm.m.env.space, sm.m.env.hva, cfg.ram, tcp=cfg.to is not None) if cfg.plain_copy else None
         src = Source(sm.vm, sm.container, threshold=cfg.threshold, max_rounds=cfg.max_rounds,
                      use_kvm_log=not cfg.no_kvm_log, use_vfio_log=not cfg.no_vfio_log)
-        conn = open_destination(cfg, src, spec, cfg.guest_timeout) if cfg.to is None else None
+        conn = open_destination(cfg, src, spec, cfg.guest_timeout)  # its VM ready before the guest starts
         sm.start()
         o = attempt_guest(sm, src, cfg, conn, on_sent, on_round_start, on_round_end)
         o.plain, o.reference, o.reference_seconds = plain, ref, ref_s

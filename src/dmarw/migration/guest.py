@@ -206,6 +206,8 @@ class DestMachine:
         self.m = GuestMachine(spec.path, spec.params(), dirty=spec.dirty, load_image=False)
         self.ram = (self.m.env.space, [self.m.env.hva])
         self.halted = False
+        self.m.device.pause()
+        self.m.device.start()  # the engine thread exists before the stream, paused: resume only wakes it
 
     def restore(self, states: dict[str, bytes]) -> dict[str, Any]:
         missing = [n for n in ("vcpu0", "gpu", "result-port", "machine") if n not in states]
@@ -213,7 +215,6 @@ class DestMachine:
             raise DmaError(errno.EPROTO, f"the stream carried no state for {', '.join(missing)}")
         t0 = time.perf_counter()
         m = self.m
-        m.device.pause()
         m.vcpu.restore(states["vcpu0"])
         m.device.restore(states["gpu"])
         m.port.restore(states["result-port"])
@@ -228,7 +229,6 @@ class DestMachine:
         m = self.m
         t0 = time.perf_counter()
         m.device.resume()
-        m.device.start()
         resume_s = time.perf_counter() - t0
         out: dict[str, Any] = {"resume_seconds": resume_s}
         expired = threading.Event()

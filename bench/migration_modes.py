@@ -47,6 +47,7 @@ def row(o: GuestOutcome) -> dict[str, Any]:
         "commands_at_stop": o.commands_at_stop,
         "pages_ok": o.pages_ok,
         "checksum_ok": o.checksum_ok,
+        "guest_error": o.guest_error,
     }
 
 
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{d['total_s']:.3f} s", f"{d['downtime_s'] * 1e3:,.2f} ms", ok)
     con.print(t)
     for mode, d in results.items():
+        if d.get("guest_error"):
+            con.print(f"{mode}: the destination's guest did not finish: {d['guest_error']}")
         if "parts_s" in d:
             con.print(f"{mode}: downtime parts " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in d["parts_s"].items()))
     con.print(f"unmigrated run: checksum {ref:#018x} in {ref_s:.2f} s")

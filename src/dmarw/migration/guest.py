@@ -36,6 +36,7 @@ from typing import Any
 from ..errors import DmaError
 from ..guest import Params
 from ..guest.machine import GuestMachine
+from ..vmm import DEFAULT_DIRTY
 
 SLICE_S = 0.01  # the throttle's time slice (QEMU's CPU_THROTTLE_TIMESLICE_NS is 10 ms)
 PATH = "vfio-external-user"  # the device's way to guest RAM: the container, so its log sees it
@@ -50,7 +51,7 @@ class GuestSpec:
     commands: int
     batch: int = 16
     writer_heavy: bool = False
-    dirty: str = "bitmap"
+    dirty: str = DEFAULT_DIRTY
     path: str = PATH
 
     def params(self) -> Params:
@@ -203,7 +204,8 @@ class DestMachine:
 
     def __init__(self, spec: GuestSpec) -> None:
         self.spec = spec
-        self.m = GuestMachine(spec.path, spec.params(), dirty=spec.dirty, load_image=False)
+        # the dirty mode is the source's choice for its harvests; nothing here is harvested
+        self.m = GuestMachine(spec.path, spec.params(), dirty="bitmap", load_image=False)
         self.ram = (self.m.env.space, [self.m.env.hva])
         self.halted = False
         self.m.device.pause()
@@ -220,7 +222,6 @@ class DestMachine:
         m.port.restore(states["result-port"])
         meta = json.loads(states["machine"])
         self.halted = bool(meta.get("halted"))
-        m.clear_logs()
         return {"restore_seconds": time.perf_counter() - t0, "commands_at_stop": meta.get("commands_at_stop")}
 
     def run(self, timeout: float = 300.0) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import DmaError
+from ..vmm import DEFAULT_DIRTY
 from ..vmm.dirty import MODES
 from .running import GuestConfig, GuestOutcome, run_guest_migration
 
@@ -63,7 +64,8 @@ def add_guest_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--commands", type=int, default=20_000, help="device commands the guest issues (default 20000)")
     g.add_argument("--batch", type=int, default=16, help="commands per doorbell (default 16)")
     g.add_argument("--writer-heavy", action="store_true", help="the guest also stores a whole page and more per command")
-    g.add_argument("--dirty", choices=MODES, default="bitmap", help="how the kernel's dirty log is read (default bitmap)")
+    g.add_argument("--dirty", choices=MODES, default=DEFAULT_DIRTY,
+                   help=f"how the kernel's dirty log is read (default {DEFAULT_DIRTY})")
     g.add_argument("--no-kvm-log", action="store_true", help="negative control: ignore the kernel's dirty log")
     g.add_argument("--no-auto-converge", action="store_true", help="never throttle the vCPU")
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from ..errors import DmaError
 from ..guest.params import RAM_MAX, RAM_MIN
+from ..vmm import DEFAULT_DIRTY
 from ..vmm.dirty import MODES
 from . import control, dest
 from .channel import Channel, handshake_source
@@ -51,7 +52,7 @@ class GuestConfig:
     commands: int = 3000
     batch: int = 16
     writer_heavy: bool = False
-    dirty: str = "bitmap"
+    dirty: str = DEFAULT_DIRTY
     threshold: int = 256
     max_rounds: int = 16
     auto_converge: bool = True

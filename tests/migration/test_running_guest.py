@@ -43,7 +43,7 @@ def check_running(o: GuestOutcome) -> None:
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_running_guest_migrates_and_verifies_both_ways(seed: int) -> None:
-    o = migrate(seed, dirty=("bitmap", "clear")[seed % 2])
+    o = migrate(seed, dirty=("bitmap", "clear", "ring")[seed % 3])
     check_running(o)
     assert o.pages_ok, [hex(g) for g in o.differing[:8]]
     assert o.checksum == o.reference and o.checksum_ok and o.ok

@@ -22,7 +22,7 @@ _reference: dict[tuple[int, bool], int] = {}
 
 def migrate(seed: int, **kw: object) -> GuestOutcome:
     base: dict[str, object] = {"ram": RAM, "seed": seed, "commands": COMMANDS, "plain_copy": False, "timeout": 60.0,
-                              "guest_timeout": 30.0}
+                              "guest_timeout": 15.0}
     base.update(kw)
     cfg = GuestConfig(**base)  # type: ignore[arg-type]
     key = (seed, cfg.writer_heavy)

@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 
 from dmarw.migration.guest import SourceMachine, reference_checksum
-from dmarw.migration.running import GuestConfig, attempt_guest, run_guest_migration
+from dmarw.migration.running import (
+    GuestConfig,
+    attempt_guest,
+    open_destination,
+    run_guest_migration,
+)
 from dmarw.migration.source import MigrationFailed, Source
 
 KEY = b"0123456789abcdef-shared-key"
@@ -58,7 +63,7 @@ def key_file(tmp_path: Path) -> Path:
 
 def cfg(to: str, **kw: object) -> GuestConfig:
     base: dict[str, object] = {"ram": RAM, "seed": 11, "commands": COMMANDS, "plain_copy": False, "to": to,
-                               "key": KEY, "timeout": 60.0, "guest_timeout": 30.0}
+                               "key": KEY, "timeout": 60.0, "guest_timeout": 15.0}
     base.update(kw)
     return GuestConfig(**base)  # type: ignore[arg-type]
 
@@ -90,8 +95,9 @@ def test_destination_killed_mid_stream_the_guest_runs_on_and_a_second_attempt_su
     try:
         src = Source(sm.vm, sm.container, threshold=c.threshold, max_rounds=c.max_rounds)
         inc = Incoming(key_file)
-        sm.start()
         c.to = inc.addr
+        conn = open_destination(c, src, spec)  # its VM built before the guest starts
+        sm.start()
         frames = [0]
 
         def kill(_n: int, _pages: int) -> None:
@@ -100,7 +106,7 @@ def test_destination_killed_mid_stream_the_guest_runs_on_and_a_second_attempt_su
                 os.kill(inc.proc.pid, signal.SIGKILL)
 
         with pytest.raises(MigrationFailed, match="destination lost, migration cancelled"):
-            attempt_guest(sm, src, c, on_sent=kill)
+            attempt_guest(sm, src, c, conn, on_sent=kill)
         assert inc.finish()[0] == -signal.SIGKILL
         assert sm.running and sm.m.port.result.checksum is None  # mid-run, and not stopped by the failure
         inc2 = Incoming(key_file)
@@ -122,8 +128,9 @@ def test_destination_killed_the_source_guest_finishes_unharmed(key_file: Path) -
     try:
         src = Source(sm.vm, sm.container)
         inc = Incoming(key_file)
-        sm.start()
         c.to = inc.addr
+        conn = open_destination(c, src, spec)
+        sm.start()
 
         def kill_in_final(_rnd: int, _pages: int) -> None:
             if not sm.running and sm.outcome != "hlt":  # the guest is paused: the final round
@@ -131,7 +138,7 @@ def test_destination_killed_the_source_guest_finishes_unharmed(key_file: Path) -
                 inc.proc.wait(WAIT)
 
         with pytest.raises(MigrationFailed):
-            attempt_guest(sm, src, c, on_round_start=kill_in_final)
+            attempt_guest(sm, src, c, conn, on_round_start=kill_in_final)
         inc.finish()
         assert sm.m.port.result.checksum is None  # it was stopped mid-run, then resumed
         assert sm.finish(WAIT) == ref  # resumed after the failed switchover, it ends as unmigrated

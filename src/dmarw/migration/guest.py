@@ -153,7 +153,10 @@ class SourceMachine:
     def pause(self) -> None:
         """Device paused at a command boundary, vCPU out of the guest, its thread ended."""
         self._stop = True
-        self.m.stop()  # device.pause(), then kick the vCPU
+        m = self.m
+        m.device.release_waiters()  # a vCPU held in a WAIT store returns to the guest ...
+        m.vcpu.kick()  # ... and leaves it at once, while the device finishes its command
+        m.device.pause()
         t = self._thread
         if t is not None:
             t.join(30.0)

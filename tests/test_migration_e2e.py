@@ -1,4 +1,4 @@
-"""Live migration between two processes while vCPU and device writers run (issue 5).
+"""Live migration between two processes while vCPU and device writers run (replay).
 
 Every run forks a destination process and migrates a 64 MiB guest to it while the writer
 threads dirty memory; verification compares a digest of every page.  The default path must

@@ -108,6 +108,7 @@ class Destination:
                 if ev is NEED_DATA:
                     return
                 self._apply(ev)  # type: ignore[arg-type]
+                del ev  # its page view: released, so the decoder may reuse its buffer
         except StreamError as e:
             self.error = e
             self.complete = False
@@ -118,14 +119,15 @@ class Destination:
             ps = self.page_size
             gpas = ev.gpas
             i = 0
-            data = memoryview(ev.data)
-            while i < len(gpas):  # one write per run of consecutive pages in one region
-                hva, region_end = self._hva(gpas[i])
-                j = i + 1
-                while j < len(gpas) and gpas[j] == gpas[j - 1] + ps and gpas[j] < region_end:
-                    j += 1
-                self.space.write(hva, data[i * ps : j * ps])
-                i = j
+            with memoryview(ev.data) as data:
+                while i < len(gpas):  # one write per run of consecutive pages in one region
+                    hva, region_end = self._hva(gpas[i])
+                    j = i + 1
+                    while j < len(gpas) and gpas[j] == gpas[j - 1] + ps and gpas[j] < region_end:
+                        j += 1
+                    with data[i * ps : j * ps] as run:
+                        self.space.write(hva, run)
+                    i = j
             self.pages_applied += len(gpas)
         elif isinstance(ev, RoundEnd):
             self.rounds += 1
@@ -142,8 +144,8 @@ class Destination:
         buf = bytearray(RECV_CHUNK)
         view = memoryview(buf)
         while not self.complete:
-            try:
-                n = sock.recv_into(view)
+            try:  # wait for the rest of the next frame at once: one feed per frame
+                n = sock.recv_into(view, min(RECV_CHUNK, self.decoder.wanted()), socket.MSG_WAITALL)
             except TimeoutError:
                 raise StreamError("truncated", f"the source sent nothing for {sock.gettimeout()} s at offset {self.decoder.offset:#x}") from None
             except OSError as e:  # reset by a source that died: the same as a cut stream

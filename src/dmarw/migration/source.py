@@ -163,6 +163,7 @@ class Source:
         self.slots = [_Slot(s.slot, s.gpa, s.size, s.hva) for s in slots]
         self.layout: Layout = tuple((s.gpa, s.size) for s in self.slots)
         self.npages = sum(s.size for s in self.slots) // PAGE_SIZE
+        self._frame_buf = bytearray(PAGES_PER_FRAME * PAGE_SIZE)
 
     # -- address translation ---------------------------------------------------------------
     def _gfns_of_hva(self, hva: int, size: int) -> Iterable[int]:
@@ -217,9 +218,15 @@ class Source:
         self.harvest()
 
     # -- sending ---------------------------------------------------------------------------
-    def _read_pages(self, gfns: list[int]) -> bytes:
-        """Copy the pages out of guest RAM (one read per run of consecutive pages)."""
-        parts: list[bytes] = []
+    def _read_pages(self, gfns: list[int]) -> memoryview:
+        """Copy the pages out of guest RAM into this source's frame buffer (one copy per run
+        of consecutive pages; the buffer is reused, so no fresh memory is faulted in per
+        frame).  The view is valid until the next call."""
+        need = len(gfns) << 12
+        if len(self._frame_buf) < need:
+            self._frame_buf = bytearray(need)
+        out = memoryview(self._frame_buf)
+        at = 0
         i = 0
         while i < len(gfns):
             s = self._slot_of(gfns[i])
@@ -227,9 +234,13 @@ class Source:
             j = i + 1
             while j < len(gfns) and gfns[j] == gfns[j - 1] + 1 and gfns[j] < end_gfn:
                 j += 1
-            parts.append(self.space.read(s.hva + (gfns[i] << 12) - s.gpa, (j - i) << 12))
+            n = (j - i) << 12
+            region, off = self.space.region(s.hva + (gfns[i] << 12) - s.gpa, n)
+            with memoryview(region.map) as ram:
+                out[at : at + n] = ram[off : off + n]
+            at += n
             i = j
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return out[:need]
 
     def _send(self, sock: socket.socket, parts: list[bytes | memoryview]) -> int:
         return send_parts(sock, parts)

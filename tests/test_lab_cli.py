@@ -107,10 +107,9 @@ def test_binary_trace_is_refused(tmp_path: Path) -> None:
     one_line_error(dmarw("bench", "--trace", str(t)), 1, "bin.trace:3: binary content (not UTF-8")
 
 
-@pytest.mark.xfail(strict=True, reason="import dmarw resolves $DMARW_CORE at import time (dmarw/vfio.py), before "
-                   "the CLI can catch it; strict, so it fails once the import no longer raises")
 def test_unknown_core_variable_is_one_line() -> None:
-    one_line_error(dmarw("reproduce", "--no-sweep", env={"DMARW_CORE": "bogus"}), 1, "DMARW_CORE='bogus'")
+    for args in (["reproduce", "--no-sweep"], ["bench"], ["tour"]):
+        one_line_error(dmarw(*args, env={"DMARW_CORE": "bogus"}), 1, "DMARW_CORE='bogus'")
 
 
 def test_missing_native_core_when_asked_for() -> None:
@@ -139,9 +138,14 @@ def test_plot_writes_exactly_the_named_file(tmp_path: Path) -> None:
     from dmarw.lab.plot import plot
 
     doc_path = tmp_path / "r.json"
-    p = dmarw("reproduce", "--ops", "400", "--rounds", "4", "--paths", "kvm,vfio-mutex", "--vms", "1", "--no-sweep",
-              "--core", "python", "--json", str(doc_path), "--plot", str(tmp_path / "out"))
+    p = dmarw("reproduce", "--ops", "400", "--rounds", "4", "--paths", "kvm,vfio-mutex,vfio-rwsem", "--vms", "1",
+              "--no-sweep", "--core", "python", "--json", str(doc_path), "--plot", str(tmp_path / "out"),
+              env={"COLUMNS": "80"})
     assert p.returncode == 0, p.stderr
+    # laid out for 80 columns: no table line wider, no cell cut, tables (3) and (5) split in two
+    table_lines = [ln for ln in p.stdout.splitlines() if ln[:1] in "┏┃┡│└"]
+    assert table_lines and max(len(ln) for ln in table_lines) <= 80 and "…" not in p.stdout
+    assert "— 2020 thread" in p.stdout and "— ours, this run" in p.stdout
     assert f"wrote {tmp_path / 'out'}" in " ".join(p.stdout.split())
     assert (tmp_path / "out").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "out.png").exists()
@@ -168,7 +172,9 @@ def _shm_maps(pid: int) -> set[str]:
             if len(ln.split(None, 5)) == 6 and ln.split(None, 5)[5].startswith("/dev/shm/")}
 
 
-def test_ctrl_c_ends_a_real_run_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_ends_a_real_run_cleanly(tmp_path: Path, sig: int, code: int, word: str) -> None:
     cmd = [sys.executable, "-m", "dmarw", "reproduce", "--no-sweep", "--ops", "300000", "--vms", "1", "--core", "python",
            "--json", str(tmp_path / "r.json")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -186,10 +192,10 @@ def test_ctrl_c_ends_a_real_run_cleanly(tmp_path: Path) -> None:
                 pass
     assert kids, "no VM process started"
     shm |= _shm_maps(proc.pid)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "dmarw: interrupted" and "Traceback" not in err + out
+    assert proc.returncode == code, err
+    assert err.strip() == f"dmarw: {word}" and "Traceback" not in out
     for k in kids:  # no VM process left (gone, not even a zombie of ours)
         assert not Path(f"/proc/{k}").exists() or "Z" in Path(f"/proc/{k}/stat").read_text().split()[2]
     for path in shm:

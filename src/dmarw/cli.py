@@ -11,7 +11,9 @@ Convention for every subcommand (registered in :data:`REGISTRARS`):
   usage error.
 * :func:`main` turns them into one line on stderr, ``dmarw: error: <message>``, and the
   exit code: 1 for ``OSError``/``DmaError``/``SystemExit(message)``, 2 for usage errors
-  (argparse), 130 for Ctrl-C (``KeyboardInterrupt``: one line ``dmarw: interrupted``).
+  (argparse), 130 for Ctrl-C (``KeyboardInterrupt``: one line ``dmarw: interrupted``);
+  SIGTERM prints ``dmarw: terminated`` and exits 143 the same way; a closed stdout
+  (``dmarw ... | head``) ends quietly with 1.
   No traceback is shown for any of them.  Work that starts processes or shared memory
   cleans them up in ``finally`` blocks, so an interrupted run leaves nothing behind.
 """
@@ -19,6 +21,7 @@ Convention for every subcommand (registered in :data:`REGISTRARS`):
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -28,6 +31,8 @@ from . import __version__, demo
 from .guest import cli as guest_cli
 from .lab import cli as lab_cli
 from .migration import cli as migration_cli
+from .vfio_user import attach as vfio_user_attach
+from .vfio_user import cli as vfio_user_cli
 from .vmm import cli as vmm_cli
 
 PROG = "dmarw"
@@ -44,8 +49,10 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     lab_cli.register_workload,
     migration_cli.register,
     migration_cli.register_incoming,
+    vfio_user_cli.register,
     vmm_cli.register,
     guest_cli.register,
+    vfio_user_attach.register,
 ]
 
 
@@ -84,6 +91,7 @@ def fail_line(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, run the subcommand, and map every failure to one line and an exit code."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = build_parser().parse_args(argv)
         func: Callable[[argparse.Namespace], int] = args.func
@@ -97,12 +105,23 @@ def main(argv: list[str] | None = None) -> int:
             raise
         fail_line(_one_line(Exception(e.code)))
         return EXIT_ERROR
+    except BrokenPipeError:  # the reader went away (``dmarw ... | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
     except OSError as e:  # DmaError is an OSError
         fail_line(_one_line(e))
         return EXIT_ERROR
     except (ValueError, RuntimeError) as e:  # a refusal raised below the CLI (e.g. a core that cannot load)
         fail_line(_one_line(e))
         return EXIT_ERROR
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM ends the run like Ctrl-C does (``finally`` blocks end the VM processes), exit 143."""
+    sys.stderr.write(f"{PROG}: terminated\n")
+    raise SystemExit(128 + signum)
 
 
 def entry() -> None:

@@ -109,8 +109,9 @@ def load_trace(path: str) -> Workload:
 
 
 def _console() -> Console:
+    """stdout: the terminal's width; $COLUMNS when set; else (a file, a pipe) 150 columns."""
     c = Console()
-    return c if c.is_terminal else Console(width=150)
+    return c if c.is_terminal or os.environ.get("COLUMNS", "").isdigit() else Console(width=150)
 
 
 def add_reproduce_args(p: argparse.ArgumentParser) -> None:

@@ -38,8 +38,8 @@ QUICK_SWEEP_REPS = 1000
 SWEEP_REPS = 2000
 SWEEP_PATH = "vfio-external-user"
 MIN_ROUNDS = 4  # a verdict's interval needs at least this many paired rounds
-QUICK_ROUNDS = 4
-ROUNDS = 8
+QUICK_ROUNDS = 6
+ROUNDS = 10
 
 @dataclass
 class Options:

@@ -288,7 +288,7 @@ def _native_hz() -> float:
 
 def native_timer_overhead_ns(samples: int = 20001) -> float:
     """Median cost of one back-to-back native counter pair, measured in C, in ns."""
-    from .. import _native  # type: ignore[attr-defined]
+    from .. import _native
 
     return float(_native.timer_overhead(samples)) * 1e9 / _native_hz()
 
@@ -319,7 +319,7 @@ def mutex_probe(samples: int = 16000, core: str = "python") -> dict[str, float]:
     (one timestamp pair around the acquire, the timer included)."""
     m: Any
     if core == "native":
-        from .. import _native  # type: ignore[attr-defined]
+        from .. import _native
 
         m = _native.Lock(lockstat.lock_class("lab.uncontended_mutex"))
     else:
@@ -351,7 +351,7 @@ def _vm_main(
     core: str | None = None,
 ) -> None:
     """One VM process: build, warm up, time, lock-stat pass, harvest, report on ``conn``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it ends the VMs
+    _child_signals()
     try:
         set_group_lock(group_lock)  # the one host-wide lock, made before the fork
         t_start = time.perf_counter_ns()
@@ -409,6 +409,13 @@ def _vm_main(
         conn.send(("error", f"VM {vm} ({path}): {_why(e)}"))
     finally:
         conn.close()
+
+
+def _child_signals() -> None:
+    """In a VM process: Ctrl-C is the parent's (it ends the VMs), and SIGTERM (how the
+    parent ends one) kills at once, whatever handler the parent had installed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _why(e: BaseException) -> str:
@@ -613,7 +620,7 @@ def _sweep_main(
     Measured in rounds; each round times one block of 25 per size and path, so sizes and
     paths see the same machine state; each figure is the median of its block averages (a
     deschedule spoils one block, not the figure); the per-round figures go with it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _child_signals()
     try:
         env = VmEnv(vfio_path, ram_size, name="lab-sweep", core=core)
         env.prefault()

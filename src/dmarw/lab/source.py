@@ -18,10 +18,14 @@ AccessSource = Callable[[int, int], Workload]  # (vm index, random seed) -> that
 
 
 def profile_source(profile: str, ops: int) -> AccessSource:
-    """VM ``i`` of a run with seed ``s`` replays ``profile`` drawn with seed ``s + i``."""
+    """VM ``i`` of a run with seed ``s`` replays ``profile`` drawn with seed ``s + i`` (each
+    seed drawn once per source: VM 1 of seed 0 and VM 0 of seed 1 share one workload)."""
+    drawn: dict[int, Workload] = {}
 
     def source(vm: int, seed: int) -> Workload:
-        return generate(profile, ops, seed + vm)
+        if seed + vm not in drawn:
+            drawn[seed + vm] = generate(profile, ops, seed + vm)
+        return drawn[seed + vm]
 
     return source
 

@@ -7,8 +7,9 @@ sees guest RAM 1:1 as a vIOMMU-less guest does) and ``size`` in bytes, with
 Built-in profile ``glmark2`` (the 2020 thread's measured mix; it gives only the first three
 facts, the rest is our documented assumption, :data:`GLMARK2_ASSUMPTION`):
 
-* 63% of records are reads (the count is ``round(0.63 * ops)``, exact at any size);
-* 48% of reads are exactly one page, page-aligned (``round(0.48 * reads)``);
+* a share :data:`READ_FRACTION` of records are reads (the count is
+  ``round(READ_FRACTION * ops)``, exact at any size);
+* a share :data:`PAGE_READ_FRACTION` of reads are exactly one page, page-aligned;
 * every other read and every write is under one page.
 
 Generation is seeded (:class:`random.Random`), so ``generate(profile, ops, seed)`` gives the
@@ -25,11 +26,13 @@ from dataclasses import dataclass, field
 from typing import overload
 
 from ..errors import DmaError, fail
+from . import reference as REF
 
 PAGE = 4096
 TRACE_MAGIC = "dmarw-trace"
 TRACE_VERSION = 1
-FULL_OPS = 40_000_000  # the 2020 thread: "40M+ read+write cnt" for one glmark2 run
+READ_FRACTION = float(REF.GLMARK2["read_fraction"])  # both from the 2020 thread's glmark2 runs
+PAGE_READ_FRACTION = float(REF.GLMARK2["page_read_fraction"])
 DEFAULT_OPS = 200_000
 DEFAULT_RAM = 64 << 20
 
@@ -67,7 +70,8 @@ _KIND_AREA = {
 HOT_PAGES = 512  # each area has a hot set of this many pages taking 80% of its accesses
 
 GLMARK2_ASSUMPTION = (
-    "glmark2 (2020 thread): 63% reads; 48% of reads one 4096 B page-aligned page; other reads and all "
+    f"glmark2 (2020 thread): {READ_FRACTION:.0%} reads; {PAGE_READ_FRACTION:.0%} of reads one 4096 B page-aligned "
+    "page; other reads and all "
     "writes < 4096 B. Assumed (GVT-g-like, not in the 2020 thread): sub-page reads 40% 8 B GTT PTEs, "
     "35% 4-64 B ring command dwords, 25% 64-2048 B batch/descriptor chunks; writes 35% 4 B "
     "status dwords, 25% 8 B PTEs, 30% 16-256 B descriptors, 10% 256-2048 B context state; "
@@ -394,8 +398,8 @@ def generate(
     check_ram(ram_size)
     rng = random.Random(seed)
     areas = _Areas(rng, ram_size)
-    n_reads = round(0.63 * ops)
-    n_page_reads = round(0.48 * n_reads)
+    n_reads = round(READ_FRACTION * ops)
+    n_page_reads = round(PAGE_READ_FRACTION * n_reads)
     kinds = [2] * n_page_reads + [0] * (n_reads - n_page_reads) + [1] * (ops - n_reads)
     rng.shuffle(kinds)  # 2: page read, 0: sub-page read, 1: write
     writes, addrs, sizes = _new_arrays()

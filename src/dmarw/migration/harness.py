@@ -130,7 +130,7 @@ class SourceGuest:
         self.vm.set_memslot(0, 0, ram, self.hva, dirty_log=True)
         self.container: Container = make_container(self.core)
         self.container.map_dma(0, ram, self.hva, self.space, Prot.READ | Prot.WRITE)
-        self.group = Group(f"dmarw-migrate-{os.getpid()}-{next(_group_ids)}")
+        self.group = Group(f"dmarw-migrate-{os.getpid()}-{next(_group_ids)}", core=self.core)
         device = self.group.add_device("0000:00:02.0")
         self.group.set_container(self.container)
         self.ext = ExternalUser.from_device(device)

@@ -38,9 +38,9 @@ from . import uapi
 from .system import Kvm
 
 try:
-    from .. import _vmm  # type: ignore[attr-defined]
+    from .. import _vmm
 except ImportError:  # pragma: no cover - reported by KvmVm
-    _vmm = None
+    _vmm = None  # type: ignore[assignment]
 
 
 def _address(buf: bytearray) -> int:

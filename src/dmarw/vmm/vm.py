@@ -33,9 +33,9 @@ from .system import Kvm, dirty_modes_usable, system
 from .vcpu import MODES, Vcpu
 
 try:
-    from .. import _vmm  # type: ignore[attr-defined]
+    from .. import _vmm
 except ImportError:  # pragma: no cover - the extension is optional at install time
-    _vmm = None
+    _vmm = None  # type: ignore[assignment]
 
 # The harvest measured fastest at 1 % dirty pages of a 1 GiB guest (bench/vmm_harvest.py,
 # docs/vmm.md); where KVM lacks its capability the default falls back to "bitmap".

@@ -87,6 +87,7 @@ class Destination:
         self.pages_applied = 0
         self.rounds = 0
         self.states: dict[str, bytes] = {}
+        self.on_round: Callable[[int], None] | None = None  # a round's pages are all applied
 
     @property
     def npages(self) -> int:
@@ -131,6 +132,8 @@ class Destination:
             self.pages_applied += len(gpas)
         elif isinstance(ev, RoundEnd):
             self.rounds += 1
+            if self.on_round is not None:
+                self.on_round(ev.round)
         elif isinstance(ev, State):
             self.states[ev.name] = ev.blob
         elif isinstance(ev, End):
@@ -174,6 +177,7 @@ def serve(sock: socket.socket, page_size: int, layout: Layout, mac_key: bytes | 
     then send every page's digest (``HASH``)."""
     ch = ch or Channel(sock, "source")
     dest = Destination(page_size, layout, mac_key)
+    dest.on_round = lambda rnd: ch.send(control.rack(rnd))
     try:
         ch.send(control.encode(control.REDY))
         dest.receive(sock, ch.reader.take_rest())

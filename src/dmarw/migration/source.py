@@ -329,6 +329,12 @@ class Source:
                 if throttle is not None:
                     share = throttle(rnd - 1, len(pending), len(gfns))
                 gfns = sorted(pending)
+            # the destination has applied every pre-copy round: nothing of them is left to
+            # drain once the guest is stopped
+            acked = -1
+            while acked < rnd - 1:
+                _tag, payload = ch.recv(control.RACK)
+                acked = control.parse_rack(payload)
             # stop-and-copy: what the last harvest found, what came since, the pinned pages
             t_pause = clock()
             paused = True
@@ -348,7 +354,9 @@ class Source:
                     nbytes += self._send(sock, enc.state_frame(name, blob))
             nbytes += self._send(sock, enc.end())
             t_state = clock()
-            _tag, payload = ch.recv(control.DONE)
+            _tag, payload = ch.recv((control.DONE, control.RACK))
+            while _tag == control.RACK:  # the final round's
+                _tag, payload = ch.recv((control.DONE, control.RACK))
             t_done = clock()
             st = RoundStats(
                 rnd, len(final), len(h.kvm), len(h.vfio), len(h.pinned), len(final), nbytes, t_done - t0, True,

@@ -1,4 +1,4 @@
-"""Live migration between two processes while vCPU and device writers run (issue 5).
+"""Live migration between two processes while vCPU and device writers run (replay).
 
 Every run forks a destination process and migrates a 64 MiB guest to it while the writer
 threads dirty memory; verification compares a digest of every page.  The default path must
@@ -168,11 +168,11 @@ def test_writers_pause_force_and_stop() -> None:
 
 
 def test_cli_ok_and_negative_control(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["migrate", "--ram", "1M", "--no-progress", "--seed", "5"]) == 0
+    assert main(["migrate", "--replay", "--ram", "1M", "--no-progress", "--seed", "5"]) == 0
     out = capsys.readouterr().out
     assert "verification: OK, 256 pages identical" in out
     assert "throughput vs plain copy" in out and "downtime" in out
-    assert main(["migrate", "--ram", "1M", "--no-progress", "--device-bypass"]) == 1
+    assert main(["migrate", "--replay", "--ram", "1M", "--no-progress", "--device-bypass"]) == 1
     out = capsys.readouterr().out
     assert "verification: FAILED," in out and "device area" in out and "gpa 0x" in out
 

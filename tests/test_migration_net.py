@@ -362,7 +362,9 @@ def test_cli_bad_input_is_one_line_and_fast(tmp_path: Path) -> None:
     short = tmp_path / "short"
     short.write_bytes(b"x" * 8)
     cases = [
-        (["migrate", "--ram", "1T"], "more than this machine can hold"),
+        (["migrate", "--replay", "--ram", "1T"], "more than this machine can hold"),
+        (["migrate", "--ram", "1T"], "--ram 0x10000000000"),  # a running guest where KVM is usable
+        (["migrate", "--replay", "--ram", "12G"], "more than this machine can hold"),
         (["migrate", "--ops", "0"], "--ops 0 must be >= 1"),
         (["migrate", "--to", "127.0.0.1:1"], "--to needs --key-file"),
         (["migrate", "--to", "nowhere", "--key-file", str(short)], "8 bytes, a shared key must be 16"),

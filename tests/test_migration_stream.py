@@ -323,3 +323,30 @@ def test_pages_views_stay_valid_while_more_data_arrives() -> None:
     expect = [e for e in decode_all(stream) if isinstance(e, Pages)]
     assert held == expect
     assert all(bytes(e.data[:1]) * PS == bytes(e.data[:PS]) for e in held)
+
+
+def test_feeding_exactly_what_the_decoder_wants_gives_one_event_per_feed() -> None:
+    stream, _ = build()
+    dec = Decoder(PS, LAYOUT)
+    at, events = 0, []
+    while at < len(stream):
+        n = dec.wanted()
+        assert n >= 1
+        dec.receive_data(stream[at : at + n])
+        at += n
+        got = dec.events()
+        assert len(got) <= 1
+        events += got
+    assert events == decode_all(stream)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sets(st.integers(0, 4095), max_size=300), st.integers(1, 4096))
+def test_dirty_indices_equal_the_one_bitmap_decoder(pages: set[int], npages: int) -> None:
+    from dmarw.bitmap import from_bytes, to_bytes
+    from dmarw.migration.source import dirty_indices
+
+    pages = {p for p in pages if p < npages}
+    bm = to_bytes(pages, npages)
+    assert dirty_indices(bm) == from_bytes(bm) == sorted(pages)
+    assert dirty_indices(bm + b"\x81") == from_bytes(bm + b"\x81")  # a tail shorter than a word

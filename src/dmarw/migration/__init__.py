@@ -1,9 +1,12 @@
-"""Live migration of guest RAM driven by the dirty logs (issue 5).
+"""Live migration driven by the dirty logs, of a running guest or of replayed writes.
 
-:mod:`.stream` is the wire format (sans-I/O encoder and validating decoder),
-:mod:`.source` the pre-copy loop over a ``Vm`` + ``Container``, :mod:`.dest` the receiving
-process, :mod:`.writers` the concurrent vCPU/device/pinned-page writers, :mod:`.harness`
-one run end to end with verification, and :mod:`.cli` the ``dmarw migrate`` command.
+:mod:`.stream` is the wire format (sans-I/O encoder and validating decoder), :mod:`.control`
+the control messages and the key handshake's proofs (sans-I/O), :mod:`.channel` their socket
+half, :mod:`.source` the pre-copy loop over a VM + ``Container``, :mod:`.dest` the receiving
+RAM, :mod:`.incoming` the destination process (``dmarw incoming``, also forked locally),
+:mod:`.guest` the running guest's two ends, :mod:`.running` one running-guest migration with
+both verifications, :mod:`.writers` and :mod:`.harness` the replay migration, and
+:mod:`.cli` / :mod:`.guest_cli` the commands.
 """
 
 from .dest import Destination

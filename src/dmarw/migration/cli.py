@@ -155,13 +155,10 @@ def console() -> Console:
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        key = read_key(args.key_file) if args.key_file else None
-        guest = want_guest(args)
-        if args.json:
-            check_output(args.json)
-    except DmaError as e:
-        raise SystemExit(f"dmarw migrate: {e}") from None
+    key = read_key(args.key_file) if args.key_file else None  # a user's mistake: raised, one line
+    guest = want_guest(args)
+    if args.json:
+        check_output(args.json)
     if guest:
         return run_guest_cli(args, key, console(), RoundProgress(args.no_progress))
     cfg = Config(
@@ -181,10 +178,7 @@ def _run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
     )
     con = console()
-    try:
-        cfg.check()
-    except DmaError as e:  # a user's mistake: one line, before any work
-        raise SystemExit(f"dmarw migrate: {e}") from None
+    cfg.check()  # a user's mistake: raised before any work, main prints one line
     mode = "device writes bypass dma_rw (raw hva)" if cfg.device_bypass else "device writes via dma_rw"
     if cfg.no_vfio_log:
         mode += "; the container's dirty bitmap is ignored"
@@ -252,21 +246,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _incoming(args: argparse.Namespace) -> int:
-    try:
-        key = read_key(args.key_file)
-        if args.timeout <= 0:
-            raise DmaError(22, f"--timeout {args.timeout:g} must be > 0")
-    except DmaError as e:
-        raise SystemExit(f"dmarw incoming: {e}") from None
+    key = read_key(args.key_file)
+    if args.timeout <= 0:
+        raise DmaError(errno.EINVAL, f"--timeout {args.timeout:g} must be > 0")
     err = Console(stderr=True, soft_wrap=True)
 
     def log(msg: str) -> None:
         err.print(f"incoming: {msg}", markup=False, highlight=False)
 
-    try:
-        rc = serve(args.listen, key, timeout=args.timeout, log=log)
-    except DmaError as e:
-        raise SystemExit(f"dmarw incoming: {e}") from None
+    rc = serve(args.listen, key, timeout=args.timeout, log=log)
     log("done" if rc == 0 else "failed: nothing resumed")
     return rc
 

@@ -12,6 +12,7 @@ two ends say to each other is a control message, on the same connection:
 | ``PROV`` | source      | 32-byte proof ``P(key, "source", ns, nd)``                     |
 | ``SPEC`` | source      | JSON: page size, RAM layout, and what the destination runs     |
 | ``REDY`` | destination | empty: RAM allocated, send the stream                          |
+| ``RACK`` | destination | u32 round: that round's pages are all in its RAM               |
 | ``DONE`` | destination | u64 pages applied, u32 rounds: the stream was complete         |
 | ``FAIL`` | either      | UTF-8 text: why the migration is refused or cancelled          |
 | ``HASH`` | destination | every page's digest, in layout order                           |
@@ -45,12 +46,13 @@ PROOF = hashlib.sha256().digest_size
 MIN_KEY = 16
 MAX_KEY = 4096
 
-HELO, CHAL, PROV, SPEC, REDY, DONE, FAIL, HASH, STAT = (
+HELO, CHAL, PROV, SPEC, REDY, RACK, DONE, FAIL, HASH, STAT = (
     b"HELO",
     b"CHAL",
     b"PROV",
     b"SPEC",
     b"REDY",
+    b"RACK",
     b"DONE",
     b"FAIL",
     b"HASH",
@@ -63,12 +65,14 @@ LIMITS = {
     PROV: PROOF,
     SPEC: 1 << 16,
     REDY: 0,
+    RACK: 4,
     DONE: 12,
     FAIL: 1 << 16,
     HASH: 20 * (64 << 30 >> 12),
     STAT: 1 << 20,
 }
 _DONE = struct.Struct("<QI")
+_RACK = struct.Struct("<I")
 
 
 class ControlError(DmaError):
@@ -93,6 +97,16 @@ def parse_done(payload: bytes) -> tuple[int, int]:
         raise ControlError(errno.EBADMSG, f"DONE payload of {len(payload)} bytes, expected {_DONE.size}")
     pages, rounds = _DONE.unpack(payload)
     return int(pages), int(rounds)
+
+
+def rack(rnd: int) -> bytes:
+    return encode(RACK, _RACK.pack(rnd))
+
+
+def parse_rack(payload: bytes) -> int:
+    if len(payload) != _RACK.size:
+        raise ControlError(errno.EBADMSG, f"RACK payload of {len(payload)} bytes, expected {_RACK.size}")
+    return int(_RACK.unpack(payload)[0])
 
 
 def fail(text: str) -> bytes:

@@ -87,6 +87,7 @@ class Destination:
         self.pages_applied = 0
         self.rounds = 0
         self.states: dict[str, bytes] = {}
+        self.on_round: Callable[[int], None] | None = None  # a round's pages are all applied
 
     @property
     def npages(self) -> int:
@@ -108,6 +109,7 @@ class Destination:
                 if ev is NEED_DATA:
                     return
                 self._apply(ev)  # type: ignore[arg-type]
+                del ev  # its page view: released, so the decoder may reuse its buffer
         except StreamError as e:
             self.error = e
             self.complete = False
@@ -118,17 +120,20 @@ class Destination:
             ps = self.page_size
             gpas = ev.gpas
             i = 0
-            data = memoryview(ev.data)
-            while i < len(gpas):  # one write per run of consecutive pages in one region
-                hva, region_end = self._hva(gpas[i])
-                j = i + 1
-                while j < len(gpas) and gpas[j] == gpas[j - 1] + ps and gpas[j] < region_end:
-                    j += 1
-                self.space.write(hva, data[i * ps : j * ps])
-                i = j
+            with memoryview(ev.data) as data:
+                while i < len(gpas):  # one write per run of consecutive pages in one region
+                    hva, region_end = self._hva(gpas[i])
+                    j = i + 1
+                    while j < len(gpas) and gpas[j] == gpas[j - 1] + ps and gpas[j] < region_end:
+                        j += 1
+                    with data[i * ps : j * ps] as run:
+                        self.space.write(hva, run)
+                    i = j
             self.pages_applied += len(gpas)
         elif isinstance(ev, RoundEnd):
             self.rounds += 1
+            if self.on_round is not None:
+                self.on_round(ev.round)
         elif isinstance(ev, State):
             self.states[ev.name] = ev.blob
         elif isinstance(ev, End):
@@ -142,8 +147,8 @@ class Destination:
         buf = bytearray(RECV_CHUNK)
         view = memoryview(buf)
         while not self.complete:
-            try:
-                n = sock.recv_into(view)
+            try:  # wait for the rest of the next frame at once: one feed per frame
+                n = sock.recv_into(view, min(RECV_CHUNK, self.decoder.wanted()), socket.MSG_WAITALL)
             except TimeoutError:
                 raise StreamError("truncated", f"the source sent nothing for {sock.gettimeout()} s at offset {self.decoder.offset:#x}") from None
             except OSError as e:  # reset by a source that died: the same as a cut stream
@@ -172,6 +177,7 @@ def serve(sock: socket.socket, page_size: int, layout: Layout, mac_key: bytes | 
     then send every page's digest (``HASH``)."""
     ch = ch or Channel(sock, "source")
     dest = Destination(page_size, layout, mac_key)
+    dest.on_round = lambda rnd: ch.send(control.rack(rnd))
     try:
         ch.send(control.encode(control.REDY))
         dest.receive(sock, ch.reader.take_rest())

@@ -36,6 +36,7 @@ from typing import Any
 from ..errors import DmaError
 from ..guest import Params
 from ..guest.machine import GuestMachine
+from ..vmm import DEFAULT_DIRTY
 
 SLICE_S = 0.01  # the throttle's time slice (QEMU's CPU_THROTTLE_TIMESLICE_NS is 10 ms)
 PATH = "vfio-external-user"  # the device's way to guest RAM: the container, so its log sees it
@@ -50,7 +51,7 @@ class GuestSpec:
     commands: int
     batch: int = 16
     writer_heavy: bool = False
-    dirty: str = "bitmap"
+    dirty: str = DEFAULT_DIRTY
     path: str = PATH
 
     def params(self) -> Params:
@@ -71,8 +72,9 @@ class GuestSpec:
 
 
 def reference_checksum(spec: GuestSpec) -> int:
-    """The checksum of an unmigrated run of the same guest and seed."""
-    with GuestMachine(spec.path, spec.params(), dirty=spec.dirty) as m:
+    """The checksum of an unmigrated run of the same guest and seed (nothing is harvested
+    in it, so the dirty mode is the plainest)."""
+    with GuestMachine(spec.path, spec.params(), dirty="bitmap") as m:
         m.run()
         return m.port.result.check()
 
@@ -151,7 +153,10 @@ class SourceMachine:
     def pause(self) -> None:
         """Device paused at a command boundary, vCPU out of the guest, its thread ended."""
         self._stop = True
-        self.m.stop()  # device.pause(), then kick the vCPU
+        m = self.m
+        m.device.release_waiters()  # a vCPU held in a WAIT store returns to the guest ...
+        m.vcpu.kick()  # ... and leaves it at once, while the device finishes its command
+        m.device.pause()
         t = self._thread
         if t is not None:
             t.join(30.0)
@@ -203,9 +208,12 @@ class DestMachine:
 
     def __init__(self, spec: GuestSpec) -> None:
         self.spec = spec
-        self.m = GuestMachine(spec.path, spec.params(), dirty=spec.dirty, load_image=False)
+        # the dirty mode is the source's choice for its harvests; nothing here is harvested
+        self.m = GuestMachine(spec.path, spec.params(), dirty="bitmap", load_image=False)
         self.ram = (self.m.env.space, [self.m.env.hva])
         self.halted = False
+        self.m.device.pause()
+        self.m.device.start()  # the engine thread exists before the stream, paused: resume only wakes it
 
     def restore(self, states: dict[str, bytes]) -> dict[str, Any]:
         missing = [n for n in ("vcpu0", "gpu", "result-port", "machine") if n not in states]
@@ -213,13 +221,11 @@ class DestMachine:
             raise DmaError(errno.EPROTO, f"the stream carried no state for {', '.join(missing)}")
         t0 = time.perf_counter()
         m = self.m
-        m.device.pause()
         m.vcpu.restore(states["vcpu0"])
         m.device.restore(states["gpu"])
         m.port.restore(states["result-port"])
         meta = json.loads(states["machine"])
         self.halted = bool(meta.get("halted"))
-        m.clear_logs()
         return {"restore_seconds": time.perf_counter() - t0, "commands_at_stop": meta.get("commands_at_stop")}
 
     def run(self, timeout: float = 300.0) -> dict[str, Any]:
@@ -228,7 +234,6 @@ class DestMachine:
         m = self.m
         t0 = time.perf_counter()
         m.device.resume()
-        m.device.start()
         resume_s = time.perf_counter() - t0
         out: dict[str, Any] = {"resume_seconds": resume_s}
         expired = threading.Event()

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import DmaError
+from ..vmm import DEFAULT_DIRTY
 from ..vmm.dirty import MODES
 from .running import GuestConfig, GuestOutcome, run_guest_migration
 
@@ -63,7 +64,8 @@ def add_guest_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--commands", type=int, default=20_000, help="device commands the guest issues (default 20000)")
     g.add_argument("--batch", type=int, default=16, help="commands per doorbell (default 16)")
     g.add_argument("--writer-heavy", action="store_true", help="the guest also stores a whole page and more per command")
-    g.add_argument("--dirty", choices=MODES, default="bitmap", help="how the kernel's dirty log is read (default bitmap)")
+    g.add_argument("--dirty", choices=MODES, default=DEFAULT_DIRTY,
+                   help=f"how the kernel's dirty log is read (default {DEFAULT_DIRTY})")
     g.add_argument("--no-kvm-log", action="store_true", help="negative control: ignore the kernel's dirty log")
     g.add_argument("--no-auto-converge", action="store_true", help="never throttle the vCPU")
 
@@ -124,10 +126,7 @@ def run_guest_cli(args: argparse.Namespace, key: bytes | None, con: Console, bar
         auto_converge=not args.no_auto_converge, device_bypass=args.device_bypass, no_vfio_log=args.no_vfio_log,
         no_kvm_log=args.no_kvm_log, to=args.to, key=key, timeout=args.timeout,
     )
-    try:
-        cfg.check()
-    except DmaError as e:  # a user's mistake: one line, before any work
-        raise SystemExit(f"dmarw migrate: {e}") from None
+    cfg.check()  # a user's mistake: raised before any work, main prints one line
     controls = [n for n, on in (("device writes bypass dma_rw", cfg.device_bypass),
                                 ("the container's bitmap ignored", cfg.no_vfio_log),
                                 ("the kernel's dirty log ignored", cfg.no_kvm_log)) if on]

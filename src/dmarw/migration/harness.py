@@ -163,7 +163,7 @@ class SourceGuest:
 
 def build_writers(guest: SourceGuest, cfg: Config) -> Writers:
     """The vCPU and device writers over the lab's workload ``cfg.profile``."""
-    from ..lab.workload import generate  # the lab's generator (issue 4)
+    from ..lab.workload import generate  # the lab's workload generator
 
     (vbase, vspan), (dbase, dspan) = guest.areas
     vcpu_w = generate(cfg.profile, cfg.ops, cfg.seed * 2 + 1, vspan).writes()

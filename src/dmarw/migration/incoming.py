@@ -120,6 +120,7 @@ def serve_connection(
             machine.close()
         return 1
     dest = Destination(page_size, layout, mac_key, ram=machine.ram if machine is not None else None)
+    dest.on_round = lambda rnd: ch.send(control.rack(rnd))  # the source stops the guest after the last
     try:
         try:
             ch.send(control.encode(control.REDY))

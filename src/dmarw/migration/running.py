@@ -31,6 +31,7 @@ from typing import Any
 
 from ..errors import DmaError
 from ..guest.params import RAM_MAX, RAM_MIN
+from ..vmm import DEFAULT_DIRTY
 from ..vmm.dirty import MODES
 from . import control, dest
 from .channel import Channel, handshake_source
@@ -51,7 +52,7 @@ class GuestConfig:
     commands: int = 3000
     batch: int = 16
     writer_heavy: bool = False
-    dirty: str = "bitmap"
+    dirty: str = DEFAULT_DIRTY
     threshold: int = 256
     max_rounds: int = 16
     auto_converge: bool = True
@@ -113,6 +114,21 @@ class GuestOutcome:
     @property
     def ok(self) -> bool:
         return self.pages_ok and self.checksum_ok
+
+
+def auto_converge(apply: Callable[[float], None]) -> Callable[[int, int, int], float]:
+    """QEMU's rule: when a round dirtied more than half of what it sent, take 20% of the
+    vCPU's time, then 10% more each time it happens again (at most 99%)."""
+    share = [0.0]
+
+    def policy(_rnd: int, dirtied: int, sent: int) -> float:
+        if dirtied > sent // 2:
+            first, inc, top = AUTO_CONVERGE
+            share[0] = first if share[0] == 0 else min(top, share[0] + inc)
+            apply(share[0])
+        return share[0]
+
+    return policy
 
 
 def _local_child(sock: socket.socket, other: socket.socket, *_: object) -> None:
@@ -184,7 +200,7 @@ def run_guest_migration(
         plain = plain_copy(sm.m.env.space, sm.m.env.hva, cfg.ram, tcp=cfg.to is not None) if cfg.plain_copy else None
         src = Source(sm.vm, sm.container, threshold=cfg.threshold, max_rounds=cfg.max_rounds,
                      use_kvm_log=not cfg.no_kvm_log, use_vfio_log=not cfg.no_vfio_log)
-        conn = open_destination(cfg, src, spec, cfg.guest_timeout) if cfg.to is None else None
+        conn = open_destination(cfg, src, spec, cfg.guest_timeout)  # its VM ready before the guest starts
         sm.start()
         o = attempt_guest(sm, src, cfg, conn, on_sent, on_round_start, on_round_end)
         o.plain, o.reference, o.reference_seconds = plain, ref, ref_s
@@ -205,14 +221,7 @@ def attempt_guest(
     """One attempt with the guest running; on :class:`MigrationFailed` it runs on."""
     guest_timeout = cfg.guest_timeout if cfg.guest_timeout is not None else 120.0
     proc, ch, mac = conn if conn is not None else open_destination(cfg, src, sm.spec, guest_timeout)
-    step = {"share": 0.0}
-
-    def throttle(_rnd: int, dirtied: int, sent: int) -> float:
-        if cfg.auto_converge and dirtied > sent // 2:
-            first, inc, top = AUTO_CONVERGE
-            step["share"] = first if step["share"] == 0 else min(top, step["share"] + inc)
-            sm.set_throttle(step["share"])
-        return step["share"]
+    throttle = auto_converge(sm.set_throttle) if cfg.auto_converge else None
 
     try:
         report = src.migrate(ch.sock, sm.pause, resume=sm.resume, state=sm.state, mac_key=mac, ch=ch,

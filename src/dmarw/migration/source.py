@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..bitmap import from_bytes
 from ..errors import DmaError
 from ..kvm import Vm
@@ -78,6 +80,21 @@ class MigrationFailed(DmaError):
     """The migration was cancelled: the destination refused the stream (its message is
     included), hung up, or stopped answering.  The source guest is resumed before this is
     raised."""
+
+
+def dirty_indices(bitmap: bytes | bytearray) -> list[int]:
+    """Set bits of a kernel-layout bitmap: the zero u64 words are skipped in bulk (numpy),
+    each nonzero word is decoded by :func:`dmarw.bitmap.from_bytes`.  A 1 GiB log is 4096
+    words, nearly all zero at the end of pre-copy."""
+    bitmap = bytes(bitmap)
+    n = len(bitmap) // 8 * 8
+    words = np.frombuffer(bitmap, dtype="<u8", count=n // 8)
+    out: list[int] = []
+    for i in np.flatnonzero(words).tolist():
+        out.extend((i << 6) + k for k in from_bytes(bitmap[i * 8 : i * 8 + 8]))
+    if n < len(bitmap):
+        out.extend((n << 3) + k for k in from_bytes(bitmap[n:]))
+    return out
 
 
 @dataclass
@@ -146,6 +163,7 @@ class Source:
         self.slots = [_Slot(s.slot, s.gpa, s.size, s.hva) for s in slots]
         self.layout: Layout = tuple((s.gpa, s.size) for s in self.slots)
         self.npages = sum(s.size for s in self.slots) // PAGE_SIZE
+        self._frame_buf = bytearray(PAGES_PER_FRAME * PAGE_SIZE)
 
     # -- address translation ---------------------------------------------------------------
     def _gfns_of_hva(self, hva: int, size: int) -> Iterable[int]:
@@ -174,18 +192,18 @@ class Source:
             for s in self.slots:
                 base = s.gpa >> 12
                 if self.use_kvm_log:
-                    h.kvm.update(base + k for k in from_bytes(bytes(mode.harvest(s.slot, s.size >> 12))))
-                h.user.update(base + k for k in from_bytes(view.get_dirty_log(s.slot)))
+                    h.kvm.update(base + k for k in dirty_indices(mode.harvest(s.slot, s.size >> 12)))
+                h.user.update(base + k for k in dirty_indices(view.get_dirty_log(s.slot)))
         elif self.use_kvm_log:
             for s in self.slots:
                 base = s.gpa >> 12
-                h.kvm.update(base + k for k in from_bytes(self.vm.get_dirty_log(s.slot)))
+                h.kvm.update(base + k for k in dirty_indices(self.vm.get_dirty_log(s.slot)))
         if self.use_vfio_log:
             c = self.container
             ps = c.pgsize
             maps = c.mappings()
             for iova, size, hva, _prot in maps:
-                for k in from_bytes(c.get_dirty_bitmap(iova, size, ps)):
+                for k in dirty_indices(c.get_dirty_bitmap(iova, size, ps)):
                     h.vfio.update(self._gfns_of_hva(hva + k * ps, ps))
             for piova in c.pinned():
                 for iova, size, hva, _prot in maps:
@@ -200,9 +218,15 @@ class Source:
         self.harvest()
 
     # -- sending ---------------------------------------------------------------------------
-    def _read_pages(self, gfns: list[int]) -> bytes:
-        """Copy the pages out of guest RAM (one read per run of consecutive pages)."""
-        parts: list[bytes] = []
+    def _read_pages(self, gfns: list[int]) -> memoryview:
+        """Copy the pages out of guest RAM into this source's frame buffer (one copy per run
+        of consecutive pages; the buffer is reused, so no fresh memory is faulted in per
+        frame).  The view is valid until the next call."""
+        need = len(gfns) << 12
+        if len(self._frame_buf) < need:
+            self._frame_buf = bytearray(need)
+        out = memoryview(self._frame_buf)
+        at = 0
         i = 0
         while i < len(gfns):
             s = self._slot_of(gfns[i])
@@ -210,9 +234,13 @@ class Source:
             j = i + 1
             while j < len(gfns) and gfns[j] == gfns[j - 1] + 1 and gfns[j] < end_gfn:
                 j += 1
-            parts.append(self.space.read(s.hva + (gfns[i] << 12) - s.gpa, (j - i) << 12))
+            n = (j - i) << 12
+            region, off = self.space.region(s.hva + (gfns[i] << 12) - s.gpa, n)
+            with memoryview(region.map) as ram:
+                out[at : at + n] = ram[off : off + n]
+            at += n
             i = j
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return out[:need]
 
     def _send(self, sock: socket.socket, parts: list[bytes | memoryview]) -> int:
         return send_parts(sock, parts)
@@ -301,6 +329,12 @@ class Source:
                 if throttle is not None:
                     share = throttle(rnd - 1, len(pending), len(gfns))
                 gfns = sorted(pending)
+            # the destination has applied every pre-copy round: nothing of them is left to
+            # drain once the guest is stopped
+            acked = -1
+            while acked < rnd - 1:
+                _tag, payload = ch.recv(control.RACK)
+                acked = control.parse_rack(payload)
             # stop-and-copy: what the last harvest found, what came since, the pinned pages
             t_pause = clock()
             paused = True
@@ -320,7 +354,9 @@ class Source:
                     nbytes += self._send(sock, enc.state_frame(name, blob))
             nbytes += self._send(sock, enc.end())
             t_state = clock()
-            _tag, payload = ch.recv(control.DONE)
+            _tag, payload = ch.recv((control.DONE, control.RACK))
+            while _tag == control.RACK:  # the final round's
+                _tag, payload = ch.recv((control.DONE, control.RACK))
             t_done = clock()
             st = RoundStats(
                 rnd, len(final), len(h.kvm), len(h.vfio), len(h.pinned), len(final), nbytes, t_done - t0, True,

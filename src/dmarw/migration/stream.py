@@ -280,15 +280,15 @@ class Decoder:
             return
         if self._eof:
             raise self._fail("protocol", "data received after end of input")
-        if self._exported:  # PAGES events hold views of this buffer: leave it as it is
+        try:  # in place: no new buffer, no fresh pages to fault in
+            if self._pos and self._pos >= len(self._buf) // 2:
+                del self._buf[: self._pos]
+                self._pos = 0
+            self._buf += data
+        except BufferError:  # a PAGES view of this buffer is still held: leave it as it is
             self._buf = self._buf[self._pos :] + data
             self._pos = 0
-            self._exported = False
-            return
-        if self._pos and self._pos >= len(self._buf) // 2:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+        self._exported = False
 
     def _fail(self, reason: str, message: str) -> StreamError:
         self._error = StreamError(reason, message)
@@ -302,6 +302,19 @@ class Decoder:
             "truncated",
             f"input ends at offset {self.offset + self._avail():#x} {what} (no END frame; destination incomplete)",
         )
+
+    def wanted(self) -> int:
+        """Bytes still missing before the next event can be decoded (at least 1): a
+        receiver may wait for exactly that many (``MSG_WAITALL``) and feed them at once."""
+        avail = self._avail()
+        if not self._preamble_done:
+            return max(1, _PREAMBLE.size - avail)
+        if avail < _FRAME.size:
+            return _FRAME.size - avail
+        length = int.from_bytes(self._buf[self._pos + 8 : self._pos + 12], "little")
+        if length > self._max_length():
+            return 1  # next_event refuses it; do not wait for it
+        return max(1, _FRAME.size + length + self._tag - avail)
 
     def next_event(self) -> Event | _NeedData:
         if self._error is not None:
@@ -476,7 +489,7 @@ class Decoder:
         data_at = _PAGES.size + 8 * n
         self.round_pages += n
         self.pages += n
-        self._exported = True  # the buffer must not be resized from now on
+        self._exported = True  # while its view lives, Python refuses to resize the buffer
         return Pages(rnd, gpas, p[data_at:].toreadonly())
 
     def events(self) -> list[Event]:

@@ -38,7 +38,7 @@ WriteFn = Callable[[int, bytes], None]
 
 
 def fill(space: AddressSpace, hva: int, size: int, seed: int, base_gpa: int = 0) -> None:
-    """Initial guest RAM: each page starts with its gfn and the seed (top bits clear)."""
+    """Initial guest RAM: each page starts with its gfn and the random seed (top bits clear)."""
     from .dest import prefault
 
     prefault(space, hva, size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from test_server import FakeClient, Harness, _map, _memfd, _report
+from fake_client import FakeClient, Harness, dirty_report, dma_map, memfd
 
 from dmarw.devices import gpu as g
 from dmarw.vfio_user import protocol as p
@@ -43,8 +43,8 @@ def test_gpu_over_vfio_user() -> None:
     assert isinstance(info, p.RegionInfo) and info.size == g.MMIO_SIZE  # a power of two
     assert _get(c, g.REG_ID) == g.DEVICE_ID
     assert c.region_read(p.BAR0, 1, 2) == struct.pack("<I", g.DEVICE_ID)[1:3]
-    fd, m = _memfd(0x4000)
-    _map(c, RING, 0x4000, fd)
+    fd, m = memfd(0x4000)
+    dma_map(c, RING, 0x4000, fd)
     m[0x2000:0x2100] = bytes(range(256))
     c.ok(p.feature_logging(True, 4096))
     _program(c, memoryview(m), [
@@ -56,7 +56,7 @@ def test_gpu_over_vfio_user() -> None:
     assert _get(c, g.REG_STATUS) & g.STATUS_ERROR == 0
     assert struct.unpack_from("<I", m, 0x1000)[0] == 7  # the fence landed in guest memory
     assert m[0x3000:0x3040] != bytes(64)  # the write command
-    assert _report(c, RING, 0x4000) == [1, 3]  # HWSP and the written page, nothing read
+    assert dirty_report(c, RING, 0x4000) == [1, 3]  # HWSP and the written page, nothing read
     _reg(c, g.REG_WAIT, 99)  # never holds the serve loop
     # migrate: STOP_COPY data is the saved registers, restored on a second server
     c.ok(p.feature_mig_state(p.MigState.STOP_COPY))

@@ -311,7 +311,7 @@ def _messages(draw: st.DrawFn) -> tuple[bytes, list[int]]:
     return struct.pack("<HHIII", draw(st.integers(0, 0xFFFF)), cmd, size, flags, 0) + body, fds
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(st.lists(_messages(), min_size=1, max_size=4), st.integers(1, 64))
 def test_fuzz_decoder_raises_only_protocol_error(msgs: list[tuple[bytes, list[int]]], chunk: int) -> None:
     """Any byte stream: framing and decoding either succeed or raise ProtocolError."""

@@ -91,6 +91,19 @@ def test_ctrl_c_is_one_line_130_and_removes_the_socket(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+def test_sigterm_is_one_line_143_and_removes_the_socket(tmp_path: Path) -> None:
+    path = tmp_path / "vu.sock"
+    proc = _serve("--device", "gpu", str(path))
+    try:
+        _wait_socket(path, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "dmarw serve: terminated"
+    assert not path.exists()
+
+
 @pytest.mark.parametrize("where", ["missing-dir", "regular-file", "too-long"])
 def test_bad_socket_path_is_one_line(tmp_path: Path, where: str) -> None:
     if where == "missing-dir":

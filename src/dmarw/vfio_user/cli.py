@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from ..errors import DmaError
@@ -32,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve a device model to a VMM over vfio-user (a UNIX socket)",
         description="Serve a Python device model as a vfio-user server on SOCKET, one client "
         "at a time. --once: serve one client and exit when it disconnects (0 if all went "
-        "well).",
+        "well). Ctrl-C exits 130, SIGTERM 143; the socket file is removed.",
     )
     p.add_argument("--device", required=True, choices=sorted(DEVICES), help="the device model")
     p.add_argument("--once", action="store_true", help="serve one client, then exit")
@@ -41,9 +43,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived (vfio-user backends must honour it): leave as Ctrl-C does."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
 def run(args: argparse.Namespace) -> int:
     device = DEVICES[args.device]()
     server = Server(args.socket, device, log=stderr_log() if args.verbose else None)
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         try:
             server.listen()
@@ -57,6 +70,11 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("dmarw serve: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("dmarw serve: terminated", file=sys.stderr)
+        return 143
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         device.close()
     return 0

@@ -21,8 +21,10 @@ Threading: the session's thread only.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
+import heapq
 import mmap
 import os
 import stat
@@ -104,7 +106,11 @@ class ClientMemory(DmaPort):
         self.max_maps = max_maps
         self.space = AddressSpace()
         self.container = core.container(core_name)
-        self.slots: list[DmaRegion | None] = []
+        self.slots: list[DmaRegion | None] = []  # in mapping order, freed slots reused
+        self._free: list[int] = []  # free slot indexes (a heap: lowest first)
+        self._starts: list[int] = []  # sorted iovas of the live regions...
+        self._by_start: dict[int, DmaRegion] = {}  # ...and the regions by iova
+        self._slot_of: dict[int, int] = {}  # iova -> slot index
         self.logging = False
         self.log_page_size = PAGE
         self.dirty: set[int] = set()  # 4 KiB page numbers written while logging
@@ -115,12 +121,17 @@ class ClientMemory(DmaPort):
     def regions(self) -> list[DmaRegion]:
         return [r for r in self.slots if r is not None]
 
+    def __len__(self) -> int:
+        return len(self._starts)
+
     def mappings(self) -> list[tuple[int, int, int, bool]]:
         return [(r.iova, r.size, r.flags, r.hva is not None) for r in self.regions()]
 
     def _find(self, iova: int) -> DmaRegion | None:
-        for r in self.slots:
-            if r is not None and r.iova <= iova < r.end:
+        i = bisect.bisect_right(self._starts, iova) - 1
+        if i >= 0:
+            r = self._by_start[self._starts[i]]
+            if iova < r.end:
                 return r
         return None
 
@@ -131,10 +142,12 @@ class ClientMemory(DmaPort):
             raise fail(errno.EINVAL, f"{what}: not aligned to {PAGE:#x}")
         if not req.flags & DMA_READ_FLAG:
             raise fail(errno.EINVAL, f"{what}: not readable (flags {req.flags:#x})")
-        for r in self.regions():
-            if r.iova < req.addr + req.size and req.addr < r.end:
+        i = bisect.bisect_left(self._starts, req.addr + req.size) - 1  # the last region starting below the end
+        if i >= 0:
+            r = self._by_start[self._starts[i]]
+            if r.end > req.addr:
                 raise fail(errno.EEXIST, f"{what} overlaps {rng(r.iova, r.size)}")
-        if len(self.regions()) >= self.max_maps:
+        if len(self._starts) >= self.max_maps:
             raise fail(errno.ENOSPC, f"{what}: {self.max_maps} regions already mapped")
         hva = None
         if req.fd is not None:
@@ -147,27 +160,35 @@ class ClientMemory(DmaPort):
                 self.space.munmap(hva, req.size)
                 raise
         region = DmaRegion(req.addr, req.size, req.flags, req.offset, hva)
-        free = [j for j, slot in enumerate(self.slots) if slot is None]
-        if free:
-            self.slots[free[0]] = region
+        if self._free:
+            j = heapq.heappop(self._free)
+            self.slots[j] = region
         else:
+            j = len(self.slots)
             self.slots.append(region)
+        bisect.insort(self._starts, region.iova)
+        self._by_start[region.iova] = region
+        self._slot_of[region.iova] = j
+
+    def _forget(self, r: DmaRegion) -> None:
+        j = self._slot_of.pop(r.iova)
+        del self._by_start[r.iova]
+        self._starts.pop(bisect.bisect_left(self._starts, r.iova))
+        self.slots[j] = None
+        heapq.heappush(self._free, j)
 
     def unmap(self, addr: int, size: int, *, want_bitmap: bool = False, pgsize: int = PAGE) -> bytes:
         """DMA_UNMAP of exactly one region (``ENOENT`` otherwise); its dirty bitmap if asked."""
-        found = [j for j, slot in enumerate(self.slots) if slot is not None and slot.iova == addr and slot.size == size]
-        if not found:
+        r = self._by_start.get(addr)
+        if r is None or r.size != size:
             raise fail(errno.ENOENT, f"DMA_UNMAP {rng(addr, size)}: no such DMA region")
-        i = found[0]
-        r = self.slots[i]
-        assert r is not None
         if want_bitmap and not self.logging:
             raise fail(errno.EINVAL, f"DMA_UNMAP {rng(addr, size)}: dirty bitmap asked but logging is off")
         bitmap = b""
         if want_bitmap:
             _check_pgsize(pgsize)
         self._drop(r)
-        self.slots[i] = None
+        self._forget(r)
         if want_bitmap:
             bitmap = self.take_bitmap(addr, size, pgsize)
         return bitmap
@@ -183,10 +204,9 @@ class ClientMemory(DmaPort):
             r.hva = None
 
     def unmap_all(self) -> None:
-        for i, r in enumerate(self.slots):
-            if r is not None:
-                self._drop(r)
-                self.slots[i] = None
+        for r in self.regions():
+            self._drop(r)
+            self._forget(r)
 
     def close(self) -> None:
         """The client is gone: every region unmapped, the address space released."""

@@ -6,7 +6,7 @@ else is ``EEXIST``); :meth:`Server.serve_one` accepts a client and serves it unt
 socket file is removed on :meth:`Server.close` (also on Ctrl-C through ``with``).
 
 Capabilities offered: ``max_msg_fds``, ``max_data_xfer_size``, ``pgsizes`` (4 KiB),
-``max_dma_maps``, ``migration`` (``pgsize``, ``max_bitmap_size``) and ``write_multiple``;
+``max_dma_maps`` (1024 by default, see :data:`MAX_DMA_MAPS`), ``migration`` (``pgsize``, ``max_bitmap_size``) and ``write_multiple``;
 ``twin_socket`` is not offered, so server-to-client DMA messages share the one socket.
 """
 
@@ -26,6 +26,11 @@ from . import protocol as p
 from .device import Device
 from .session import Session
 
+# DMA regions one client may map at once.  Each fd-backed map rebuilds the container's
+# table (O(regions)), so the spec's default of 65535 would let a client spend minutes of
+# CPU on maps alone; 1024 maps cost ~2 s, and a VMM without a vIOMMU maps a handful.
+MAX_DMA_MAPS = 1024
+
 
 class Server:
     def __init__(
@@ -35,6 +40,7 @@ class Server:
         *,
         max_msg_fds: int = 8,
         max_data_xfer_size: int = p.DEFAULT_MAX_DATA_XFER_SIZE,
+        max_dma_maps: int = MAX_DMA_MAPS,
         io_timeout: float = 10.0,
         core: str | None = None,
         log: Callable[[str], None] | None = None,
@@ -48,6 +54,9 @@ class Server:
         self.max_msg_fds = max_msg_fds
         self.max_xfer = max_data_xfer_size
         self.max_msg_size = p.HEADER_SIZE + 16 + max_data_xfer_size
+        if not 1 <= max_dma_maps <= p.DEFAULT_MAX_DMA_MAPS:
+            raise fail(errno.EINVAL, f"max_dma_maps {max_dma_maps} not in 1..{p.DEFAULT_MAX_DMA_MAPS}")
+        self.max_dma_maps = max_dma_maps
         self.io_timeout = io_timeout
         self.core = core
         self._log = log
@@ -65,7 +74,7 @@ class Server:
             "max_msg_fds": self.max_msg_fds,
             "max_data_xfer_size": self.max_xfer,
             "pgsizes": 4096,
-            "max_dma_maps": p.DEFAULT_MAX_DMA_MAPS,
+            "max_dma_maps": self.max_dma_maps,
             "migration": {"pgsize": 4096, "max_bitmap_size": self.max_xfer},
             "write_multiple": True,
         }
@@ -86,12 +95,26 @@ class Server:
             if not stat.S_ISSOCK(st.st_mode):
                 raise fail(errno.EEXIST, f"{path}: exists and is not a socket")
             os.unlink(path)
+        # bind a temporary name and rename it into place once listening: a client that
+        # waits for the path to appear (libvfio-user's does) must never find it refusing
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        if len(os.fsencode(tmp)) >= 108:
+            tmp = path
+        elif os.path.lexists(tmp) and stat.S_ISSOCK(os.lstat(tmp).st_mode):
+            os.unlink(tmp)  # left by an earlier process with our pid
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            s.bind(os.fspath(path))
+            s.bind(os.fspath(tmp))
             s.listen(1)
+            if tmp != path:
+                os.rename(tmp, path)
         except OSError as e:
             s.close()
+            if tmp != path:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
             raise fail(e.errno or errno.EINVAL, f"{path}: {e.strerror}") from e
         self.sock = s
         return self

@@ -219,14 +219,21 @@ class Session:
     def run(self) -> bool:
         """Serve until the client goes; True if it left cleanly (no fatal error)."""
         dev = self.device
+        ticked = False
         try:
             while True:
                 if self._dead is not None:
                     raise self._dead
                 deadline = dev.deadline() if self.negotiated else None
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if timeout == 0.0 and not ticked:  # a due timer goes first...
+                    ticked = True
+                    self._tick()
+                    continue
+                ticked = False  # ...but one message is served between two ticks
                 msg = self._next(timeout)
                 if msg is None:
+                    ticked = True
                     self._tick()
                     continue
                 self.handle(msg)
@@ -237,11 +244,17 @@ class Session:
             self.close()
 
     def _tick(self) -> None:
+        """The device's timer; what it raises is logged (the session goes on unless the
+        client is gone, which ``run`` sees next)."""
         try:
             self.device.tick()
+        except Disconnect:
+            raise
         except DmaError as e:
-            self.errors.append(f"device timer: {e}")
             self.log(f"device timer: {e}")
+        except Exception as e:  # a bug in the model must not take the server down
+            self.errors.append(f"device timer: {e!r}")
+            self.log(f"device timer: {e!r}")
 
     def handle(self, msg: p.Message) -> None:
         """Handle one message and send its reply (unless no-reply was asked)."""
@@ -261,6 +274,11 @@ class Session:
                         region.write(offset, body[16:])
                     except DmaError as e:
                         self._error(h, e)
+                        return
+                    except Disconnect:
+                        raise
+                    except Exception as e:  # a bug in the model: EIO, as below
+                        self._error(h, fail(errno.EIO, f"REGION_WRITE: the device model raised {e!r}"))
                         return
                     if not h.no_reply:
                         self.send(_HDR.pack(h.msg_id, h.cmd, 32, _REPLY, 0) + body[:16])
@@ -330,7 +348,7 @@ class Session:
         reply, session = p.negotiate(client, self.server.capabilities())
         self.client_caps = session
         max_xfer = min(session["client_max_data_xfer_size"], p.DEFAULT_MAX_DATA_XFER_SIZE)
-        self.mem = ClientMemory(self.call, max_xfer=max_xfer, core_name=self.server.core)
+        self.mem = ClientMemory(self.call, max_xfer=max_xfer, max_maps=self.server.max_dma_maps, core_name=self.server.core)
         self.device.dma = self.mem
         self.negotiated = True
         self.device.connected()

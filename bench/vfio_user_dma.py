@@ -3,7 +3,7 @@
 A device served by ``dmarw.vfio_user.Server`` in a child process is offered two DMA regions
 by ``dmarw.vfio_user.Client`` (the parent): one with its memfd (the server maps it and its
 ``dma_rw`` is the container's), one without (every access is a DMA_READ / DMA_WRITE message
-that the client's reader thread serves).  The device times its own ``self.dma.read/write``
+that the client serves while it waits for the reply to the command that started the loop).  The device times its own ``self.dma.read/write``
 loop (``time.perf_counter_ns`` around N accesses, in the server process) when the client
 writes a command to its BAR0; the client reads the result back from BAR0.  Sizes 4 KiB and
 64 KiB, read and write, rounds interleaved; medians per access and the ratio
@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(t)
     served = samples.pop("_served")
     console.print(f"{args.rounds} rounds; DMA_READ/DMA_WRITE messages served by the client: "
-                  f"{int(served[0])}/{int(served[1])}; server in its own process, client's reader "
-                  "thread answering.")
+                  f"{int(served[0])}/{int(served[1])}; server in its own process, the client "
+                  "answering them while it waits for its REGION_WRITE's reply.")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "samples": samples}, indent=1))
     return 0

@@ -42,6 +42,7 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_DATA_XFER = 1 << 20
 DEFAULT_MAX_MSG_FDS = 16
 DMA_RW = P.DMA_READ_FLAG | P.DMA_WRITE_FLAG
+IDLE_S = 0.01  # quiet time after which the idle thread watches the socket
 
 
 def _name(cmd: int) -> str:
@@ -113,6 +114,8 @@ class Client:
         self._rx_lock = threading.Lock()
         self._lock = threading.Lock()
         self._pending: dict[int, _Waiter] = {}
+        self._active = 0  # callers inside request() (under _lock)
+        self._last = time.monotonic()  # when the last of them left
         self._next_id = 0
         self._closed = False
         self._dead: str | None = None
@@ -239,6 +242,7 @@ class Client:
         w = _Waiter()
         with self._lock:
             self._pending[mid] = w
+            self._active += 1
         try:
             data, fds = P.encode_request(mid, payload)
             self._send(data, fds, cmd)
@@ -248,6 +252,8 @@ class Client:
         finally:
             with self._lock:
                 self._pending.pop(mid, None)
+                self._active -= 1
+                self._last = time.monotonic()
         msg = w.msg
         if msg is None:
             raise fail(errno.ECONNRESET, f"{_name(cmd)}{what}: {w.lost}")
@@ -270,7 +276,7 @@ class Client:
         data, fds = P.encode_request(self._alloc_id(), payload, no_reply=True)
         self._send(data, fds, int(payload.CMD))
 
-    # -- the reader thread -------------------------------------------------------------------
+    # -- receiving (leader/follower) ----------------------------------------------------------
     def _fail_pending(self, why: str) -> None:
         if self._dead is None:
             self._dead = why
@@ -340,12 +346,19 @@ class Client:
             self._shutdown()
 
     def _idle_loop(self) -> None:
-        """While no caller reads: poll, and read what arrives (the server's own requests)."""
+        """Once no call has been in flight for ``IDLE_S``: poll, and read what arrives (the
+        server's own requests).  While calls come and go, their callers do the reading and
+        this thread stays off the socket (and off the GIL)."""
         poller = select.poll()
         poller.register(self._sock.fileno(), select.POLLIN)
         while self._dead is None and not self._closed:
+            with self._lock:
+                quiet = self._active == 0 and time.monotonic() - self._last >= IDLE_S
+            if not quiet:
+                time.sleep(IDLE_S)
+                continue
             try:
-                if not poller.poll(50):
+                if not poller.poll(IDLE_S * 1000):
                     continue
             except OSError:
                 return
@@ -355,8 +368,6 @@ class Client:
                         self._receive()
                 finally:
                     self._rx_lock.release()
-            else:  # a caller is reading: it serves what came
-                time.sleep(0.002)
 
     def _dispatch(self, msg: P.Message) -> None:
         if msg.header.is_reply:

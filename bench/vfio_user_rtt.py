@@ -4,9 +4,9 @@ Both servers serve the sample device (``dmarw serve --device sample`` and libvfi
 ``samples/server``, built from ``../shared/peers/libvfio-user`` by the test suite's peer
 builder) in their own processes; the same client writes 4 bytes to BAR1 at 0x1000 (a page
 outside the mmap areas, so every write is a message) and waits for the reply.  Two
-clients, each used against both servers: ``dmarw.vfio_user.Client`` (reader thread,
-matched replies) and a raw blocking loop (one sendall + one recv per write, the least a
-client can add).  Rounds interleave the servers; medians per round trip and the ratio
+clients, each used against both servers: ``dmarw.vfio_user.Client`` (replies matched
+by id, the waiting caller reading its own) and a raw blocking loop (one sendall + one recv
+per write, the least a client can add).  Rounds interleave the servers; medians per round trip and the ratio
 dmarw / libvfio-user (target <= 2x).
 
 Run: ``.venv/bin/python bench/vfio_user_rtt.py [--rounds N] [--writes N] [--json FILE]``

@@ -223,3 +223,32 @@ def test_sample_migration_stream_round_trip() -> None:
     assert e.value.errno == errno.EINVAL
     for d in (src, dst, bad):
         d.close()
+
+
+def test_capability_list_msi_and_msix() -> None:
+    cfg = PciConfig(1, 2)
+    assert cfg.capabilities() == [] and not cfg.status & 0x10
+    msix = cfg.add_msix(8, table_bar=2, table_offset=0x1000, pba_bar=2, pba_offset=0x1800)
+    msi = cfg.add_msi(2)
+    assert cfg.status & 0x10 and cfg.read(0x34, 1) == bytes([msix])
+    assert cfg.capabilities() == [(0x11, msix), (0x05, msi)]
+    control, table, pba = struct.unpack_from("<HII", cfg.read(msix + 2, 10))
+    assert control == 7 and table == 0x1002 and pba == 0x1802
+    cfg.write(msix + 2, b"\xff\xff")  # only enable and function-mask are the guest's
+    assert struct.unpack_from("<H", cfg.read(msix + 2, 2))[0] == 0xC007
+    cfg.write(msix + 4, b"\xff\xff\xff\xff")  # the table location is read-only
+    assert struct.unpack_from("<I", cfg.read(msix + 4, 4))[0] == 0x1002
+    cfg.write(msi + 4, b"\xff\xff\xff\xff")  # the MSI address is writable, dword aligned
+    assert struct.unpack_from("<I", cfg.read(msi + 4, 4))[0] == 0xFFFFFFFC
+    cfg.write(0x34, b"\x00")  # the pointer is read-only
+    assert cfg.read(0x34, 1) == bytes([msix])
+    with pytest.raises(DmaError):
+        cfg.add_msix(0, 0, 0, 0, 0)
+    for _ in range(40):
+        try:
+            cfg.add_capability(0x09, bytes(14))
+        except DmaError as e:
+            assert e.errno == errno.ENOSPC
+            break
+    else:
+        raise AssertionError("the config space never filled up")

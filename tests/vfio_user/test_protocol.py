@@ -342,3 +342,70 @@ def test_fuzz_decoder_raises_only_protocol_error(msgs: list[tuple[bytes, list[in
 def test_fuzz_region_write_round_trip(msg_id: int, region: int, offset: int, data: bytes) -> None:
     w = p.RegionWrite(region, offset, len(data), data)
     assert _roundtrip_request(w, msg_id) == w
+
+
+u16, u32, u64 = st.integers(0, 0xFFFF), st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1)
+pages = st.integers(1, 2**20).map(lambda n: n * 4096)
+
+
+@st.composite
+def _dma_map(draw: st.DrawFn) -> p.DmaMap:
+    size = draw(pages)
+    addr = draw(st.integers(0, 2**64 - size))
+    return p.DmaMap(draw(st.integers(0, 3)), draw(u64), addr, size, draw(st.none() | st.integers(3, 100)))
+
+
+@st.composite
+def _set_irqs(draw: st.DrawFn) -> p.SetIrqs:
+    count = draw(st.integers(0, 16))
+    start = draw(st.integers(0, 64))
+    kind = draw(st.sampled_from([p.IRQ_SET_DATA_NONE, p.IRQ_SET_DATA_BOOL, p.IRQ_SET_DATA_EVENTFD]))
+    action = draw(st.sampled_from([p.IRQ_SET_ACTION_MASK, p.IRQ_SET_ACTION_UNMASK, p.IRQ_SET_ACTION_TRIGGER]))
+    data = draw(st.binary(min_size=count, max_size=count)) if kind == p.IRQ_SET_DATA_BOOL else b""
+    fds = list(range(10, 10 + count)) if kind == p.IRQ_SET_DATA_EVENTFD and draw(st.booleans()) else []
+    return p.SetIrqs(kind | action, draw(st.integers(0, 4)), start, count, data, fds, 20 + len(data))
+
+
+@st.composite
+def _feature(draw: st.DrawFn) -> p.Feature:
+    kind = draw(st.integers(0, 2))
+    if kind == 0:
+        return p.feature_mig_state(draw(st.integers(0, 7)))
+    if kind == 1:
+        ranges = draw(st.lists(st.tuples(st.integers(0, 2**40), st.integers(1, 2**30)), max_size=8))
+        return p.feature_logging(draw(st.booleans()), 1 << draw(st.integers(12, 30)), ranges)
+    return p.feature_report(draw(st.integers(0, 2**40)), draw(st.integers(1, 2**30)), 1 << draw(st.integers(12, 21)))
+
+
+caps = st.fixed_dictionaries({}, optional={
+    "max_msg_fds": st.integers(0, 253), "max_data_xfer_size": st.integers(1, 2**40),
+    "pgsizes": st.integers(0, 2**40), "max_dma_maps": u16, "write_multiple": st.booleans(),
+    "migration": st.fixed_dictionaries({"pgsize": st.just(4096)}),
+})
+
+ANY_REQUEST = st.one_of(
+    st.builds(p.Version, u16, u16, caps),
+    _dma_map(),
+    st.builds(lambda f, a, s: p.DmaUnmap(f, a, s), st.just(0), st.integers(0, 2**63), st.integers(0, 2**62)),
+    st.builds(p.DeviceInfo, u32, u32, u32, u32),
+    st.builds(p.RegionInfo, u32, st.integers(32, 2**32 - 1)),
+    st.builds(p.IoFdsRequest, u32, st.integers(16, 2**32 - 1)),
+    st.builds(p.IrqInfo, u32, st.integers(16, 2**32 - 1), u32, u32),
+    _set_irqs(),
+    st.builds(p.RegionRead, u32, u64, u32),
+    st.binary(max_size=256).flatmap(lambda d: st.builds(p.RegionWrite, u32, u64, st.just(len(d)), st.just(d))),
+    st.builds(p.DmaRead, u64, u64),
+    st.binary(max_size=256).flatmap(lambda d: st.builds(p.DmaWrite, u64, st.just(len(d)), st.just(d))),
+    st.just(p.Reset()),
+    st.lists(st.tuples(u32, u64, st.binary(min_size=1, max_size=8)), min_size=1, max_size=20).map(p.WriteMulti),
+    _feature(),
+    st.integers(0, 2**20).map(lambda n: p.MigDataRead(n, argsz=8 + n)),
+    st.binary(max_size=256).map(lambda d: p.MigDataWrite(len(d), d, argsz=8 + len(d))),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(ANY_REQUEST, u16)
+def test_fuzz_every_request_round_trips(payload: p.Payload, msg_id: int) -> None:
+    """decode(encode(x)) == x for random instances of every request kind."""
+    assert _roundtrip_request(payload, msg_id) == payload

@@ -31,9 +31,10 @@ from dmarw.vfio_user import protocol as p
 from dmarw.vfio_user.sample import SampleDevice
 
 
-@pytest.fixture
-def harness() -> Iterator[Harness]:
-    h = Harness(TestDevice(), io_timeout=2.0)
+@pytest.fixture(params=["native", "python"])
+def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
+    """A server on each core: the client's fd mappings live in that core's container."""
+    h = Harness(TestDevice(), io_timeout=2.0, core=request.param)
     yield h
     for t in h.threads:
         t.join(10)

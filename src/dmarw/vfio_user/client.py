@@ -276,7 +276,7 @@ class Client:
         data, fds = P.encode_request(self._alloc_id(), payload, no_reply=True)
         self._send(data, fds, int(payload.CMD))
 
-    # -- the reader thread -------------------------------------------------------------------
+    # -- receiving (leader/follower) ----------------------------------------------------------
     def _fail_pending(self, why: str) -> None:
         if self._dead is None:
             self._dead = why

@@ -154,6 +154,9 @@ BAR_MEM_64 = 0x4
 BAR_PREFETCH = 0x8
 BAR_IO = 0x1
 CMD_WRITABLE = 0x0547  # io, mem, master, parity, serr, intx-disable
+STATUS_CAP_LIST = 0x10
+CAP_ID_MSI = 0x05
+CAP_ID_MSIX = 0x11
 
 
 class PciConfig:
@@ -191,6 +194,8 @@ class PciConfig:
         self.wmask[0x3C] = 0xFF  # interrupt line
         self.bars: dict[int, tuple[int, int]] = dict(bars or {})  # index -> (size, low flag bits)
         self.rom_size = rom_size
+        self._cap_last = 0  # offset of the last capability in the list (0: none yet)
+        self._cap_end = 0x40  # where the next one goes
         for i, (_size, bits) in self.bars.items():
             struct.pack_into("<I", self.data, 0x10 + 4 * i, bits)
 
@@ -231,6 +236,61 @@ class PciConfig:
     @property
     def command(self) -> int:
         return int(struct.unpack_from("<H", self.data, 4)[0])
+
+    # -- capabilities -------------------------------------------------------------------------
+    def add_capability(self, cap_id: int, body: bytes, wmask: bytes = b"") -> int:
+        """Append a capability (``cap_id``, next pointer, then ``body``) to the list at
+        0x34, 4-byte aligned after the last one; ``wmask`` opens bits of ``body`` to the
+        guest.  Returns its offset; ``ENOSPC`` when the 256 bytes are full."""
+        offset = self._cap_end
+        end = offset + 2 + len(body)
+        if end > PCI_CONFIG_SIZE:
+            raise fail(errno.ENOSPC, f"capability {cap_id:#x} of {2 + len(body)} bytes does not fit at {offset:#x}")
+        self.data[offset] = cap_id
+        self.data[offset + 1] = 0
+        self.data[offset + 2 : end] = body
+        self.wmask[offset + 2 : offset + 2 + len(wmask)] = wmask
+        if self._cap_last:
+            self.data[self._cap_last + 1] = offset
+        else:
+            self.data[0x34] = offset
+            struct.pack_into("<H", self.data, 6, self.status | STATUS_CAP_LIST)
+        self._cap_last = offset
+        self._cap_end = (end + 3) & ~3
+        return offset
+
+    def add_msix(self, count: int, table_bar: int, table_offset: int, pba_bar: int, pba_offset: int) -> int:
+        """The MSI-X capability for ``count`` vectors whose table and PBA live in the given
+        BARs at the given offsets (the VMM emulates the table and programs the vectors with
+        SET_IRQS); enable and function-mask are the guest's to write."""
+        if not 1 <= count <= 2048 or table_offset & 7 or pba_offset & 7 or table_bar > 5 or pba_bar > 5:
+            raise fail(errno.EINVAL, f"MSI-X of {count} vectors, table {table_bar}:{table_offset:#x}, pba {pba_bar}:{pba_offset:#x}")
+        body = struct.pack("<HII", count - 1, table_offset | table_bar, pba_offset | pba_bar)
+        return self.add_capability(CAP_ID_MSIX, body, wmask=struct.pack("<H", 0xC000))
+
+    def add_msi(self, vectors_log2: int = 0) -> int:
+        """A 64-bit MSI capability offering ``2**vectors_log2`` vectors (at most 32)."""
+        if not 0 <= vectors_log2 <= 5:
+            raise fail(errno.EINVAL, f"MSI with 2**{vectors_log2} vectors: at most 32")
+        control = (vectors_log2 << 1) | 0x80  # multiple message capable, 64-bit
+        body = struct.pack("<HIIH", control, 0, 0, 0)
+        wm = struct.pack("<HIIH", 0x71, 0xFFFFFFFC, 0xFFFFFFFF, 0xFFFF)  # enable, mme, address, data
+        return self.add_capability(CAP_ID_MSI, body, wmask=wm)
+
+    @property
+    def status(self) -> int:
+        return int(struct.unpack_from("<H", self.data, 6)[0])
+
+    def capabilities(self) -> list[tuple[int, int]]:
+        """(id, offset) of each capability, walking the list from 0x34 (loops cut)."""
+        out: list[tuple[int, int]] = []
+        if not self.status & STATUS_CAP_LIST:
+            return out
+        pos = self.data[0x34] & ~3
+        while pos and len(out) < 48:
+            out.append((self.data[pos], pos))
+            pos = self.data[pos + 1] & ~3
+        return out
 
 
 # -- interrupts -----------------------------------------------------------------------------

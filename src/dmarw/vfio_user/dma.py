@@ -263,6 +263,16 @@ class ClientMemory(DmaPort):
     def rw(self, iova: int, buf: Buffer, write: bool, *, messages: bool = False) -> None:
         """Device DMA: all of it checked against the regions first (``EINVAL`` unmapped,
         ``EPERM`` read-only), then each piece through the container or messages."""
+        if not messages and not self.gone:  # the common case: inside one fd mapping
+            starts = self._starts
+            i = bisect.bisect_right(starts, iova) - 1
+            if i >= 0:
+                hit = self._by_start[starts[i]]
+                t = type(buf)
+                plain = t is bytearray or t is bytes or (t is memoryview and buf.itemsize == 1 and buf.ndim == 1)  # type: ignore[union-attr]
+                if plain and hit.hva is not None and iova + len(buf) <= hit.end:
+                    self.container.dma_rw(iova, buf, write)  # checks the buffer itself
+                    return
         if self.gone or self.closed:
             raise fail(errno.ENOTCONN, f"dma {rng(iova, memoryview(buf).nbytes)}: the client is gone")
         mv = buf if type(buf) is memoryview else memoryview(buf)
@@ -275,10 +285,6 @@ class ClientMemory(DmaPort):
             raise fail(errno.EINVAL, f"dma read {rng(iova, n)}: buffer is read-only")
         if iova < 0 or iova + n > 1 << 64:
             raise fail(errno.EOVERFLOW, f"dma {rng(iova, n)}: wraps past 2**64")
-        r = self._find(iova)
-        if r is not None and r.hva is not None and not messages and iova + n <= r.end:
-            self.container.dma_rw(iova, mv, write)  # the common case: one fd mapping
-            return
         pieces: list[tuple[DmaRegion, int, int]] = []
         pos = 0
         while pos < n:

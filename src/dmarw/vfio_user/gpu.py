@@ -21,7 +21,7 @@ import struct
 from ..devices.gpu import CTRL_RESET, MMIO_SIZE, REG_CTRL, REG_WAIT, GpuDevice
 from ..errors import fail
 from .device import MIGRATION_STOP_COPY, Device, PciConfig, Region
-from .protocol import BAR0, INTX, MSI, MigState
+from .protocol import BAR0, INTX, MigState
 
 VENDOR, DEVICE = 0x4744, 0x5550  # "DG" "PU": a lab device, no real vendor's ID
 CLASS_DISPLAY_OTHER = 0x038000
@@ -31,7 +31,7 @@ class GpuVfioDevice(Device):
     migration_flags = MIGRATION_STOP_COPY
 
     def __init__(self) -> None:
-        super().__init__(PciConfig(VENDOR, DEVICE, VENDOR, DEVICE, class_code=CLASS_DISPLAY_OTHER), irqs={INTX: 1, MSI: 1})
+        super().__init__(PciConfig(VENDOR, DEVICE, VENDOR, DEVICE, class_code=CLASS_DISPLAY_OTHER), irqs={INTX: 1})
         self.gpu = GpuDevice(lambda addr, buf, write: self.dma.rw(addr, buf, write))
         self.add_region(BAR0, Region(MMIO_SIZE, read=self._read, write=self._write, name="gpu-mmio"))
         self._out = bytearray()  # STOP_COPY data left to read

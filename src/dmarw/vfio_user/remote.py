@@ -11,8 +11,8 @@ the pages its DMA_WRITE messages wrote here (none when every mapping has an fd);
 state moves with MIG_DATA (:meth:`save` / :meth:`restore`).  These are what a live
 migration of the VM needs on top of KVM's own dirty log.
 
-Threads: ``mmio_read``/``mmio_write`` are called from the vCPU thread; the client's own
-reader thread answers the server's DMA messages; a Client call is safe from any thread.
+Threads: ``mmio_read``/``mmio_write`` are called from the vCPU thread, which also answers
+the server's DMA messages that arrive while it waits; a Client call is safe from any thread.
 """
 
 from __future__ import annotations

@@ -43,6 +43,15 @@ _DONTWAIT = int(socket.MSG_DONTWAIT)
 _ACCESS = p.ACCESS
 _REPLY = p.F_TYPE_REPLY
 _HDR = p.HEADER
+_REGION_WRITE = int(p.Command.REGION_WRITE)
+_REGION_READ = int(p.Command.REGION_READ)
+
+
+class _Handled:
+    """What :meth:`Session._next` returns for a message served on the fast path."""
+
+
+_HANDLED = _Handled()
 
 
 class Disconnect(Exception):
@@ -93,17 +102,21 @@ class Session:
         self.server.log(msg)
 
     # -- socket I/O -------------------------------------------------------------------------
-    def _recv(self, timeout: float | None) -> None:
-        """Wait up to ``timeout`` (None: forever) for data, and feed what arrives."""
+    def _recv(self, timeout: float | None, *, fast: bool = False) -> bool:
+        """Wait up to ``timeout`` (None: forever) for data and feed what arrives; False if
+        nothing came.  ``fast`` (the serve loop, nothing buffered): a lone REGION_WRITE or
+        REGION_READ is served straight from the receive buffer."""
         if timeout is not None and not _poll_in(self.fd, timeout):
-            return
+            return False
         try:
             n, anc, flags, _ = self.sock.recvmsg_into(self._rbufs, self._anc, _CLOEXEC)
         except ConnectionResetError:
             n, anc, flags = 0, [], 0
         if not anc and not flags:  # the common case: bytes only
+            if fast and n >= 32 and self._fast(n):
+                return True
             self.conn.receive_data(self._rview[:n].tobytes())
-            return
+            return True
         fds: list[int] = []
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -115,6 +128,40 @@ class Session:
                 os.close(fd)
             raise Disconnect(False, "more fds than one message may carry")
         self.conn.receive_data(self._rview[:n].tobytes(), fds)
+        return True
+
+    def _fast(self, n: int) -> bool:
+        """Serve the receive buffer's ``n`` bytes if they are exactly one well-formed
+        REGION_WRITE/REGION_READ (True); anything else takes the general path (False)."""
+        buf = self._rbuf
+        msg_id, cmd, size, flags, _err = _HDR.unpack_from(buf)
+        if size != n or flags & ~p.F_NO_REPLY or (cmd != _REGION_WRITE and cmd != _REGION_READ):
+            return False
+        offset, index, count = _ACCESS.unpack_from(buf, 16)
+        if count > self.server.max_xfer or n != (32 + count if cmd == _REGION_WRITE else 32):
+            return False
+        region = self.device.region(index)
+        if region is None:
+            return False
+        self.handled += 1
+        try:
+            if cmd == _REGION_WRITE:
+                region.write(offset, self._rview[32:n].tobytes())
+                reply = _HDR.pack(msg_id, cmd, 32, _REPLY, 0) + buf[16:32]
+            else:
+                data = region.read(offset, count)
+                reply = _HDR.pack(msg_id, cmd, 32 + count, _REPLY, 0) + buf[16:32] + data
+        except DmaError as e:
+            self._error(p.Header(msg_id, cmd, size, flags), e)
+            return True
+        except Disconnect:
+            raise
+        except Exception as e:  # a bug in the model: EIO, as in the general dispatch
+            self._error(p.Header(msg_id, cmd, size, flags), fail(errno.EIO, f"{_cmd_name(cmd)}: the device model raised {e!r}"))
+            return True
+        if not flags & p.F_NO_REPLY:
+            self.send(reply)
+        return True
 
     def send(self, data: bytes, fds: list[int] | None = None) -> None:
         """Send one message; a client that has not read it after ``io_timeout`` is dropped."""
@@ -142,8 +189,9 @@ class Session:
             except (BrokenPipeError, ConnectionResetError) as e:
                 raise Disconnect(False, f"send: {e.strerror}") from e
 
-    def _next(self, timeout: float | None) -> p.Message | None:
-        """The next message from the queue or the socket (None: timeout passed)."""
+    def _next(self, timeout: float | None) -> p.Message | _Handled | None:
+        """The next message from the queue or the socket (None: the timeout passed;
+        ``_HANDLED``: a message was served on the fast path)."""
         if self.pending:
             return self.pending.popleft()
         try:
@@ -153,10 +201,12 @@ class Session:
                     return msg
                 if self.conn.eof:
                     raise Disconnect(self.conn.buffered == 0, "the client closed the connection")
+                idle = self.conn.buffered == 0 and self.negotiated
                 before = self.conn.buffered
-                self._recv(timeout)
-                if timeout is not None and self.conn.buffered == before and not self.conn.eof:
-                    return None
+                if not self._recv(timeout, fast=idle):
+                    return None  # the timeout passed
+                if idle and self.conn.buffered == before and not self.conn.eof:
+                    return _HANDLED  # served on the fast path
         except p.ProtocolError as e:
             self._fatal(e)
             raise AssertionError("unreachable") from e
@@ -236,7 +286,8 @@ class Session:
                     ticked = True
                     self._tick()
                     continue
-                self.handle(msg)
+                if isinstance(msg, p.Message):
+                    self.handle(msg)
         except Disconnect as d:
             self.log(f"client gone: {d}")
             return d.clean and not self.errors
@@ -264,7 +315,7 @@ class Session:
             msg.close_fds()
             self.log(f"dropping a stray reply (msg {h.msg_id:#x}, cmd {h.cmd})")
             return
-        if h.cmd == p.Command.REGION_WRITE and not msg.fds and self.negotiated:  # the hot path
+        if h.cmd == _REGION_WRITE and not msg.fds and self.negotiated:  # the hot path, buffered
             body = msg.body
             if len(body) >= 16:
                 offset, index, count = _ACCESS.unpack_from(body)

@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/dmarw demo
 
 test: $(TEST_STAMP) peer-deps
-	@$(BIN)/python -c "import dmarw._native" || { echo "the native core did not build (see pip's output above)"; exit 1; }
+	@$(BIN)/python -c "import dmarw._native as n; assert n.__file__" || { echo "the native core did not build (see pip's output above)"; exit 1; }
 	@$(BIN)/python -c "import dmarw._vmm" || { echo "the native vCPU loop dmarw._vmm did not build (see pip's output above)"; exit 1; }
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
@@ -39,8 +39,8 @@ clean:
 
 # The native core built with AddressSanitizer + UndefinedBehaviorSanitizer, in its own
 # directory (the in-place build is untouched), and the whole suite run against it with the
-# sanitizer runtimes preloaded (native is the default core, and tests/test_native.py runs
-# the core suites on it explicitly).  Any report fails the target.  About 3 minutes.
+# sanitizer runtimes preloaded (native is the default core, and tests/contract/ runs
+# every contract suite on it explicitly).  Any report fails the target.  About 3 minutes.
 ASAN_DIR := build/asan
 ASAN_RT = $(shell gcc -print-file-name=libasan.so):$(shell gcc -print-file-name=libubsan.so)
 asan: $(TEST_STAMP)

@@ -9,10 +9,9 @@ Rows, all uncontended ``with lock: pass`` in one thread, interleaved in rounds, 
 * ``Mutex, stats off``        the real :class:`dmarw.locks.Mutex`, no ``collect()`` block open
 * ``Mutex, stats on``         the same inside ``dmarw.lockstat.collect()``
 
-``stats off`` − ``wrapper + count`` is the cost of having statistics and not using them.  The
-Mutex tests no flag: ``collect()`` swaps the timed acquire methods onto the lock classes
-while a block is open, so with none open the Mutex should run exactly the counting wrapper's
-code.  It is taken per round (the two rows ran moments apart, so slow drift in the
+``stats off`` − ``wrapper + count`` is the cost of having statistics and not using them.  With
+no block open the Mutex runs the counting wrapper's code plus one test of
+``lockstat.TIMING.on`` (set while a ``collect()`` block is open).  It is taken per round (the two rows ran moments apart, so slow drift in the
 machine's load cancels), and the median of those differences is printed with their p25–p75
 band: when the band contains 0, the cost is not measurable above this run's noise.
 

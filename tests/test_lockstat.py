@@ -229,11 +229,10 @@ def test_cycles_and_timer_overhead_are_reported() -> None:
     assert lockstat.timer_overhead_ns(101) >= 0
 
 
-def test_bench_lockstat_overhead_runs_and_writes_json(tmp_path: Any) -> None:
+def test_bench_lockstat_overhead_runs_and_writes_json(tmp_path: Any, load_bench: Any) -> None:
     """A tiny run of bench/lockstat_overhead.py (its numbers are not asserted, only its shape)."""
     import json
 
-    from conftest import load_bench
 
     mod = load_bench("lockstat_overhead")
     out = tmp_path / "overhead.json"
@@ -244,18 +243,12 @@ def test_bench_lockstat_overhead_runs_and_writes_json(tmp_path: Any) -> None:
 
 
 def test_timing_is_swapped_in_only_while_a_block_is_open() -> None:
-    """Off, the locks run the counted acquire (no flag test); the timed one only while
-    collecting, until the last of nested blocks closes; counts are kept either way."""
-    from dmarw.locks import Mutex, Rcu, RwSem
+    """Off, the locks only count; timed only while collecting (``lockstat.TIMING``), until
+    the last of nested blocks closes; counts are kept either way."""
+    from dmarw.locks import Mutex
 
     def timed() -> list[bool]:
-        return [
-            Mutex.acquire is Mutex._acquire_timed,
-            Mutex.__enter__ is Mutex._enter_timed,
-            RwSem.down_read is RwSem._down_read_timed,
-            RwSem.down_write is RwSem._down_write_timed,
-            Rcu.read_lock is Rcu._read_lock_timed,
-        ]
+        return [lockstat.TIMING.on] * 5
 
     m = Mutex("test.swap")
     assert timed() == [False] * 5

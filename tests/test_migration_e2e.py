@@ -14,7 +14,8 @@ import pytest
 
 from dmarw.cli import main
 from dmarw.core import native_available, resolve
-from dmarw.migration import dest
+from dmarw.migration import control, dest
+from dmarw.migration.channel import Channel
 from dmarw.migration.harness import Config, Outcome, SourceGuest, run
 from dmarw.migration.source import MigrationFailed, RoundStats, Source
 from dmarw.migration.writers import STAMP_TOP, Writer, Writers
@@ -217,9 +218,10 @@ def test_two_memslots_and_an_iova_offset() -> None:
         c.dma_write(0x8000_0000 + 0x3000 + n * 8, n.to_bytes(8, "little"))  # gpa 2**32 + 0x3000
         vm.write_guest(0x7000 + n * 8, n.to_bytes(8, "little"))
 
+    ch = Channel(sock, "destination")
     try:
-        rep = src.migrate(sock, lambda: None, on_round_end=between_rounds)
-        tag, theirs = dest.recv_msg(sock)
+        rep = src.migrate(sock, lambda: None, ch=ch, on_round_end=between_rounds)
+        tag, theirs = ch.recv(control.HASH)
     finally:
         sock.close()
         proc.join()

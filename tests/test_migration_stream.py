@@ -10,9 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmarw.bitmap import from_bytes
 from dmarw.migration.dest import Destination
-from dmarw.migration.source import bitmap_indices
 from dmarw.migration.stream import (
     NEED_DATA,
     Decoder,
@@ -313,15 +311,6 @@ def test_need_data_until_complete() -> None:
     assert dec.next_event() is NEED_DATA
     dec.receive_data(stream[:5])
     assert dec.next_event() is NEED_DATA
-
-
-@settings(max_examples=50, deadline=None)
-@given(st.sets(st.integers(0, 1023), max_size=200))
-def test_bitmap_indices_match_the_core_decoder(pages: set[int]) -> None:
-    from dmarw.bitmap import to_bytes
-
-    bm = to_bytes(pages, 1024)
-    assert bitmap_indices(bm) == from_bytes(bm) == sorted(pages)
 
 
 def test_pages_views_stay_valid_while_more_data_arrives() -> None:

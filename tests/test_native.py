@@ -1,12 +1,10 @@
-"""The native core (issue 6): same behaviour as the Python reference, checked three ways.
+"""The native core's own pieces: what only it has, beside the contract suites.
 
-1. The core behaviour suites (``test_type1``, ``test_kvm``, ``test_vfio``) are collected here
-   a second time with their ``Container``/``Vm`` swapped for the native classes, so every
-   rule and errno there runs against both cores (the ``core`` of a test id is its module).
-2. A hypothesis differential test runs identical random operation sequences on both cores
-   and requires identical results, errnos, host memory and bitmaps.
-3. Native-only pieces: atomic bitmaps, the counter, core selection, memory safety when host
-   memory goes away under a mapping, concurrent readers against unmap and dirty gets.
+The behaviour suites under ``tests/contract/`` run on both cores (the ``core`` fixture), and
+``tests/contract/test_differential.py`` runs identical random sequences on both; this file
+holds the native-only pieces: the bitmap primitives, the counter, core selection, memory
+safety when host memory goes away under a mapping, concurrent readers against unmap and
+dirty gets, the replay entry points, the native VFIO group layer.
 """
 
 from __future__ import annotations
@@ -16,57 +14,19 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-import test_kvm
-import test_type1
-import test_vfio
-from dmarw import AddressSpace, Container, DmaError, Prot, Vm, _native, bitmap_pages, core
-from dmarw.bitmap import DirtyBitmap, bitmap_bytes, to_bytes
-from dmarw.native import NativeContainer, NativeDirtyBitmap, NativeVm, mm_ref
-from dmarw.native import replay as native_replay
-from test_kvm import *  # noqa: F403  (the KVM suite, run again on the native core)
-from test_type1 import *  # noqa: F403  (the type1 suite, run again on the native core)
+pytest.importorskip("dmarw._native", reason="the native core dmarw._native is not built")
 
-
-class TestVfioOnNative:
-    """The VFIO suite (its ``env`` clashes with the type1 suite's, hence a class)."""
-
-    @pytest.fixture
-    def env(self, container_kwargs: dict[str, str]) -> Iterator[test_vfio.Env]:
-        e = test_vfio.make_env(container_kwargs)
-        yield e
-        test_vfio.teardown_env(e)
-
-    @pytest.fixture
-    def detached(self, container_kwargs: dict[str, str]) -> Iterator[test_vfio.Env]:
-        e = test_vfio.make_env(container_kwargs, attach=False)
-        yield e
-        test_vfio.teardown_env(e)
-
-
-for _name, _fn in list(vars(test_vfio).items()):
-    if _name.startswith("test_") and callable(_fn):
-        setattr(TestVfioOnNative, _name, staticmethod(_fn))
-
+from dmarw import AddressSpace, Container, DmaError, Prot, Vm, _native, bitmap_pages, core  # noqa: E402
+from dmarw.bitmap import DirtyBitmap, bitmap_bytes, to_bytes  # noqa: E402
+from dmarw.native import NativeContainer, NativeDirtyBitmap, NativeVm, mm_ref  # noqa: E402
+from dmarw.native import replay as native_replay  # noqa: E402
 
 P = 4096
 RW = Prot.READ | Prot.WRITE
-
-
-@pytest.fixture(autouse=True)
-def _native_core(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The borrowed suites build ``Container``/``Vm`` from their module globals: swap them."""
-    for mod in (test_type1, test_vfio):
-        monkeypatch.setattr(mod, "Container", NativeContainer, raising=False)
-    monkeypatch.setattr(test_kvm, "Vm", NativeVm)
-    yield
-
 
 # -- bitmaps ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
@@ -183,7 +143,7 @@ def test_core_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DMARW_CORE", "native")
     assert type(core.container(lock="rcu")) is NativeContainer
     monkeypatch.setenv("DMARW_CORE", "fortran")
-    with pytest.raises(ValueError):
+    with pytest.raises(core.CoreUnavailable):
         core.resolve()
     assert core.cycles_source("native")[0] == _native.counter_kind()
 
@@ -323,127 +283,6 @@ def test_large_read_releases_the_gil_and_stays_correct() -> None:
         _native.set_gil_threshold(old)
 
 
-# -- differential: identical random sequences on both cores --------------------------------
-NP = 16  # pages of guest RAM in the differential runs
-
-addr_page = st.integers(0, NP + 2)
-npg = st.integers(0, 6)
-op = st.one_of(
-    st.tuples(st.just("map"), addr_page, st.integers(1, 6), st.integers(0, NP - 1), st.sampled_from([1, 2, 3])),
-    st.tuples(st.just("unmap"), addr_page, npg, st.booleans()),
-    st.tuples(st.just("rw"), st.integers(0, (NP + 2) * P), st.integers(0, 3 * P), st.booleans(), st.integers(0, 255)),
-    st.tuples(st.just("rw_top"), st.integers(0, 8), st.integers(0, 16), st.booleans()),
-    st.tuples(st.just("pin"), addr_page, npg, st.sampled_from([1, 2, 3])),
-    st.tuples(st.just("unpin"), addr_page, npg),
-    st.tuples(st.just("bitmap"), addr_page, npg),
-    st.tuples(st.just("start"),),
-    st.tuples(st.just("stop"),),
-    st.tuples(st.just("slot"), st.integers(0, 2), addr_page, st.integers(0, 4), st.integers(0, NP - 1), st.booleans(), st.booleans()),
-    st.tuples(st.just("guest"), st.integers(0, (NP + 2) * P), st.integers(0, 2 * P), st.booleans(), st.integers(0, 255)),
-    st.tuples(st.just("log"), st.integers(0, 2)),
-)
-
-
-# a starting point where most accesses succeed: mappings of every prot, two memslots (one
-# read-only, one logging), tracking on; the random operations then change all of it
-PROLOGUE: list[tuple[Any, ...]] = [
-    ("map", 0, 4, 0, 3),
-    ("map", 4, 2, 6, 1),
-    ("map", 6, 2, 2, 2),
-    ("map", 8, 6, 8, 3),
-    ("slot", 0, 0, 8, 0, False, True),
-    ("slot", 1, 8, 4, 8, True, False),
-    ("start",),
-    ("pin", 1, 2, 3),
-]
-
-
-def _run(cls_c: type[Container], cls_v: type[Vm], lock: str, mm: str, ops: list[tuple[Any, ...]]) -> list[Any]:
-    space = AddressSpace()
-    hva = space.mmap(NP * P, backing="memfd")
-    space.write(hva, bytes(i * 7 & 0xFF for i in range(NP * P)))
-    c = cls_c(lock=lock, mm_ref=mm)  # type: ignore[call-arg]
-    vm = cls_v(space)
-    c.register_unmap_notifier(lambda iova, size: [
-        c.unpin_pages(p, 1) for p, n in sorted(c.pinned().items()) if iova <= p < iova + size for _ in range(n)
-    ])
-    trace: list[Any] = []
-
-    def call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        try:
-            r = fn(*args, **kw)
-        except DmaError as e:
-            return ("err", e.errno)
-        return ("ok", r)
-
-    for o in ops:
-        kind = o[0]
-        if kind == "map":
-            trace.append(call(c.map_dma, o[1] * P, o[2] * P, hva + min(o[3], NP - o[2]) * P if o[2] <= NP else hva, space, Prot(o[4])))
-        elif kind == "unmap":
-            trace.append(call(c.unmap_dma, o[1] * P, o[2] * P, get_dirty_bitmap=o[3]))
-        elif kind in ("rw", "rw_top"):
-            if kind == "rw":
-                iova, n, write, seed = o[1], o[2], o[3], o[4]
-            else:
-                iova, n, write, seed = (1 << 64) - o[1], o[2], o[3], 1
-            buf = bytearray((seed + i) & 0xFF for i in range(n))
-            r = call(c.dma_rw, iova, buf, write)
-            trace.append((r, bytes(buf)))
-        elif kind == "pin":
-            r = call(c.pin_pages, o[1] * P, o[2], Prot(o[3]))
-            trace.append(("ok", [h - hva for h in r[1]]) if r[0] == "ok" else r)
-        elif kind == "unpin":
-            trace.append(call(c.unpin_pages, o[1] * P, o[2]))
-        elif kind == "bitmap":
-            trace.append(call(c.get_dirty_bitmap, o[1] * P, o[2] * P))
-        elif kind == "start":
-            trace.append(call(c.dirty_pages_start))
-        elif kind == "stop":
-            trace.append(call(c.dirty_pages_stop))
-        elif kind == "slot":
-            _, slot, gpa_pg, n, hpg, ro, log = o
-            trace.append(call(vm.set_memslot, slot, gpa_pg * P, n * P, hva + min(hpg, NP - n) * P, readonly=ro, dirty_log=log))
-        elif kind == "guest":
-            _, gpa, n, write, seed = o
-            if write:
-                trace.append(call(vm.write_guest, gpa, bytes((seed + i) & 0xFF for i in range(n))))
-            else:
-                trace.append(call(vm.read_guest, gpa, n))
-        elif kind == "log":
-            trace.append(call(vm.get_dirty_log, o[1]))
-        # hva relative to the guest RAM: the two runs' mappings may sit at different addresses
-        trace.append(([(i, n, h - hva, pr) for i, n, h, pr in c.mappings()], c.pinned(), c.tracking))
-    trace.append(space.read(hva, NP * P))
-    if c.tracking:
-        trace.append([(d[0], call(c.get_dirty_bitmap, d[0], d[1])) for d in c.mappings()])
-    trace.append([(s.slot, call(vm.get_dirty_log, s.slot)) for s in vm.memslots()])
-    vm.close()
-    for iova, size, _, _ in c.mappings():
-        for p, n in list(c.pinned().items()):
-            if iova <= p < iova + size:
-                for _ in range(n):
-                    c.unpin_pages(p, 1)
-        c.unmap_dma(iova, size)
-    space.close()
-    return trace
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    lock=st.sampled_from(["mutex", "rwsem", "rcu"]),
-    mm=st.sampled_from(["get_task_mm", "mmget_not_zero"]),
-    ops=st.lists(op, min_size=1, max_size=40),
-)
-def test_differential_python_vs_native(lock: str, mm: str, ops: list[tuple[Any, ...]]) -> None:
-    ops = PROLOGUE + ops
-    ref = _run(Container, Vm, lock, mm, ops)
-    got = _run(NativeContainer, NativeVm, lock, mm, ops)
-    assert len(ref) == len(got)
-    for i, (a, b) in enumerate(zip(ref, got, strict=True)):
-        assert a == b, f"divergence at step {i}: {ops[i // 2] if i // 2 < len(ops) else 'final'}"
-
-
 # -- the native core's own entry points ---------------------------------------------------
 def test_replay_runs_the_records_through_the_path() -> None:
     from array import array
@@ -457,7 +296,7 @@ def test_replay_runs_the_records_through_the_path() -> None:
     vm.set_memslot(0, 0, 16 * P, hva, dirty_log=True)
     buf = bytearray(b"z" * P)
     writes, addrs, sizes = array("B", [1, 0, 1]), array("Q", [5 * P - 8, 0, 9 * P]), array("I", [16, P, 1])
-    rc, rn, wc, wn = c._core.replay(writes, addrs, sizes, buf)
+    rc, rn, wc, wn = c.replay(writes, addrs, sizes, buf)
     assert (rn, wn) == (1, 2) and rc > 0 and wc > 0
     assert bitmap_pages(c.get_dirty_bitmap(0, 16 * P)) == [4, 5, 9]
     assert space.read(hva + 5 * P - 8, 16) == b"z" * 16
@@ -465,21 +304,20 @@ def test_replay_runs_the_records_through_the_path() -> None:
     assert (got["reads"], got["writes"]) == (1, 2) and got["avg"] > 0
     assert bitmap_pages(vm.get_dirty_log(0)) == [4, 5, 9]
     with pytest.raises(DmaError) as info:  # the first failing record raises, as the call would
-        c._core.replay(array("B", [0]), array("Q", [16 * P]), array("I", [8]), buf)
+        c.replay(array("B", [0]), array("Q", [16 * P]), array("I", [8]), buf)
     assert info.value.errno == errno.EINVAL
     with pytest.raises(ValueError):
-        c._core.replay(array("B", [0]), array("Q", [0, 1]), array("I", [8]), buf)
+        c.replay(array("B", [0]), array("Q", [0, 1]), array("I", [8]), buf)
     for addr, size, err in (((1 << 64) - 4, 8, errno.EOVERFLOW), (0, 0, errno.EINVAL)):
         with pytest.raises(DmaError) as info:  # the argument rules of dma_rw apply too
-            c._core.replay(array("B", [1]), array("Q", [addr]), array("I", [size]), buf)
+            c.replay(array("B", [1]), array("Q", [addr]), array("I", [size]), buf)
         assert info.value.errno == err
         with pytest.raises(DmaError) as info:
             c.dma_rw(addr, bytearray(size), True)
         assert info.value.errno == err
+    assert not hasattr(vm, "dma_rw")  # a KVM core has no type1 path
     with pytest.raises(TypeError):
-        vm._core.dma_rw(0, buf, False)  # a KVM core has no type1 path
-    with pytest.raises(TypeError):
-        native_replay(Container(), writes, addrs, sizes)  # the Python core has no replay
+        native_replay(Container(core="python"), writes, addrs, sizes)  # the Python core has no replay
     assert _native.timer_overhead(1000) >= 0
     vm.close()
     c.unmap_dma(0, 16 * P)
@@ -492,8 +330,13 @@ def test_core_lock_protocol(lock: str) -> None:
     thread and returns once it leaves; the counts land in the lock classes."""
     from dmarw import lockstat
 
-    cls = lockstat.lock_class(f"test.native.{lock}")
-    core_ = _native.Core(lock=lock, read_class=cls, write_class=cls)
+    core_: Any
+    if lock == "srcu":
+        core_ = NativeVm(AddressSpace())
+        cls = lockstat.lock_class("kvm.srcu")
+    else:
+        core_ = NativeContainer(lock=lock)
+        cls = lockstat.lock_class("iommu.rcu" if lock == "rcu" else "iommu.lock")
     before = cls.count
     tok = core_.read_acquire()
     if lock in ("rcu", "srcu"):
@@ -531,10 +374,10 @@ def test_rcu_reader_in_a_forked_child_is_not_waited_for() -> None:
     leave = threading.Event()
 
     def reader() -> None:
-        tok = c._core.read_acquire()
+        tok = c.read_acquire()
         inside.set()
         leave.wait()
-        c._core.read_release(tok)
+        c.read_release(tok)
 
     t = threading.Thread(target=reader)
     t.start()
@@ -564,7 +407,7 @@ def test_external_user_calls_the_native_entry_until_closed() -> None:
     dev = g.add_device("0000:00:02.0")
     g.set_container(c)
     user = ExternalUser.from_device(dev)
-    assert user.dma_rw == c.native_dma_rw  # no Python frame between the handle and C
+    assert type(user).dma_rw is _native.Handle.dma_rw  # the C method: no Python frame
     user.dma_rw(P, b"abc", True)
     assert c.dma_read(P, 3) == b"abc"
     user.close()
@@ -659,7 +502,7 @@ def test_native_entries_take_keywords_like_the_python_methods() -> None:
 
 # -- the native VFIO group layer ----------------------------------------------------------
 needs_native_groups = pytest.mark.skipif(
-    not __import__("dmarw.vfio").vfio._default_native, reason="groups are Python (DMARW_CORE=python)"
+    core.resolve() != "native", reason="groups are Python (DMARW_CORE=python)"
 )
 
 
@@ -735,7 +578,7 @@ def test_vfio_replay_runs_the_per_call_path_per_record() -> None:
         _native.vfio_replay(dev, writes, addrs, sizes, buf)
     assert info.value.errno == errno.EINVAL and g.refs.value == 1
     dev.bind()
-    rc, rn, wc, wn = c._core.replay(writes, addrs, sizes, buf, deltas)
+    rc, rn, wc, wn = c.replay(writes, addrs, sizes, buf, deltas)
     assert rc + wc == sum(deltas)
     _native_group_close(space, c, g)
     with pytest.raises(DmaError) as info:  # detached

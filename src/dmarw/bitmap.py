@@ -41,6 +41,10 @@ class DirtyBitmap:
             pages.update(keep)
         return pages
 
+    def take_bytes(self, npages: int, keep: Iterable[int] = ()) -> bytes:
+        """:meth:`take` in the kernel's layout for a window of ``npages`` pages."""
+        return to_bytes(self.take(keep), npages)
+
     def peek(self) -> set[int]:
         return self._pages.copy()
 
@@ -56,6 +60,9 @@ class NoDirty:
 
     def take(self, keep: Iterable[int] = ()) -> set[int]:
         return set()
+
+    def take_bytes(self, npages: int, keep: Iterable[int] = ()) -> bytes:
+        return bytes(bitmap_bytes(npages))
 
     def peek(self) -> set[int]:
         return set()

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import bisect
 import errno
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from .bitmap import NO_DIRTY, DirtyBitmap, NoDirty, to_bytes
-from .errors import fail, rng
-from .locks import Mutex, Rcu
-from .mm import PAGE_SHIFT, PAGE_SIZE, AddressSpace, Region
+from . import core as _core
+from .backend import DirtyLog, IommuLock
+from .bitmap import NO_DIRTY, DirtyBitmap
+from .errors import addr, check_access, check_rw, error, fail, rng
+from .locks import Mutex, SrcuStrategy
+from .mm import PAGE_SHIFT, PAGE_SIZE, AddressSpace, Region, zeroed
 
 _PAGE_MASK = PAGE_SIZE - 1
 
@@ -35,7 +39,7 @@ class Memslot:
     region: Region
     offset: int
     readonly: bool
-    dirty: DirtyBitmap | NoDirty
+    dirty: DirtyLog
 
     @property
     def end(self) -> int:
@@ -46,18 +50,51 @@ class Memslot:
         return self.size >> PAGE_SHIFT
 
 
-class Vm:
-    """A VM's guest-physical view of an :class:`AddressSpace`."""
+Snapshot = tuple[tuple[Memslot, ...], list[int]]  # (slots sorted by gpa, their start gpas)
 
-    def __init__(self, space: AddressSpace) -> None:
+
+class Vm:
+    """A VM's guest-physical view of an :class:`AddressSpace`.
+
+    ``Vm(space)`` builds the selected core's VM (:mod:`dmarw.core`; ``core=`` overrides);
+    ``vm.core`` says which.  This class holds the rules and is the Python core's backend
+    (:mod:`dmarw.backend`); the native core is a subclass with C hooks.
+    """
+
+    core = "python"
+
+    def __new__(cls, *args: Any, core: str | None = None, **kwargs: Any) -> Vm:
+        if cls is Vm and _core.resolve(core) == "native":
+            from .native import NativeVm
+
+            return NativeVm.__new__(NativeVm)
+        return super().__new__(cls)
+
+    def __init__(self, space: AddressSpace, *, core: str | None = None) -> None:
+        if core is not None and _core.resolve(core) != self.core:
+            raise fail(errno.EINVAL, f"core={core!r}: this is the {self.core} core's VM")
+        if not isinstance(space, AddressSpace):
+            raise fail(errno.EINVAL, f"Vm: {type(space).__name__} is not an AddressSpace")
         if not space.mmget_not_zero():
             raise fail(errno.EPERM, "Vm: the address space's owner has exited")
         self.space = space
-        self.srcu = Rcu("kvm.srcu")
         self.slots_lock = Mutex("kvm.slots_lock")
-        # one snapshot, published whole: (slots sorted by gpa, their start gpas)
-        self._table: tuple[tuple[Memslot, ...], list[int]] = ((), [])
+        # one snapshot, published whole
+        self._table: Snapshot = ((), [])
+        self.srcu: IommuLock = self._new_lock()
         self._closed = False
+
+    # -- the backend hooks (dmarw.backend.KvmBackend): the Python core's -------------------
+    def _new_lock(self) -> IommuLock:
+        """``kvm.srcu``: the read side of guest accesses and the grace period of updates."""
+        return SrcuStrategy()
+
+    def _new_dirty(self, npages: int, pages: Iterable[int]) -> DirtyLog:
+        return DirtyBitmap(pages)
+
+    def _install(self, table: Snapshot) -> None:
+        """Make ``table`` the one readers see (``slots_lock`` held, before the grace period)."""
+        self._table = table
 
     def close(self) -> None:
         """Drop the VM's reference on the address space (idempotent)."""
@@ -65,7 +102,7 @@ class Vm:
             if self._closed:
                 return
             self._closed = True
-            self._table = ((), [])
+            self._install(((), []))
         self.srcu.synchronize()
         self.space.mmput()
 
@@ -84,13 +121,12 @@ class Vm:
         dirty_log: bool = False,
     ) -> None:
         """Create, replace (same id) or, with ``size == 0``, delete memslot ``slot``."""
-        for name, v in (("slot", slot), ("gpa", gpa), ("size", size), ("hva", hva)):
-            if not isinstance(v, int) or v < 0:
-                raise fail(errno.EINVAL, f"set_memslot: {name} {v!r} must be a non-negative int")
+        for name, v in (("slot", slot), ("hva", hva)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise fail(errno.EINVAL, f"set_memslot: {name} {addr(v)} must be a non-negative int")
+        check_access(f"set_memslot {slot}", gpa, size, "gpa", True)
         if (gpa | size | hva) & _PAGE_MASK:
             raise fail(errno.EINVAL, f"set_memslot {slot}: gpa {rng(gpa, size)} hva {hva:#x} not page aligned")
-        if gpa + size > 1 << 64:
-            raise fail(errno.EINVAL, f"set_memslot {slot}: gpa {rng(gpa, size)} wraps")
         with self.slots_lock:
             if self._closed:
                 raise fail(errno.EFAULT, "set_memslot: the VM is closed")
@@ -108,14 +144,14 @@ class Vm:
                             f"memslot {slot} gpa {rng(gpa, size)} overlaps slot {s.slot} {rng(s.gpa, s.size)}",
                         )
                 region, offset = self.space.region(hva, size)
-                dirty: DirtyBitmap | NoDirty = DirtyBitmap() if dirty_log else NO_DIRTY
+                dirty = self._new_dirty(size >> PAGE_SHIFT, ()) if dirty_log else NO_DIRTY
                 new = [*others, Memslot(slot, gpa, size, hva, region, offset, readonly, dirty)]
             new.sort(key=lambda s: s.gpa)
-            self._table = (tuple(new), [s.gpa for s in new])
+            self._install((tuple(new), [s.gpa for s in new]))
             self.srcu.synchronize()
 
     @staticmethod
-    def _find(table: tuple[tuple[Memslot, ...], list[int]], gpa: int) -> Memslot | None:
+    def _find(table: Snapshot, gpa: int) -> Memslot | None:
         slots, starts = table
         i = bisect.bisect_right(starts, gpa) - 1
         if i >= 0:
@@ -125,10 +161,8 @@ class Vm:
         return None
 
     # -- access ------------------------------------------------------------------------
-    def _pages(self, gpa: int, n: int, write: bool) -> list[tuple[Memslot, int, int]]:
+    def _pages(self, op: str, gpa: int, n: int, write: bool) -> list[tuple[Memslot, int, int]]:
         """(slot, offset in slot, length) for each guest page of the range, or EFAULT."""
-        if not isinstance(gpa, int) or gpa < 0 or gpa + n > 1 << 64:
-            raise fail(errno.EFAULT, f"gpa {gpa!r}+{n:#x} is outside guest physical space")
         table = self._table
         out = []
         pos = 0
@@ -138,75 +172,70 @@ class Vm:
             seg = min(n - pos, PAGE_SIZE - (g & _PAGE_MASK))
             s = self._find(table, g)
             if s is None:
-                raise fail(errno.EFAULT, f"gpa {g:#x} (access {rng(gpa, n)}): no memslot")
+                raise error("no_memslot", op, gpa, n, g)
             if s is not prev:  # once per slot: a slot whose host memory is gone faults up front
                 if write and s.readonly:
-                    raise fail(errno.EFAULT, f"gpa {g:#x} (access {rng(gpa, n)}): slot {s.slot} is read-only")
+                    raise error("slot_read_only", op, gpa, n, g, s.slot)
                 if s.region.released:
-                    raise fail(errno.EFAULT, f"gpa {g:#x} (access {rng(gpa, n)}): slot {s.slot} host memory is gone")
+                    raise error("slot_gone", op, gpa, n, g, s.slot)
                 prev = s
             out.append((s, g - s.gpa, seg))
             pos += seg
         return out
 
+    def _access(self, op: str, gpa: int, mv: memoryview, write: bool) -> None:
+        """Under ``kvm.srcu``: every page checked (:meth:`_pages`), then copied; a write
+        marks each page in its slot's dirty log."""
+        n = mv.nbytes
+        token = self.srcu.read_acquire()
+        try:
+            pages = self._pages(op, gpa, n, write)
+            pos = 0
+            for s, off, seg in pages:
+                o = s.offset + off
+                try:
+                    if write:
+                        s.region.map[o : o + seg] = mv[pos : pos + seg]
+                        pfn = off >> PAGE_SHIFT
+                        s.dirty.mark(pfn, pfn)
+                    else:
+                        mv[pos : pos + seg] = s.region.map[o : o + seg]
+                except ValueError:
+                    raise error("slot_gone", op, gpa, n, gpa + pos, s.slot) from None
+                pos += seg
+        finally:
+            self.srcu.read_release(token)
+
     def read_guest_into(self, gpa: int, buf: bytearray | memoryview) -> None:
         """Fill ``buf`` from guest memory at ``gpa`` (a read-only ``buf`` is ``EINVAL``)."""
-        mv = memoryview(buf).cast("B")
-        n = len(mv)
-        if mv.readonly:
-            raise fail(errno.EINVAL, f"read_guest_into gpa {gpa:#x}+{n:#x}: buffer is read-only")
-        rec = self.srcu.read_lock()
-        try:
-            pages = self._pages(gpa, n, False)
-            pos = 0
-            try:
-                for s, off, seg in pages:
-                    o = s.offset + off
-                    mv[pos : pos + seg] = s.region.map[o : o + seg]
-                    pos += seg
-            except ValueError as e:
-                raise fail(errno.EFAULT, f"gpa {rng(gpa, n)}: backing mapping gone") from e
-        finally:
-            rec.ctr = 0
+        self._access("read_guest_into", gpa, check_rw("read_guest_into", gpa, buf, True, "gpa", True, True), False)
 
     def read_guest(self, gpa: int, n: int) -> bytes:
-        buf = bytearray(n)
-        self.read_guest_into(gpa, buf)
+        """``n`` bytes of guest memory at ``gpa``."""
+        check_access("read_guest", gpa, n, "gpa", True, True)
+        buf = zeroed("read_guest", gpa, n)
+        self._access("read_guest", gpa, memoryview(buf), False)
         return bytes(buf)
 
     def write_guest(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` to guest memory at ``gpa``, marking each page in the dirty log."""
-        mv = memoryview(data).cast("B")
-        n = len(mv)
-        rec = self.srcu.read_lock()
-        try:
-            pages = self._pages(gpa, n, True)
-            pos = 0
-            try:
-                for s, off, seg in pages:
-                    o = s.offset + off
-                    s.region.map[o : o + seg] = mv[pos : pos + seg]
-                    pfn = off >> PAGE_SHIFT
-                    s.dirty.mark(pfn, pfn)
-                    pos += seg
-            except ValueError as e:
-                raise fail(errno.EFAULT, f"gpa {rng(gpa, n)}: backing mapping gone") from e
-        finally:
-            rec.ctr = 0
+        self._access("write_guest", gpa, check_rw("write_guest", gpa, data, False, "gpa", True, True), True)
 
     # -- dirty log ---------------------------------------------------------------------
     def get_dirty_log(self, slot: int) -> bytes:
         """Get and clear slot ``slot``'s dirty log (``ENXIO`` if it does not log)."""
-        rec = self.srcu.read_lock()
+        token = self.srcu.read_acquire()
         try:
             s = self._logging_slot(slot)
-            return to_bytes(s.dirty.take(), s.npages)
+            return s.dirty.take_bytes(s.npages)
         finally:
-            rec.ctr = 0
+            self.srcu.read_release(token)
 
     def _logging_slot(self, slot: int) -> Memslot:
         """Memslot ``slot``, which must log dirty pages (``EINVAL`` no such slot, ``ENXIO``
-        not logging); called inside the read side by each core's :meth:`get_dirty_log`."""
+        not logging); called inside the read side."""
+        if not isinstance(slot, int) or isinstance(slot, bool):
+            raise fail(errno.EINVAL, f"get_dirty_log: slot {slot!r} is not an int")
         for s in self._table[0]:
             if s.slot == slot:
                 break

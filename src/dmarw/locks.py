@@ -1,10 +1,9 @@
 """Named locks with statistics, and the three iommu lock strategies.
 
 Every lock here belongs to a lock class (see :mod:`dmarw.lockstat`) so the lab can say what
-each one costs.  Acquire time is measured only while statistics are collected; otherwise an
-acquisition costs the raw lock plus one atomic counter increment, and tests no flag: the
-timed acquire methods are swapped onto the lock classes only while a
-:func:`dmarw.lockstat.collect` block is open.
+each one costs.  Acquire time is measured only while a :func:`dmarw.lockstat.collect` block
+is open (:data:`dmarw.lockstat.TIMING`); otherwise an acquisition costs the raw lock, one
+atomic counter increment and one attribute test.
 
 Strategies for the container's iommu lock (``Container(lock=...)``):
 
@@ -21,10 +20,10 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Protocol
+from typing import Any
 
-from . import lockstat
-from .lockstat import lock_class
+from .backend import IommuLock
+from .lockstat import TIMING, lock_class
 
 _clock = time.perf_counter_ns
 
@@ -40,32 +39,28 @@ class Mutex:
         self._count = self._cls._count
         self._lock = raw if raw is not None else threading.Lock()
 
-    # Two variants of each acquire; lockstat.collect() installs the timed ones on the class
-    # while any block is open (see _set_timing), so the untimed path tests no flag at all.
-    def _acquire_counted(self) -> None:
+    def acquire(self) -> None:
+        if TIMING.on:
+            return self._acquire_timed()
         self._lock.acquire()
         next(self._count)
+        return None
 
     def _acquire_timed(self) -> None:
         t0 = _clock()
         self._lock.acquire()
         self._cls.timed(_clock() - t0)
 
-    acquire = _acquire_counted
-
     def release(self) -> None:
         self._lock.release()
 
-    def _enter_counted(self) -> Mutex:
+    def __enter__(self) -> Mutex:
+        if TIMING.on:
+            self._acquire_timed()
+            return self
         self._lock.acquire()
         next(self._count)
         return self
-
-    def _enter_timed(self) -> Mutex:
-        self._acquire_timed()
-        return self
-
-    __enter__ = _enter_counted
 
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
@@ -97,16 +92,14 @@ class RwSem:
             self._writers_waiting -= 1
             self._writer = True
 
-    def _down_read_counted(self) -> None:
+    def down_read(self) -> None:
+        if TIMING.on:
+            t0 = _clock()
+            self._down_read()
+            self._cls.timed(_clock() - t0)
+            return
         self._down_read()
         next(self._count)
-
-    def _down_read_timed(self) -> None:
-        t0 = _clock()
-        self._down_read()
-        self._cls.timed(_clock() - t0)
-
-    down_read = _down_read_counted
 
     def up_read(self) -> None:
         with self._cond:
@@ -114,16 +107,14 @@ class RwSem:
             if self._readers == 0:
                 self._cond.notify_all()
 
-    def _down_write_counted(self) -> None:
+    def down_write(self) -> None:
+        if TIMING.on:
+            t0 = _clock()
+            self._down_write()
+            self._cls.timed(_clock() - t0)
+            return
         self._down_write()
         next(self._count)
-
-    def _down_write_timed(self) -> None:
-        t0 = _clock()
-        self._down_write()
-        self._cls.timed(_clock() - t0)
-
-    down_write = _down_write_counted
 
     def up_write(self) -> None:
         with self._cond:
@@ -168,26 +159,19 @@ class Rcu:
         self._local.rec = rec
         return rec
 
-    def _read_lock_counted(self) -> _Reader:
+    def read_lock(self) -> _Reader:
         try:
             rec: _Reader = self._local.rec
         except AttributeError:
             rec = self._record()
+        if TIMING.on:
+            t0 = _clock()
+            rec.ctr = self._gp
+            self._cls.timed(_clock() - t0)
+            return rec
         rec.ctr = self._gp
         next(self._count)
         return rec
-
-    def _read_lock_timed(self) -> _Reader:
-        try:
-            rec: _Reader = self._local.rec
-        except AttributeError:
-            rec = self._record()
-        t0 = _clock()
-        rec.ctr = self._gp
-        self._cls.timed(_clock() - t0)
-        return rec
-
-    read_lock = _read_lock_counted
 
     @staticmethod
     def read_unlock(rec: _Reader) -> None:
@@ -203,40 +187,6 @@ class Rcu:
             for rec in readers:
                 while 0 < rec.ctr <= old:
                     os.sched_yield()  # let the reader run; it is inside a short section
-
-
-_TIMING_SWAPS: tuple[tuple[type, str, Any, Any], ...] = (
-    (Mutex, "acquire", Mutex._acquire_counted, Mutex._acquire_timed),
-    (Mutex, "__enter__", Mutex._enter_counted, Mutex._enter_timed),
-    (RwSem, "down_read", RwSem._down_read_counted, RwSem._down_read_timed),
-    (RwSem, "down_write", RwSem._down_write_counted, RwSem._down_write_timed),
-    (Rcu, "read_lock", Rcu._read_lock_counted, Rcu._read_lock_timed),
-)
-
-
-def _set_timing(on: bool) -> None:
-    """Install the timed (``on``) or the counted acquire methods on every lock class.
-
-    Called by :func:`dmarw.lockstat.collect` under its own lock when the first block opens
-    and the last one closes.  An acquisition already inside the old method finishes with it.
-    """
-    for cls, attr, counted, timed in _TIMING_SWAPS:
-        setattr(cls, attr, timed if on else counted)
-
-
-lockstat.on_timing_switch(_set_timing)
-
-
-class IommuLock(Protocol):
-    """How the container serialises: ``read_*`` around lookups, ``write_*`` around changes."""
-
-    name: str
-
-    def read_acquire(self) -> Any: ...
-    def read_release(self, token: Any) -> None: ...
-    def write_acquire(self) -> None: ...
-    def write_release(self) -> None: ...
-    def synchronize(self) -> None: ...
 
 
 class MutexStrategy:
@@ -305,6 +255,33 @@ class RcuStrategy:
     def synchronize(self) -> None:
         self._rcu.synchronize()
 
+
+class SrcuStrategy:
+    """``kvm.srcu``: lock-free readers over an immutable snapshot; the writers serialise on
+    ``kvm.slots_lock`` (held by the VM itself) and wait for a grace period."""
+
+    name = "srcu"
+
+    def __init__(self) -> None:
+        self._rcu = Rcu("kvm.srcu")
+
+    def read_acquire(self) -> _Reader:
+        return self._rcu.read_lock()
+
+    def read_release(self, token: _Reader) -> None:
+        token.ctr = 0
+
+    def write_acquire(self) -> None:
+        """The writers' lock is ``kvm.slots_lock``."""
+
+    def write_release(self) -> None:
+        """See :meth:`write_acquire`."""
+
+    def synchronize(self) -> None:
+        self._rcu.synchronize()
+
+
+__all__ = ["STRATEGIES", "IommuLock", "Mutex", "Rcu", "RwSem", "SrcuStrategy"]
 
 STRATEGIES: dict[str, type[MutexStrategy] | type[RwsemStrategy] | type[RcuStrategy]] = {
     "mutex": MutexStrategy,

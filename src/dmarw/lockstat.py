@@ -1,17 +1,22 @@
 """Lock statistics: named lock classes count acquisitions and, while collecting, time them.
 
 Every lock on the DMA paths has a class name (``iommu.lock``, ``group.mutex`` ...), like a
-lockdep class: all group mutexes share one entry.  Counting is always on (one atomic
-``next()`` on an ``itertools.count``); the acquire time (including any waiting) is measured
-only while at least one :func:`collect` block is active anywhere in the process, so the
-off path is a single global flag test.
+lockdep class: all group mutexes share one entry.  Counting is always on: the Python locks
+``next()`` an ``itertools.count``, the native ones increment a native counter attached to
+the class (:meth:`LockClass.attach`), both atomic under the GIL.  The acquire time
+(including any waiting) is measured only while at least one :func:`collect` block is open
+anywhere in the process: opening the first block sets :data:`TIMING` (which the Python
+locks test, one attribute load) and tells every registered backend
+(:func:`on_timing_switch`: the native core sets its own C flag), and closing the last one
+clears them.  Off, an acquisition costs the lock and its count; ``bench/lockstat_overhead.py``
+shows the difference is below noise.
 
 Time is reported in ns (``time.perf_counter_ns``) and in CPU cycles.  Cycles are derived as
 ``ns * cpu_hz / 1e9`` where ``cpu_hz`` is the TSC rate: measured by the native core against
 ``CLOCK_MONOTONIC`` when it is built and the CPU has an invariant TSC, else the frequency the
 kernel reports (``tsc_freq_khz``, ``/proc/cpuinfo`` "cpu MHz" or the cpufreq maximum), see
 :func:`cpu_hz` and :func:`cycles_source`.  :func:`timer_overhead_ns` measures the cost of one
-timestamp pair, which the seed says adds ~20 cycles to each of its figures; ours is
+timestamp pair, which the 2020 thread says adds ~20 cycles to each of its figures; ours is
 reported, and the lab subtracts it.
 
 A :func:`collect` block is a time window over the whole process: its table covers every
@@ -50,29 +55,31 @@ def count_value(counter: itertools.count[int]) -> int:
     return int(counter.__reduce__()[1][0])
 
 
-def _native_count() -> Any:
-    """A native counter for the native locks' untimed acquisitions (``dmarw._native.Atomic``),
-    or None without the extension."""
-    try:
-        from . import _native  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _native.Atomic(0)
+class _Timing:
+    """Whether acquisitions are timed now (a :func:`collect` block is open)."""
+
+    __slots__ = ("on",)
+
+    def __init__(self) -> None:
+        self.on = False
+
+
+TIMING = _Timing()
 
 
 class LockClass:
     """Counters of one lock class.  ``count`` always; ``total_ns`` only while collecting.
 
-    Python locks count with ``next()`` on ``_count``; native locks, while no block is
-    collecting, add to ``_ncount`` from C (a plain increment under the GIL, no Python
-    call); ``count`` is the sum."""
+    Python locks count with ``next()`` on ``_count``; a backend's locks count in counters of
+    their own, attached with :meth:`attach` (anything with a ``value``; the native core's
+    are C atomics it increments without a Python call); ``count`` is the sum."""
 
-    __slots__ = ("name", "_count", "_ncount", "_timed", "_total_ns", "_guard")
+    __slots__ = ("name", "_count", "_attached", "_timed", "_total_ns", "_guard")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._count = itertools.count()
-        self._ncount = _native_count()
+        self._attached: list[Any] = []
         self._timed = 0
         self._total_ns: float = 0  # int from the Python locks; native locks add float ns
         self._guard = threading.Lock()
@@ -89,10 +96,14 @@ class LockClass:
             self._timed += 1
             self._total_ns += ns
 
+    def attach(self, counter: Any) -> None:
+        """Count ``counter.value`` in this class too (a backend's own acquisition counter)."""
+        with self._guard:
+            self._attached.append(counter)
+
     @property
     def count(self) -> int:
-        native = int(self._ncount.value) if self._ncount is not None else 0
-        return count_value(self._count) + native
+        return count_value(self._count) + sum(int(c.value) for c in self._attached)
 
     def snapshot(self) -> tuple[int, int, float]:
         with self._guard:
@@ -101,16 +112,19 @@ class LockClass:
 
 _classes: dict[str, LockClass] = {}
 _classes_lock = threading.Lock()
-_active = 0  # number of collect() blocks open in the process (the native core reads it)
+_active = 0  # number of collect() blocks open in the process
 _active_lock = threading.Lock()
 _timing_switches: list[Callable[[bool], None]] = []
 
 
 def on_timing_switch(fn: Callable[[bool], None]) -> None:
     """Register ``fn(on)``, called under the collect lock when timing turns on (the first
-    block opens) and off (the last one closes): the Python locks swap their acquire methods
-    there, so the off path tests no flag."""
-    _timing_switches.append(fn)
+    block opens) and off (the last one closes); called at once with True if a block is open
+    now.  A backend with locks of its own (the native core) registers here."""
+    with _active_lock:
+        _timing_switches.append(fn)
+        if _active:
+            fn(True)
 
 
 def lock_class(name: str) -> LockClass:
@@ -123,8 +137,8 @@ def lock_class(name: str) -> LockClass:
 
 
 def collecting() -> bool:
-    """True while any :func:`collect` block is active (the native core tests this flag)."""
-    return _active > 0
+    """True while any :func:`collect` block is active."""
+    return TIMING.on
 
 
 @functools.cache
@@ -132,7 +146,7 @@ def _cpu_hz_and_source() -> tuple[float, str]:
     """The TSC rate (measured by the native core when built, else as the kernel reports it),
     and where it came from."""
     try:  # the native core times rdtsc against CLOCK_MONOTONIC (invariant TSC only)
-        from . import _native  # type: ignore[attr-defined]
+        from . import _native
 
         if _native.counter_kind() == "rdtsc":
             return float(_native.tsc_hz()), "TSC rate measured by dmarw._native"
@@ -237,6 +251,7 @@ def collect() -> Iterator[Stats]:
     with _active_lock:
         _active += 1
         if _active == 1:
+            TIMING.on = True
             for fn in _timing_switches:
                 fn(True)
     stats = Stats(start=_snapshot())
@@ -247,5 +262,6 @@ def collect() -> Iterator[Stats]:
         with _active_lock:
             _active -= 1
             if _active == 0:
+                TIMING.on = False
                 for fn in _timing_switches:
                     fn(False)

@@ -19,27 +19,34 @@ import bisect
 import dataclasses
 import errno
 import itertools
+import mmap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntFlag
+from typing import Any
 
-from .bitmap import NO_DIRTY, DirtyBitmap, NoDirty, bitmap_bytes, set_bits
-from .errors import fail, rng
-from .locks import STRATEGIES, IommuLock
-from .mm import AddressSpace, Region
+from . import core as _core
+from .backend import DirtyLog, IommuLock
+from .bitmap import NO_DIRTY, DirtyBitmap, bitmap_bytes, set_bits
+from .errors import addr, check_access, check_rw, error, fail, prot_str, rng
+from .locks import STRATEGIES
+from .mm import AddressSpace, Region, zeroed
 
 IOVA_LIMIT = 1 << 64
 PIN_MAX = 512  # entries per pin/unpin call, as VFIO_PIN_PAGES_MAX_ENTRIES
 BITMAP_PAGES_MAX = (1 << 31) - 1  # pages one dirty bitmap may cover (INT_MAX, 256 MiB of bits)
 MM_REFS = ("get_task_mm", "mmget_not_zero")
 
-Buffer = bytes | bytearray | memoryview
+Buffer = bytes | bytearray | memoryview | mmap.mmap
 
 
 class Prot(IntFlag):
     READ = 1
     WRITE = 2
+
+    def __str__(self) -> str:
+        return prot_str(self)
 
 
 RW = Prot.READ | Prot.WRITE
@@ -57,7 +64,7 @@ class Dma:
     region: Region
     roff: int  # offset of hva inside region
     prot: Prot
-    dirty: DirtyBitmap | NoDirty = NO_DIRTY
+    dirty: DirtyLog = NO_DIRTY
     pins: dict[int, int] = field(default_factory=dict)  # page index → pin count
     # the access bits ``prot`` lacks, as a plain int, set once per mapping: the per-call
     # check ``need & lacks`` is then int arithmetic (an IntFlag ``&``/``~`` runs enum code
@@ -112,14 +119,10 @@ def _prot_ok(prot: object) -> bool:
 
 
 def _check_range(what: str, iova: int, size: int, mask: int) -> None:
-    if not isinstance(iova, int) or not isinstance(size, int) or iova < 0 or size < 0:
-        raise fail(errno.EINVAL, f"{what} {iova!r}+{size!r}: iova and size must be non-negative ints")
-    if size == 0:
-        raise fail(errno.EINVAL, f"{what} {rng(iova, size)}: size is zero")
+    """The shared argument rules (:func:`~dmarw.errors.check_access`), then alignment."""
+    check_access(what, iova, size, empty=False)
     if (iova | size) & mask:
         raise fail(errno.EINVAL, f"{what} {rng(iova, size)}: not aligned to {mask + 1:#x}")
-    if iova + size > IOVA_LIMIT:
-        raise fail(errno.EINVAL, f"{what} {rng(iova, size)}: wraps past 2**64")
 
 
 def _check_bitmap_pages(what: str, iova: int, size: int, shift: int) -> None:
@@ -130,13 +133,35 @@ def _check_bitmap_pages(what: str, iova: int, size: int, shift: int) -> None:
 
 
 class Container:
-    """A VFIO type1 container (``vfio_iommu``).  See the module docstring for locking."""
+    """A VFIO type1 container (``vfio_iommu``).  See the module docstring for locking.
+
+    ``Container(...)`` builds the selected core's container (:mod:`dmarw.core`: the
+    ``core=`` keyword, else ``$DMARW_CORE``, else native when built); ``c.core`` says which.
+    This class holds the rules and is the Python core's backend (:mod:`dmarw.backend`);
+    the native core is a subclass with C hooks.
+    """
+
+    core = "python"
+
+    def __new__(cls, *args: Any, core: str | None = None, **kwargs: Any) -> Container:
+        if cls is Container and _core.resolve(core) == "native":
+            from .native import NativeContainer
+
+            return NativeContainer.__new__(NativeContainer)
+        return super().__new__(cls)
 
     def __init__(
-        self, *, pgsize: int = 4096, lock: str = "mutex", mm_ref: str = "mmget_not_zero"
+        self,
+        *,
+        pgsize: int = 4096,
+        lock: str = "mutex",
+        mm_ref: str = "mmget_not_zero",
+        core: str | None = None,
     ) -> None:
+        if core is not None and _core.resolve(core) != self.core:
+            raise fail(errno.EINVAL, f"core={core!r}: this is the {self.core} core's container")
         if not isinstance(pgsize, int) or pgsize < 4096 or pgsize & (pgsize - 1):
-            raise fail(errno.EINVAL, f"pgsize {pgsize!r} must be a power of two >= 4096")
+            raise fail(errno.EINVAL, f"pgsize {addr(pgsize)} must be a power of two >= 0x1000")
         if lock not in STRATEGIES:
             raise fail(errno.EINVAL, f"lock strategy {lock!r} not one of {sorted(STRATEGIES)}")
         if mm_ref not in MM_REFS:
@@ -146,8 +171,8 @@ class Container:
         self._mask = pgsize - 1
         self.lock_strategy = lock
         self.mm_ref = mm_ref
-        self._lock: IommuLock = STRATEGIES[lock]()
         self._table = _Table()
+        self._lock: IommuLock = self._new_lock(lock, mm_ref)
         self._notifiers: dict[int, Callable[[int, int], object]] = {}
         self._notifier_ids = itertools.count(1)
         self._notifier_lock = threading.Lock()
@@ -171,10 +196,23 @@ class Container:
             d.iova + (p << self.shift): c for d in self._table.dmas for p, c in list(d.pins.items())
         }
 
+    # -- the backend hooks (dmarw.backend.Type1Backend): the Python core's -----------------
+    def _new_lock(self, strategy: str, mm_ref: str) -> IommuLock:
+        """The iommu lock of ``strategy`` (:data:`dmarw.locks.STRATEGIES`)."""
+        return STRATEGIES[strategy]()
+
+    def _new_dirty(self, npages: int, pages: Iterable[int]) -> DirtyLog:
+        """A dirty log of ``npages`` pages with ``pages`` set."""
+        return DirtyBitmap(pages)
+
+    def _install(self, table: _Table) -> None:
+        """Make ``table`` the one readers see (write side held, before the grace period)."""
+        self._table = table
+
     # -- write side helpers ---------------------------------------------------------------
     def _publish(self, table: _Table) -> None:
         """Under the write lock: make ``table`` current and wait out older readers."""
-        self._table = table
+        self._install(table)
         self._lock.synchronize()
 
     # -- map / unmap ---------------------------------------------------------------------
@@ -184,9 +222,9 @@ class Container:
         """Map ``[iova, iova+size)`` to ``hva`` in ``space`` (``VFIO_IOMMU_MAP_DMA``)."""
         _check_range("map_dma", iova, size, self._mask)
         if not isinstance(hva, int) or hva < 0 or hva & self._mask:
-            raise fail(errno.EINVAL, f"map_dma {rng(iova, size)}: hva {hva!r} not aligned to {self.pgsize:#x}")
+            raise fail(errno.EINVAL, f"map_dma {rng(iova, size)}: hva {addr(hva)} not aligned to {self.pgsize:#x}")
         if not _prot_ok(prot):
-            raise fail(errno.EINVAL, f"map_dma {rng(iova, size)}: bad prot {prot!r}")
+            raise fail(errno.EINVAL, f"map_dma {rng(iova, size)}: bad prot {addr(prot)} (READ, WRITE or READ|WRITE)")
         prot = Prot(prot)
         if not isinstance(space, AddressSpace):
             raise fail(errno.EINVAL, f"map_dma {rng(iova, size)}: space is not an AddressSpace")
@@ -203,7 +241,7 @@ class Container:
                 region, roff = space.region(hva, size)
             except OSError as e:
                 raise fail(errno.EFAULT, f"map_dma {rng(iova, size)}: hva {rng(hva, size)} is not mapped") from e
-            dirty: DirtyBitmap | NoDirty = DirtyBitmap() if table.tracking else NO_DIRTY
+            dirty = self._new_dirty(size >> self.shift, ()) if table.tracking else NO_DIRTY
             dma = Dma(iova, size, hva, space, region, roff, prot, dirty)
             self._publish(_Table.of([*table.dmas, dma], table.tracking))
         finally:
@@ -265,42 +303,38 @@ class Container:
     def dma_rw(self, iova: int, buf: Buffer, write: bool) -> None:
         """Copy ``buf`` to (write) or fill it from (read) IOVA space; all-or-nothing.
 
-        ``EINVAL`` empty buffer or an uncovered byte; ``EOVERFLOW`` iova+len wraps; ``EPERM``
-        missing READ (any access) or WRITE (writes), or the owner has exited.  A write marks
-        pages ``off >> shift`` .. ``(off+len-1) >> shift`` of each mapping it touched.
+        Arguments (:func:`~dmarw.errors.check_rw`): ``EINVAL`` a non-int iova, a
+        non-buffer, a strided buffer, an empty one, a read into a read-only one;
+        ``EOVERFLOW`` iova+len past 2**64.  Then ``EINVAL`` an uncovered byte; ``EPERM``
+        missing READ (any access) or WRITE (writes), or the owner has exited; ``EFAULT``
+        the host memory is gone.  A write marks pages ``off >> shift`` ..
+        ``(off+len-1) >> shift`` of each mapping it touched.
         """
-        mv = buf if type(buf) is memoryview else memoryview(buf)
+        mv = check_rw("dma_rw", iova, buf, fill=not write)
         n = mv.nbytes
-        if n == 0:
-            raise fail(errno.EINVAL, f"dma_rw at iova {iova:#x}: zero length")
-        if iova < 0 or iova + n > IOVA_LIMIT:
-            raise fail(errno.EOVERFLOW, f"dma_rw {rng(iova, n)}: wraps past 2**64")
-        if mv.format != "B" or mv.ndim != 1:
-            mv = mv.cast("B")
-        if not write and mv.readonly:
-            raise fail(errno.EINVAL, f"dma_rw read {rng(iova, n)}: buffer is read-only")
         need = _NEED_WRITE if write else _NEED_READ
         lock = self._lock
         token = lock.read_acquire()
         try:
             table = self._table
             d = table.find(iova)
-            if d is not None and iova + n <= d.end:  # one mapping: the common case
-                if need & d.lacks:
-                    raise fail(errno.EPERM, f"dma_rw {rng(iova, n)}: mapping {rng(d.iova, d.size)} is {d.prot!r}")
+            if d is not None and iova + n <= d.end and not need & d.lacks:  # one mapping
                 space = d.space
                 if not self._mmget(space):
-                    raise fail(errno.EPERM, f"dma_rw {rng(iova, n)}: the owner's address space has exited")
+                    raise error("owner_exited", "dma_rw", iova, n)
                 try:
+                    if d.region.released:
+                        raise error("host_gone", "dma_rw", iova, n, d.iova, d.size)
                     off = iova - d.iova
                     o = d.roff + off
-                    if write:
-                        d.region.map[o : o + n] = mv
-                        d.dirty.mark(off >> self.shift, (off + n - 1) >> self.shift)
-                    else:
-                        mv[:] = d.region.map[o : o + n]
-                except ValueError as e:
-                    raise fail(errno.EFAULT, f"dma_rw {rng(iova, n)}: host mapping gone") from e
+                    try:
+                        if write:
+                            d.region.map[o : o + n] = mv
+                            d.dirty.mark(off >> self.shift, (off + n - 1) >> self.shift)
+                        else:
+                            mv[:] = d.region.map[o : o + n]
+                    except ValueError:
+                        raise error("host_gone", "dma_rw", iova, n, d.iova, d.size) from None
                 finally:
                     space.mmput()
                 return
@@ -318,9 +352,9 @@ class Container:
             cur = iova + pos
             d = table.find(cur)
             if d is None:
-                raise fail(errno.EINVAL, f"dma_rw {rng(iova, n)}: iova {cur:#x} is not mapped")
+                raise error("not_mapped", "dma_rw", iova, n, cur)
             if need & d.lacks:
-                raise fail(errno.EPERM, f"dma_rw {rng(iova, n)}: mapping {rng(d.iova, d.size)} is {d.prot!r}")
+                raise error("no_perm", "dma_rw", iova, n, d.iova, d.size, d.prot)
             seg = min(n - pos, d.end - cur)
             chunks.append((d, cur - d.iova, seg))
             pos += seg
@@ -329,22 +363,22 @@ class Container:
             for d, _, _ in chunks:
                 if not any(s is d.space for s in spaces):
                     if not self._mmget(d.space):
-                        raise fail(errno.EPERM, f"dma_rw {rng(iova, n)}: the owner's address space has exited")
+                        raise error("owner_exited", "dma_rw", iova, n)
                     spaces.append(d.space)
             for d, _, _ in chunks:  # host memory munmapped under a mapping: fault before copying
                 if d.region.released:
-                    raise fail(errno.EFAULT, f"dma_rw {rng(iova, n)}: host memory of mapping {rng(d.iova, d.size)} is gone")
+                    raise error("host_gone", "dma_rw", iova, n, d.iova, d.size)
             pos = 0
-            try:
-                for d, off, seg in chunks:
-                    o = d.roff + off
+            for d, off, seg in chunks:
+                o = d.roff + off
+                try:
                     if write:
                         d.region.map[o : o + seg] = mv[pos : pos + seg]
                     else:
                         mv[pos : pos + seg] = d.region.map[o : o + seg]
-                    pos += seg
-            except ValueError as e:
-                raise fail(errno.EFAULT, f"dma_rw {rng(iova, n)}: host mapping gone") from e
+                except ValueError:
+                    raise error("host_gone", "dma_rw", iova, n, d.iova, d.size) from None
+                pos += seg
             if write:
                 for d, off, seg in chunks:
                     d.dirty.mark(off >> self.shift, (off + seg - 1) >> self.shift)
@@ -353,11 +387,14 @@ class Container:
                 s.mmput()
 
     def dma_read(self, iova: int, n: int) -> bytes:
-        buf = bytearray(n)
+        """Read ``n`` bytes at ``iova`` (the rules of :meth:`dma_rw`)."""
+        check_access("dma_rw", iova, n, empty=False)
+        buf = zeroed("dma_rw", iova, n)
         self.dma_rw(iova, buf, False)
         return bytes(buf)
 
     def dma_write(self, iova: int, data: Buffer) -> None:
+        """Write ``data`` at ``iova`` (the rules of :meth:`dma_rw`)."""
         self.dma_rw(iova, data, True)
 
     # -- dirty tracking --------------------------------------------------------------------
@@ -377,7 +414,8 @@ class Container:
             if table.tracking == on:
                 return
             dmas = [
-                dataclasses.replace(d, dirty=DirtyBitmap(list(d.pins)) if on else NO_DIRTY) for d in table.dmas
+                dataclasses.replace(d, dirty=self._new_dirty(d.size >> self.shift, list(d.pins)) if on else NO_DIRTY)
+                for d in table.dmas
             ]
             self._publish(_Table.of(dmas, on))
         finally:
@@ -387,7 +425,7 @@ class Container:
         """Get and clear the dirty bits of ``[iova, iova+size)``; pinned pages stay set."""
         _check_range("get_dirty_bitmap", iova, size, self._mask)
         if pgsize != self.pgsize:
-            raise fail(errno.EINVAL, f"get_dirty_bitmap {rng(iova, size)}: pgsize {pgsize!r} is not the container's {self.pgsize:#x}")
+            raise fail(errno.EINVAL, f"get_dirty_bitmap {rng(iova, size)}: pgsize {addr(pgsize)} is not the container's {self.pgsize:#x}")
         _check_bitmap_pages("get_dirty_bitmap", iova, size, self.shift)
         token = self._lock.read_acquire()
         try:
@@ -398,6 +436,9 @@ class Container:
             for d in dmas:
                 if d.iova < iova or d.end > iova + size:
                     raise fail(errno.EINVAL, f"get_dirty_bitmap {rng(iova, size)} cuts mapping {rng(d.iova, d.size)}")
+            if len(dmas) == 1 and dmas[0].iova == iova and dmas[0].size == size:  # one whole mapping
+                d = dmas[0]
+                return d.dirty.take_bytes(size >> self.shift, list(d.pins))
             out = bytearray(bitmap_bytes(size >> self.shift))
             for d in dmas:
                 set_bits(out, d.dirty.take(list(d.pins)), (d.iova - iova) >> self.shift)
@@ -424,7 +465,7 @@ class Container:
     def _pin_range(self, what: str, iova: int, npage: int) -> list[tuple[Dma, int]]:
         """(mapping, page index) of each page, after the argument checks."""
         if not isinstance(iova, int) or not isinstance(npage, int) or iova < 0 or npage <= 0:
-            raise fail(errno.EINVAL, f"{what} iova {iova!r} npage {npage!r}: bad arguments")
+            raise fail(errno.EINVAL, f"{what} iova {addr(iova)} npage {npage!r}: iova and npage must be ints, npage > 0")
         if iova & self._mask:
             raise fail(errno.EINVAL, f"{what} iova {iova:#x}: not aligned to {self.pgsize:#x}")
         if npage > PIN_MAX:
@@ -443,17 +484,17 @@ class Container:
         """Pin ``npage`` pages from ``iova``; returns each page's hva.  All or nothing."""
         size = (npage << self.shift) if isinstance(npage, int) else 0
         if not _prot_ok(prot):
-            raise fail(errno.EINVAL, f"pin_pages {iova!r}: bad prot {prot!r}")
+            raise fail(errno.EINVAL, f"pin_pages iova {addr(iova)}: bad prot {addr(prot)} (READ, WRITE or READ|WRITE)")
         prot = Prot(prot)
         self._lock.write_acquire()
         try:
             if not self._notifiers:
-                raise fail(errno.EINVAL, f"pin_pages {iova!r}: no unmap notifier registered")
+                raise fail(errno.EINVAL, f"pin_pages iova {addr(iova)}: no unmap notifier registered")
             pages = self._pin_range("pin_pages", iova, npage)
             want = int(prot)
             for d, _ in pages:
                 if want & d.lacks:
-                    raise fail(errno.EPERM, f"pin_pages {rng(iova, size)}: mapping {rng(d.iova, d.size)} is {d.prot!r}")
+                    raise fail(errno.EPERM, f"pin_pages {rng(iova, size)}: mapping {rng(d.iova, d.size)} is {prot_str(d.prot)}")
             spaces: list[AddressSpace] = []
             try:
                 for d, _ in pages:

@@ -11,21 +11,21 @@ Per-call path (the 2020 kernel's ``vfio_dma_rw(dev, ...)``), on every call:
 5. drop the container user and the group reference (atomics, no lock).
 
 :class:`ExternalUser` does steps 1–3 once and keeps the references until closed, so each
-call costs only step 4 — the fix the seed thread arrived at.
+call costs only step 4 — the fix the 2020 thread arrived at.
 
 The global ``vfio.group_lock`` can be replaced by a process-shared lock
 (:func:`set_group_lock`, :func:`new_group_lock`), so that VMs in separate processes contend
 on one host-wide lock.
 
-Native core: when the native core is selected (:mod:`dmarw.core`), a group's locks are
-native named locks (``dmarw._native.Lock``: pthread mutexes counted and timed in the same
-lockstat classes), its counters native atomics, and it owns a native ``GroupState`` that its
-methods update under those same locks; the registry lock is a native lock too (process-shared
-from :func:`new_group_lock`).  :func:`vfio_dma_rw` is then one C call doing steps 1-5 with
-the same rules, errnos and lock counts, and the container's native ``dma_rw`` in between
-(a Python container's ``dma_rw`` is called from C).  Anything else (a Python group, a
-non-native registry lock, an unusual argument) takes the Python path below, which is also
-the reference (``DMARW_CORE=python``).
+Cores: a group is built on a core (``Group(name, core=...)``, default the selection of
+:mod:`dmarw.core`) and says which (``group.core``); only a container of the same core can be
+attached (``EINVAL`` otherwise), and an :class:`ExternalUser` takes its core from its
+container.  On the native core a group's locks are native named locks
+(``dmarw._native.Lock``: pthread mutexes counted and timed in the same lockstat classes),
+its counters native atomics, and it owns a native ``GroupState`` that its methods update
+under those same locks; :func:`vfio_dma_rw` on its devices is then one C call doing steps
+1-5 with the same rules, errnos and lock counts.  The registry lock is made on first use:
+native when the selected core is (process-shared from :func:`new_group_lock`).
 """
 
 from __future__ import annotations
@@ -34,46 +34,30 @@ import errno
 import itertools
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import DmaError, fail, rng
+from . import core as _core
+from .errors import DmaError, addr, error, fail, rng
 from .locks import Mutex
 from .lockstat import count_value
 from .type1 import Buffer, Container, Prot
 
 
-def _load_native() -> Any:
-    """``dmarw._native`` when it is built, else None."""
-    try:
-        from . import native
-    except ImportError:
+def _native() -> Any:
+    """The native side (:mod:`dmarw.native`), imported on first use; None if not built."""
+    if not _core.native_available():
         return None
-    return native._native
+    from . import native
 
-
-def _native_selected(core_name: str | None = None) -> bool:
-    """True when ``core_name`` (default: the selection, :func:`dmarw.core.resolve`) is native."""
-    if _N is None:
-        return False
-    from . import core
-
-    try:
-        return core.resolve(core_name) == "native"
-    except core.CoreUnavailable:
-        return False
-
-
-_N: Any = _load_native()
-_default_native = _native_selected()  # the registry lock and vfio_dma_rw, chosen at import
+    return native
 
 
 def _named_lock(name: str, native: bool) -> Any:
     """A lock of class ``name``: a native Lock or a Python Mutex."""
     if not native:
         return Mutex(name)
-    from . import lockstat
-
-    return _N.Lock(lockstat.lock_class(name))
+    n = _native()
+    return n._native.Lock(*n.lock_class(name))
 
 
 class _Atomic:
@@ -101,11 +85,34 @@ class _Atomic:
 
 
 class _Registry:
-    """``vfio.group_list`` and the host-global ``vfio.group_lock`` guarding it."""
+    """``vfio.group_list`` and the host-global ``vfio.group_lock`` guarding it (made on
+    first use, :meth:`get_lock`)."""
 
     def __init__(self) -> None:
-        self.lock: Any = _named_lock("vfio.group_lock", _default_native)
+        self.lock: Any = None
         self.groups: dict[str, Group] = {}
+        self._init = threading.Lock()
+        self._native_ready = False
+
+    def get_lock(self) -> Any:
+        lock = self.lock
+        if lock is None:
+            try:
+                native = _core.resolve() == "native"
+            except DmaError:  # an unusable $DMARW_CORE: the reference lock
+                native = False
+            set_group_lock(_named_lock("vfio.group_lock", native))
+            lock = self.lock
+        return lock
+
+    def native_setup(self) -> Any:
+        """The native side, told once where the registry and the Python path are."""
+        n = _native()
+        with self._init:
+            if not self._native_ready:
+                n._native.vfio_setup(self.groups, vfio_dma_rw_py)
+                self._native_ready = True
+        return n
 
 
 _registry = _Registry()
@@ -116,11 +123,13 @@ def set_group_lock(raw: Any) -> None:
     (a native process-shared lock on the native core), a dmarw ``Mutex`` or native lock as
     is, or any raw lock (e.g. a ``multiprocessing.Lock``) behind a ``Mutex``.  The native
     per-call path runs only while the registry lock is native."""
-    is_native = _N is not None and isinstance(raw, _N.Lock)
+    n = _native()
+    is_native = n is not None and isinstance(raw, n._native.Lock)
     lock = raw if is_native or isinstance(raw, Mutex) else Mutex("vfio.group_lock", raw)
     _registry.lock = lock
-    if _N is not None:
-        _N.vfio_set_group_lock(lock if is_native else None)
+    if n is not None:
+        _registry.native_setup()
+        n._native.vfio_set_group_lock(lock if is_native else None)
 
 
 def new_group_lock(core: str | None = None) -> Any:
@@ -128,13 +137,12 @@ def new_group_lock(core: str | None = None) -> Any:
     fork, :func:`set_group_lock` it in each process): on the native core a pthread mutex
     with ``PTHREAD_PROCESS_SHARED`` in a ``MAP_SHARED`` anonymous mapping, else a
     ``multiprocessing.Lock``."""
-    if not _native_selected(core):
+    if _core.resolve(core) != "native":
         import multiprocessing
 
         return multiprocessing.get_context("fork").Lock()
-    from . import lockstat
-
-    return _N.Lock(lockstat.lock_class("vfio.group_lock"), shared=True)
+    n = _native()
+    return n._native.Lock(*n.lock_class("vfio.group_lock"), shared=True)
 
 
 class Device:
@@ -144,8 +152,7 @@ class Device:
         self.group = group
         self.name = name
         self.bound = True
-        if group._state is not None:
-            self._vstate = group._state  # what the native per-call path looks up
+        self.native_state: Any = group._state  # what the native per-call path looks up
 
     def unbind(self) -> None:
         """Unbind from the vfio driver: the device joins the group's unbound list."""
@@ -184,7 +191,10 @@ class Group:
 
     def __init__(self, name: str, *, core: str | None = None) -> None:
         """``core``: ``python`` or ``native`` locks and state (default: the selection)."""
-        native = _native_selected(core)
+        self.core = _core.resolve(core)
+        native = self.core == "native"
+        if native:
+            _registry.native_setup()
         self.name = name
         self._state: Any = None
         self.unbound_lock: Any = _named_lock("group.unbound_lock", native)
@@ -196,22 +206,23 @@ class Group:
             self.container_users = _Atomic()
             self.refs = _Atomic(1)  # the registry's own reference
         else:
-            self.container_users = _N.Atomic(0)
-            self.refs = _N.Atomic(1)
-            self._state = _N.GroupState(
+            N = _native()._native
+            self.container_users = N.Atomic(0)
+            self.refs = N.Atomic(1)
+            self._state = N.GroupState(
                 name, self.unbound_lock, self.device_lock, self.mutex, self.refs, self.container_users
             )
         self.devices: dict[str, Device] = {}
         self.unbound: set[str] = set()
         self.container: Container | None = None
-        with _registry.lock:
+        with _registry.get_lock():
             if name in _registry.groups:
                 raise fail(errno.EEXIST, f"group {name!r} is already registered")
             _registry.groups[name] = self
 
     def remove(self) -> None:
         """Unregister the group (``EBUSY`` while users or external references remain)."""
-        with _registry.lock:
+        with _registry.get_lock():
             if self.container_users.value or self.refs.value > 1:
                 raise fail(errno.EBUSY, f"group {self.name!r} still has users")
             _registry.groups.pop(self.name, None)
@@ -238,6 +249,13 @@ class Group:
 
     def set_container(self, container: Container) -> None:
         """Attach ``container`` under ``group.mutex`` (``EBUSY`` if one is attached)."""
+        if not isinstance(container, Container):
+            raise fail(errno.EINVAL, f"group {self.name!r}: {type(container).__name__} is not a Container")
+        if container.core != self.core:
+            raise fail(
+                errno.EINVAL,
+                f"group {self.name!r} is on the {self.core} core, the container on the {container.core} core",
+            )
         with self.mutex:
             if self.container is not None:
                 raise fail(errno.EBUSY, f"group {self.name!r} already has a container")
@@ -262,7 +280,7 @@ class Group:
         """Step 1: find the device's group under ``vfio.group_lock`` and take a reference."""
         if not isinstance(device, Device):
             raise fail(errno.EINVAL, f"{device!r} is not a Device")
-        with _registry.lock:
+        with _registry.get_lock():
             g = _registry.groups.get(device.group.name)
             if g is not device.group:
                 raise fail(errno.ENODEV, f"{device!r}: group is not registered")
@@ -312,11 +330,11 @@ def _where(op: str, iova: int | None, arg: Buffer | int | None) -> str:
     if iova is None or arg is None:
         return op
     if isinstance(arg, int):
-        return f"{op} iova {iova!r} npage {arg!r}"
+        return f"{op} iova {addr(iova)} npage {addr(arg)}"
     try:
         return f"{op} {rng(iova, memoryview(arg).nbytes)}"
     except (TypeError, ValueError):
-        return f"{op} iova {iova!r}"
+        return f"{op} iova {addr(iova)}"
 
 
 def _leave(g: Group) -> None:
@@ -334,13 +352,33 @@ def vfio_dma_rw_py(device: Device, iova: int, buf: Buffer, write: bool) -> None:
         _leave(g)
 
 
-vfio_dma_rw: Callable[[Device, int, Buffer, bool], None] = vfio_dma_rw_py
-"""The per-call path (steps 1-5 of the module docstring) around one ``dma_rw``."""
-if _N is not None:
-    _N.vfio_setup(_registry.groups, vfio_dma_rw_py)
-    set_group_lock(_registry.lock)
-if _default_native:
-    vfio_dma_rw = _N.vfio_dma_rw
+PerCall = Callable[[Device, int, Buffer, bool], None]
+
+
+def percall_entry() -> PerCall:
+    """The per-call path of the selected core: the native one-call ``vfio_dma_rw`` (which
+    runs a device of a Python group through :func:`vfio_dma_rw_py`), or the Python path."""
+    try:
+        native = _core.resolve() == "native"
+    except DmaError:
+        native = False
+    if not native:
+        return vfio_dma_rw_py
+    fn: PerCall = _registry.native_setup()._native.vfio_dma_rw
+    return fn
+
+
+if TYPE_CHECKING:
+    vfio_dma_rw: PerCall
+    """The per-call path (steps 1-5 of the module docstring) around one ``dma_rw``."""
+
+
+def __getattr__(name: str) -> Any:
+    """``vfio_dma_rw`` is chosen on first use (:func:`percall_entry`), not at import."""
+    if name == "vfio_dma_rw":
+        fn = globals()["vfio_dma_rw"] = percall_entry()
+        return fn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def vfio_pin_pages(device: Device, iova: int, npage: int, prot: Prot) -> list[int]:
@@ -366,59 +404,83 @@ class ExternalUser:
 
     Each call then takes only the container's iommu lock and the address-space reference.
     Viability is checked once, when the handle is taken; the container cannot be detached
-    (``EBUSY``) until :meth:`close`.  Use after close is ``EINVAL``.
+    (``EBUSY``) until :meth:`close`.  Use after close is ``EINVAL``.  The handle is on its
+    container's core (``user.core``); on the native core ``dma_rw`` is the C handle's own
+    method (one C call, checking the handle is open).
     """
 
+    core = "python"
+
+    def __new__(cls, group: Group, container: Container) -> ExternalUser:
+        if cls is ExternalUser and getattr(container, "core", None) == "native":
+            from .native import NativeExternalUser
+
+            return NativeExternalUser.__new__(NativeExternalUser)  # type: ignore[call-arg]
+        return super().__new__(cls)
+
     def __init__(self, group: Group, container: Container) -> None:
+        if not isinstance(container, Container) or container.core != self.core:
+            raise fail(errno.EINVAL, f"external user: {container!r} is not a {self.core}-core container")
+        if getattr(group, "core", self.core) != self.core:
+            raise fail(errno.EINVAL, f"external user: group {group.name!r} is on the {group.core} core")
         self.group = group
         self.container: Container | None = container
         self._lock = threading.Lock()
-        native_rw = getattr(container, "native_dma_rw", None)
-        if native_rw is not None:  # native core: call its C entry directly until close()
-            self.dma_rw = native_rw  # type: ignore[method-assign]
+        self._attach(container, group.name)
+
+    # -- the backend hooks: the Python core holds the container in ``self.container`` -----
+    def _attach(self, container: Container, group_name: str) -> None:
+        """Hold ``container`` for the reader path (the native core's C handle keeps its own)."""
+
+    def _detach(self) -> None:
+        """Drop the reader path's hold (under the handle's lock, at close)."""
 
     @classmethod
     def from_device(cls, device: Device) -> ExternalUser:
         """Steps 1-3 once (``vfio.group_lock``, viability, ``group.mutex``)."""
         g, c = _enter(device, "external user")
-        return cls(g, c)
+        try:
+            return cls(g, c)
+        except BaseException:
+            _leave(g)
+            raise
 
     def _closed(self, what: str) -> OSError:
-        return fail(errno.EINVAL, f"{what}: external user of group {self.group.name!r} is closed")
+        return error("closed_handle", what, self.group.name)
 
     def dma_rw(self, iova: int, buf: Buffer, write: bool) -> None:
         """The container's ``dma_rw``: iommu lock (read side) and the mm reference only."""
         c = self.container
         if c is None:
-            raise self._closed(_where("dma_rw", iova, buf))
+            raise self._closed("dma_rw")
         c.dma_rw(iova, buf, write)
 
     def dma_read(self, iova: int, n: int) -> bytes:
         """Read ``n`` bytes at ``iova`` (see :meth:`dma_rw`)."""
         c = self.container
         if c is None:
-            raise self._closed(f"dma_read iova {iova!r} len {n!r}")
+            raise self._closed("dma_read")
         return c.dma_read(iova, n)
 
     def dma_write(self, iova: int, data: Buffer) -> None:
         """Write ``data`` at ``iova`` (see :meth:`dma_rw`)."""
         c = self.container
         if c is None:
-            raise self._closed(_where("dma_write", iova, data))
+            raise self._closed("dma_write")
         c.dma_rw(iova, data, True)
 
     def pin_pages(self, iova: int, npage: int, prot: Prot) -> list[int]:
         """The container's pin: iommu lock (write side) and the mm reference only."""
         c = self.container
         if c is None:
-            raise self._closed(_where("pin_pages", iova, npage))
+            raise self._closed("pin_pages")
         return c.pin_pages(iova, npage, prot)
 
     def unpin_pages(self, iova: int, npage: int) -> None:
         """The container's unpin: iommu lock (write side) only."""
         c = self.container
         if c is None:
-            raise self._closed(_where("unpin_pages", iova, npage))
+            raise self._closed("unpin_pages")
         c.unpin_pages(iova, npage)
 
     def close(self) -> None:
@@ -427,7 +489,7 @@ class ExternalUser:
             if self.container is None:
                 return
             self.container = None
-            self.__dict__.pop("dma_rw", None)
+            self._detach()
         _leave(self.group)
 
     def __enter__(self) -> ExternalUser:

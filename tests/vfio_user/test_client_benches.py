@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +14,8 @@ peer_build = peer.peer_build  # the session fixture (this folder has no conftest
 pytestmark = pytest.mark.timeout(120)
 
 
-def load_bench(name: str) -> Any:
-    """``bench/<name>.py`` as a module (tests/conftest.py's helper, not importable from here:
-    this folder's conftest shadows the name)."""
-    src = Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", src)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
-
-def test_dma_bench_covers_both_paths_and_sizes(tmp_path: Path) -> None:
+def test_dma_bench_covers_both_paths_and_sizes(load_bench: Any, tmp_path: Path) -> None:
     bench = load_bench("vfio_user_dma")
     out = tmp_path / "dma.json"
     assert bench.main(["--rounds", "1", "--json", str(out)]) == 0
@@ -38,7 +25,7 @@ def test_dma_bench_covers_both_paths_and_sizes(tmp_path: Path) -> None:
 
 
 @pytest.mark.peer
-def test_rtt_bench_times_both_servers(tmp_path: Path, peer_build: object) -> None:
+def test_rtt_bench_times_both_servers(load_bench: Any, tmp_path: Path, peer_build: object) -> None:
     bench = load_bench("vfio_user_rtt")
     out = tmp_path / "rtt.json"
     assert bench.main(["--rounds", "1", "--writes", "20", "--json", str(out)]) == 0

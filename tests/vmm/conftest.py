@@ -58,6 +58,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for plugin in terminalreporter.config.pluginmanager.get_plugins():
+        if "kvm" in (getattr(plugin, "COUNTED_MARKERS", None) or ()):
+            return  # the suite-wide summary (tests/conftest.py) already counts the kvm marker
     ran = _counts["passed"] + _counts["failed"]
     if ran or _counts["skipped"]:
         why = kvm_unusable()

@@ -154,6 +154,8 @@ class GpuDevice:
         self._drop_write = drop_write
         self._bypass = bypass
         self._nwrites = 0
+        self._stop_at: int | None = None
+        self._on_stop: Callable[[], None] | None = None
         self._cond = threading.Condition()
         self._busy = False
         self._paused = False
@@ -198,6 +200,14 @@ class GpuDevice:
             self._cond.notify_all()
         if not self.threaded:
             self._drain()
+
+    def stop_at(self, commands: int, on_stop: Callable[[], None] | None = None) -> None:
+        """Pause at the boundary after the ``commands``-th command (counted by the COMMANDS
+        register) and then call ``on_stop()`` from the engine, outside the device lock
+        (e.g. a vCPU kick: a run stopped mid-way for save/restore or migration)."""
+        with self._cond:
+            self._stop_at = commands
+            self._on_stop = on_stop
 
     def release_waiters(self) -> None:
         """Make held WAIT stores return now (before a vCPU kick: the guest re-polls)."""
@@ -355,6 +365,7 @@ class GpuDevice:
             self._busy = True
             r = self.regs
             base, size, head, tail = r.ring_base, r.ring_size, r.head, r.tail
+        stopped: Callable[[], None] | None = None
         try:
             entries = self._fetch(base, size, head, tail)
             for i, (op, nbytes, addr, seqno, kind, _rsvd) in enumerate(entries):
@@ -371,6 +382,12 @@ class GpuDevice:
                         self._cond.notify_all()
                     else:
                         r.commands += 1
+                        if r.commands == self._stop_at:
+                            self._stop_at = None
+                            self._paused = True
+                            self._release += 1
+                            self._cond.notify_all()
+                            stopped = self._on_stop
                     if self._paused or self._stopping:
                         return
         except DmaError as e:
@@ -380,6 +397,8 @@ class GpuDevice:
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
+            if stopped is not None:
+                stopped()
 
     def _fetch(self, base: int, size: int, head: int, tail: int) -> list[tuple[int, ...]]:
         """Read the ring entries ``head..tail`` (one ``dma_rw`` per contiguous span)."""

@@ -21,7 +21,6 @@ from rich.table import Table
 
 from .. import lockstat
 from ..devices.paths import PATH_NAMES
-from ..errors import DmaError
 from ..vmm import DEFAULT_DIRTY
 from .machine import GuestMachine, RunReport
 from .model import model_run
@@ -95,7 +94,7 @@ def render(con: Console, params: Params, args: argparse.Namespace, reports: list
     con.print(f"guest: seed {params.seed}, {params.commands:,} commands in batches of {params.batch}, "
               f"{params.ram_size >> 20} MiB RAM, writer-heavy {params.writer_heavy}, dirty {args.dirty}, "
               f"device {'inline' if args.inline else 'threaded'}")
-    t = Table(title="runs", title_justify="left", box=None, padding=(0, 1))
+    t = Table(title="runs", title_justify="left", box=None, padding=(0, 1), collapse_padding=True, pad_edge=False)
     for c in ("path", "checksum", "wall s", "hlt", "mmio", "io", "waits", "checks"):
         t.add_column(c, justify="left" if c in ("path", "checksum") else "right", no_wrap=True)
     for r in reports:
@@ -105,7 +104,7 @@ def render(con: Console, params: Params, args: argparse.Namespace, reports: list
                   f"{r.waits:,}", f"{n_ok}/{len(r.checks)}")
     con.print(t)
     cost = Table(title="cost (guest rdtsc for MMIO; device: host perf_counter)", title_justify="left",
-              box=None, padding=(0, 1))
+              box=None, padding=(0, 1), collapse_padding=True, pad_edge=False)
     for col in ("path", "mmio us", "bell us", "cmd us", "rd ns", "wr ns", "fetch us"):
         cost.add_column(col, justify="left" if col == "path" else "right", no_wrap=True)
     for r in reports:
@@ -136,21 +135,17 @@ def render(con: Console, params: Params, args: argparse.Namespace, reports: list
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        params = Params(seed=args.seed, commands=args.commands, ram_size=args.ram, batch=args.batch,
-                        writer_heavy=args.writer_heavy)
-    except DmaError as e:
-        raise SystemExit(f"dmarw guest: {e}") from None
+    # a bad size or count is a DmaError (EINVAL), raised before any work: dmarw.cli.main
+    # prints it as one line
+    params = Params(seed=args.seed, commands=args.commands, ram_size=args.ram, batch=args.batch,
+                    writer_heavy=args.writer_heavy)
     paths = list(PATH_NAMES) if args.all_paths else [args.path]
     con = _console()
     reports: list[RunReport] = []
     t0 = time.perf_counter()
-    try:
-        with Progress(console=Console(stderr=True), transient=True) as bar:
-            for path in paths:
-                reports.append(run_one(path, params, args, bar))
-    except DmaError as e:
-        raise SystemExit(f"dmarw guest: {e}") from None
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        for path in paths:
+            reports.append(run_one(path, params, args, bar))
     elapsed = time.perf_counter() - t0
     model = model_run(params).checksum
     sums = {r.checksum for r in reports}

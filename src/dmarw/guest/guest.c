@@ -328,7 +328,9 @@ void guest_main(void)
 
     vrec = (u32 *)P->vrec_gpa;
     drec = (u32 *)P->drec_gpa;
-    rng_state = (P->seed_lo ^ (P->seed_hi * 0x9e3779b9u) ^ 0x6a09e667u) | 1u;
+    /* a bijection of seed_lo for each seed_hi (odd multipliers), never the fixed point 0 */
+    u32 x = ((P->seed_lo ^ 0x6a09e667u) * 0x9e3779b1u) ^ (P->seed_hi * 0x85ebca6bu);
+    rng_state = x ? x : 1u;
     ck_lo = 0x811c9dc5u; /* FNV-1a 32 offset basis */
     ck_hi = 0x6a09e667u;
 

@@ -140,10 +140,8 @@ class GuestMachine:
 
     def clear_logs(self) -> tuple[set[int], set[int], set[int]]:
         """Get and clear all three logs: (kernel, user space, container) pages."""
-        vm = self.vm
-        s = next(s for s in vm.memslots() if s.slot == 0)
-        kernel = _pages(bytes(vm.dirty_mode.harvest(0, s.npages)))
-        user = _pages(vm.view.get_dirty_log(0))
+        k, u = self.vm.get_dirty_logs(0)
+        kernel, user = _pages(k), _pages(u)
         cont = _pages(self.env.container.get_dirty_bitmap(0, self.params.ram_size))
         return kernel, user, cont
 
@@ -177,6 +175,11 @@ class GuestMachine:
         WAIT and kick the vCPU; ``run()`` returns ``"intr"``."""
         self.device.pause()
         self.vcpu.kick()
+
+    def stop_after(self, commands: int) -> None:
+        """Stop the run by itself after ``commands`` device commands: the device pauses at
+        that boundary and kicks the vCPU; ``run()`` returns ``"intr"``."""
+        self.device.stop_at(commands, self.vcpu.kick)
 
     def resume(self) -> None:
         self.device.resume()

@@ -54,7 +54,8 @@ class ModelGuest:
         self.read, self.write = read, write
         self.reg_read, self.reg_write = reg_read, reg_write
         lo, hi = params.seed & M32, params.seed >> 32
-        self.rng = (lo ^ ((hi * 0x9E3779B9) & M32) ^ 0x6A09E667) | 1
+        x = (((lo ^ 0x6A09E667) * 0x9E3779B1) & M32) ^ ((hi * 0x85EBCA6B) & M32)
+        self.rng = x or 1
         self.ck_lo, self.ck_hi = 0x811C9DC5, 0x6A09E667
         self.tail = 0
         self.vrec: set[int] = set()

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import bitmap
-from .. import core as core_mod
 from ..core import resolve as resolve_core  # python / native: the lab's name for it
 from ..kvm import Vm
 from ..mm import PAGE_SIZE, AddressSpace
@@ -105,13 +104,12 @@ class VmEnv:
         spec = PATHS[path]
         self.spec = spec
         self.core = resolve_core(core)
-        container_cls, vm_cls = core_mod.classes(self.core)
         self.ram_size = ram_size
         self.space = AddressSpace()
         self.hva = self.space.mmap(ram_size, backing="memfd")
-        self.vm: Vm = vm_cls(self.space)
+        self.vm: Vm = Vm(self.space, core=self.core)
         self.vm.set_memslot(0, 0, ram_size, self.hva, dirty_log=True)
-        self.container: Container = container_cls(lock=spec.lock, mm_ref=spec.mm_ref)
+        self.container: Container = Container(lock=spec.lock, mm_ref=spec.mm_ref, core=self.core)
         self.container.map_dma(0, ram_size, self.hva, self.space, Prot.READ | Prot.WRITE)
         self.container.dirty_pages_start()
         self.group = Group(f"{name}-{os.getpid()}", core=self.core)
@@ -140,7 +138,7 @@ class VmEnv:
         if spec.kind == "percall":
             fn: RwAccess4 = vfio_dma_rw_py
             if self.core == "native":
-                from .. import _native  # type: ignore[attr-defined]
+                from .. import _native
 
                 fn = _native.vfio_dma_rw  # the one-call path (whatever $DMARW_CORE said at import)
             return Accessor(rw=functools.partial(fn, self.device))
@@ -159,16 +157,16 @@ class VmEnv:
         the very entry the open handle calls)."""
         if self.core != "native":
             raise TypeError("replayer: the Python core is timed from Python")
-        from .. import _native  # type: ignore[attr-defined]
+        from .. import _native
 
         spec = PATHS[path or self.spec.name]
         if spec.kind == "kvm":
-            core: Any = vars(self.vm)["_core"]
+            core: Any = self.vm  # a native VM: its C replay
             return core.replay
         if spec.kind == "percall":
             return functools.partial(_native.vfio_replay, self.device)
         self._user()
-        core = vars(self.container)["_core"]
+        core = self.container
         return core.replay
 
     def dirty_pages(self) -> int:

@@ -1,7 +1,7 @@
-"""Bar charts of a results document: ours vs the seed, per table, as ratios.
+"""Bar charts of a results document: ours vs the 2020 thread, per table, as ratios.
 
 Absolute cycles of a Python path and a kernel path are not comparable, so each panel plots
-the ratio the table compares (over kvm, over an uncontended mutex, two VMs over one), seed
+the ratio the table compares (over kvm, over an uncontended mutex, two VMs over one), the 2020
 and ours side by side; the size sweep plots vfio/kvm per size.  Matplotlib's Agg backend:
 no display needed.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-SEED_COLOUR = "#8c8c8c"
+REF_COLOUR = "#8c8c8c"
 OURS_COLOUR = "#1f77b4"
 
 
@@ -18,17 +18,17 @@ def _col(tab: dict[str, Any], name: str) -> int:
     return list(tab["columns"]).index(name)
 
 
-def _bars(ax: Any, title: str, labels: list[str], seed: list[float | None], ours: list[float | None],
+def _bars(ax: Any, title: str, labels: list[str], theirs: list[float | None], ours: list[float | None],
           ylabel: str, ref: float | None = 1.0) -> None:
     import numpy as np
 
     x = np.arange(len(labels))
     w = 0.38
-    sv = [v if v is not None else 0.0 for v in seed]
+    sv = [v if v is not None else 0.0 for v in theirs]
     ov = [v if v is not None else 0.0 for v in ours]
-    b1 = ax.bar(x - w / 2, sv, w, label="seed (kernel)", color=SEED_COLOUR)
+    b1 = ax.bar(x - w / 2, sv, w, label="2020 thread (kernel)", color=REF_COLOUR)
     b2 = ax.bar(x + w / 2, ov, w, label="ours (dmarw)", color=OURS_COLOUR)
-    for bars, vals in ((b1, seed), (b2, ours)):
+    for bars, vals in ((b1, theirs), (b2, ours)):
         for rect, v in zip(bars, vals, strict=True):
             if v is not None:
                 ax.annotate(f"{v:.2f}", (rect.get_x() + rect.get_width() / 2, rect.get_height()),
@@ -62,11 +62,11 @@ def plot(doc: dict[str, Any], path: str) -> None:
 
     t = tabs["1"]
     _bars(ax[0], "(1) per interface, ×kvm same op", [r[0] for r in t["rows"]],
-          [_num(r[_col(t, "seed ×kvm")]) for r in t["rows"]], [_num(r[_col(t, "ours ×kvm")]) for r in t["rows"]],
+          [_num(r[_col(t, "2020 ×kvm")]) for r in t["rows"]], [_num(r[_col(t, "ours ×kvm")]) for r in t["rows"]],
           "× kvm")
 
     t = tabs["2"]
-    seed_rows = [r for r in t["rows"] if str(r[0]).startswith("seed test")]
+    ref_rows = [r for r in t["rows"] if str(r[0]).startswith("2020 test")]
     our_rows = [r for r in t["rows"] if str(r[0]).startswith("ours test")]
     ci = _col(t, "avg cyc")
 
@@ -74,26 +74,26 @@ def plot(doc: dict[str, Any], path: str) -> None:
         base = _num(rows[0][ci]) if rows else None
         return [(_num(r[ci]) or 0.0) / base if base and _num(r[ci]) is not None else None for r in rows]
 
-    _bars(ax[1], "(2) repeat runs, avg / test 1", ["test 1", "test 2"], rel(seed_rows), rel(our_rows), "× test 1")
+    _bars(ax[1], "(2) repeat runs, avg / test 1", ["test 1", "test 2"], rel(ref_rows), rel(our_rows), "× test 1")
 
     for i, tid, title in ((2, "3", "(3) one VM, avg ×kvm"), (4, "5", "(5) two VMs, avg ×kvm")):
         t = tabs[tid]
-        _bars(ax[i], title, [r[0] for r in t["rows"]], [_num(r[_col(t, "seed ×kvm")]) for r in t["rows"]],
+        _bars(ax[i], title, [r[0] for r in t["rows"]], [_num(r[_col(t, "2020 ×kvm")]) for r in t["rows"]],
               [_num(r[_col(t, "ours ×kvm")]) for r in t["rows"]], "× kvm")
 
     t = tabs["4"]
     _bars(ax[3], "(4) per lock, ×uncontended mutex", [str(r[0]).split(" (")[0] for r in t["rows"]],
-          [_num(r[_col(t, "seed ×mutex")]) for r in t["rows"]], [_num(r[_col(t, "ours ×mutex")]) for r in t["rows"]],
+          [_num(r[_col(t, "2020 ×mutex")]) for r in t["rows"]], [_num(r[_col(t, "ours ×mutex")]) for r in t["rows"]],
           "× mutex")
 
     t = tabs["6"]
     _bars(ax[5], "(6) lock cost, two VMs / one VM", [str(r[0]).split(" (host")[0] for r in t["rows"]],
-          [_num(r[_col(t, "seed ×")]) for r in t["rows"]], [_num(r[_col(t, "ours ×")]) for r in t["rows"]],
+          [_num(r[_col(t, "2020 ×")]) for r in t["rows"]], [_num(r[_col(t, "ours ×")]) for r in t["rows"]],
           "× one VM")
 
     t = tabs["7"]
     _bars(ax[6], "(7) external user, avg ×kvm (one VM)", [str(r[0]).split(" (")[0] for r in t["rows"]],
-          [_num(r[_col(t, "seed ×kvm")]) for r in t["rows"]], [_num(r[_col(t, "ours ×kvm")]) for r in t["rows"]],
+          [_num(r[_col(t, "2020 ×kvm")]) for r in t["rows"]], [_num(r[_col(t, "ours ×kvm")]) for r in t["rows"]],
           "× kvm")
 
     a8 = ax[7]
@@ -106,9 +106,9 @@ def plot(doc: dict[str, Any], path: str) -> None:
         if sw.get("crossover_bytes"):
             a8.axvline(sw["crossover_bytes"], color=OURS_COLOUR, linestyle="--", linewidth=0.8,
                        label=f"ours crossover {sw['crossover_bytes'] // 4096} pages")
-        seed_x = doc["seed"]["sweep_crossover_pages"] * 4096
-        a8.axvline(seed_x, color=SEED_COLOUR, linestyle="--", linewidth=0.8,
-                   label=f"seed crossover ~{doc['seed']['sweep_crossover_pages']} pages")
+        ref_x = doc["reference"]["sweep_crossover_pages"] * 4096
+        a8.axvline(ref_x, color=REF_COLOUR, linestyle="--", linewidth=0.8,
+                   label=f"2020 crossover ~{doc['reference']['sweep_crossover_pages']} pages")
         a8.set_xscale("log", base=2)
         ticks = [x for x in sizes if x in (1, 64, 512, 4096, 4 * 4096, 20 * 4096)]
         a8.set_xticks(ticks)
@@ -127,10 +127,10 @@ def plot(doc: dict[str, Any], path: str) -> None:
     m = doc["machine"]
     fig.legend(handles, labels, loc="upper right", fontsize=9)
     fig.suptitle(
-        f"dmarw reproduce: seed (kernel, Jan 2020) vs ours ({m['cpu_model']}, {m['ncpu']} CPUs, Python {m['python']}); "
+        f"dmarw reproduce: 2020 thread (kernel) vs ours ({m['cpu_model']}, {m['ncpu']} CPUs, Python {m['python']}); "
         "ratios, because absolute cycles differ",
         fontsize=11,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # exactly ``path``, whatever its suffix
     plt.close(fig)

@@ -16,7 +16,7 @@ How each op is timed depends on the core:
 * Python core: ``perf_counter_ns`` read in Python around each call; the timer's cost is
   :func:`dmarw.lockstat.timer_overhead_ns`.
 * native core: the path's C replay (:meth:`VmEnv.replayer`) runs the records and reads the
-  native counter (rdtsc with an invariant TSC) around each call in C, as the seed timed
+  native counter (rdtsc with an invariant TSC) around each call in C, as the 2020 thread timed
   ``vfio_dma_rw`` with ``get_cycles()``; the timer's cost is ``_native.timer_overhead``
   (median counter pair, measured in C).  Ticks become ns at the counter's rate.  The lock
   statistics come from the native locks, timed with the same counter.
@@ -29,6 +29,7 @@ import gc
 import multiprocessing as mp
 import os
 import random
+import signal
 import statistics
 import time
 import traceback
@@ -287,7 +288,7 @@ def _native_hz() -> float:
 
 def native_timer_overhead_ns(samples: int = 20001) -> float:
     """Median cost of one back-to-back native counter pair, measured in C, in ns."""
-    from .. import _native  # type: ignore[attr-defined]
+    from .. import _native
 
     return float(_native.timer_overhead(samples)) * 1e9 / _native_hz()
 
@@ -313,12 +314,12 @@ def blocked_locks(run_block: Callable[[int], None], blocks: int = LOCK_BLOCKS) -
 
 
 def mutex_probe(samples: int = 16000, core: str = "python") -> dict[str, float]:
-    """The seed's uncontended-mutex figure: a fresh lock of the core's kind (a dmarw Mutex,
+    """The 2020 thread's uncontended-mutex figure: a fresh lock of the core's kind (a dmarw Mutex,
     or a native Lock timed with the native counter), timed the way lockstat times every lock
     (one timestamp pair around the acquire, the timer included)."""
     m: Any
     if core == "native":
-        from .. import _native  # type: ignore[attr-defined]
+        from .. import _native
 
         m = _native.Lock(lockstat.lock_class("lab.uncontended_mutex"))
     else:
@@ -350,6 +351,7 @@ def _vm_main(
     core: str | None = None,
 ) -> None:
     """One VM process: build, warm up, time, lock-stat pass, harvest, report on ``conn``."""
+    _child_signals()
     try:
         set_group_lock(group_lock)  # the one host-wide lock, made before the fork
         t_start = time.perf_counter_ns()
@@ -402,17 +404,51 @@ def _vm_main(
             time.perf_counter_ns() - t_start,
         )
         conn.send(("ok", asdict(res)))
-    except BaseException:  # report anything to the parent rather than die silently
+    except BaseException as e:  # report anything to the parent rather than die silently
         barrier.abort()  # release the other VMs at once
-        conn.send(("error", f"VM {vm} ({path}): {traceback.format_exc()}"))
+        conn.send(("error", f"VM {vm} ({path}): {_why(e)}"))
     finally:
         conn.close()
+
+
+def _child_signals() -> None:
+    """In a VM process: Ctrl-C is the parent's (it ends the VMs), and SIGTERM (how the
+    parent ends one) kills at once, whatever handler the parent had installed."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _why(e: BaseException) -> str:
+    """A VM's failure for the parent: one line for an OSError (a refusal), else the traceback."""
+    if isinstance(e, OSError):
+        return str(e)
+    return traceback.format_exc()
 
 
 def _wait(
     procs: list[Any], conns: list[Connection], progress: Any, total: int, on_progress: Progress | None
 ) -> list[Any]:
     """Collect one message per VM, reporting progress; fail if a VM dies without one."""
+    done = False
+    try:
+        got = _collect(procs, conns, progress, total, on_progress)
+        done = True
+    finally:  # on Ctrl-C or any error here the VMs are ended: no VM process outlives the run
+        for p in procs:
+            if not done and p.is_alive():
+                p.terminate()
+            p.join()
+        for c in conns:
+            c.close()
+    errors = [msg for kind, msg in got if kind == "error"]
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [msg for _, msg in got]
+
+
+def _collect(
+    procs: list[Any], conns: list[Connection], progress: Any, total: int, on_progress: Progress | None
+) -> list[Any]:
     got: list[Any] = [None] * len(conns)
     pending = set(range(len(conns)))
     while pending:
@@ -428,12 +464,7 @@ def _wait(
                 pending.discard(i)
         if on_progress is not None:
             on_progress(sum(progress[:]), total)
-    for p in procs:
-        p.join()
-    errors = [msg for kind, msg in got if kind == "error"]
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [msg for _, msg in got]
+    return got
 
 
 def run(
@@ -577,6 +608,7 @@ def combine(path: str, results: list[dict[str, Any]], vms: int | None = None) ->
 
 
 # -- the size sweep ----------------------------------------------------------------------
+SWEEP_MIN_ROUNDS = 4
 SWEEP_SIZES = (1, 8, 64, 512, 2048, 4096, *(p * 4096 for p in (2, 3, 4, 5, 6, 8, 10, 12, 16, 20)))
 
 
@@ -587,7 +619,8 @@ def _sweep_main(
     """One VM process: ``reps`` reads and writes of each size on kvm and on ``vfio_path``.
     Measured in rounds; each round times one block of 25 per size and path, so sizes and
     paths see the same machine state; each figure is the median of its block averages (a
-    deschedule spoils one block, not the figure)."""
+    deschedule spoils one block, not the figure); the per-round figures go with it."""
+    _child_signals()
     try:
         env = VmEnv(vfio_path, ram_size, name="lab-sweep", core=core)
         env.prefault()
@@ -597,7 +630,7 @@ def _sweep_main(
         rng = random.Random(seed)
         overhead = native_timer_overhead_ns() if native else lockstat.timer_overhead_ns()
         block = 25
-        rounds = max(-(-reps // block), 1)
+        rounds = max(-(-reps // block), SWEEP_MIN_ROUNDS)  # the verdict needs an interval per size
         addrs = {
             size: [rng.randrange(0, (ram_size - size) // PAGE_SIZE + 1) * PAGE_SIZE for _ in range(block)]
             for size in sizes
@@ -672,11 +705,13 @@ def _sweep_main(
                 row[f"{key}_read_ns"] = r_ns
                 row[f"{key}_write_ns"] = w_ns
                 row[f"{key}_ns"] = (r_ns + w_ns) / 2
+                row[f"{key}_rounds_ns"] = [(a + b) / 2 - overhead for a, b in
+                                           zip(blocks[(size, p, "r")], blocks[(size, p, "w")], strict=True)]
             rows.append(row)
         env.close()
         conn.send(("ok", {"rows": rows, "timer_overhead_ns": overhead, "reps": rounds * block}))
-    except BaseException:
-        conn.send(("error", f"size sweep ({vfio_path}): {traceback.format_exc()}"))
+    except BaseException as e:
+        conn.send(("error", f"size sweep ({vfio_path}): {_why(e)}"))
     finally:
         conn.close()
 

@@ -4,11 +4,12 @@ A record is ``op`` (``"r"`` or ``"w"``), ``addr`` (a guest address: gpa == iova,
 sees guest RAM 1:1 as a vIOMMU-less guest does) and ``size`` in bytes, with
 ``0 <= addr`` and ``addr + size <= ram_size``.
 
-Built-in profile ``glmark2`` (the seed's measured mix; the seed gives only the first three
+Built-in profile ``glmark2`` (the 2020 thread's measured mix; it gives only the first three
 facts, the rest is our documented assumption, :data:`GLMARK2_ASSUMPTION`):
 
-* 63% of records are reads (the count is ``round(0.63 * ops)``, exact at any size);
-* 48% of reads are exactly one page, page-aligned (``round(0.48 * reads)``);
+* a share :data:`READ_FRACTION` of records are reads (the count is
+  ``round(READ_FRACTION * ops)``, exact at any size);
+* a share :data:`PAGE_READ_FRACTION` of reads are exactly one page, page-aligned;
 * every other read and every write is under one page.
 
 Generation is seeded (:class:`random.Random`), so ``generate(profile, ops, seed)`` gives the
@@ -24,12 +25,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import overload
 
-from ..errors import fail
+from ..errors import DmaError, fail
+from . import reference as REF
 
 PAGE = 4096
 TRACE_MAGIC = "dmarw-trace"
 TRACE_VERSION = 1
-FULL_OPS = 40_000_000  # the seed: "40M+ read+write cnt" for one glmark2 run
+READ_FRACTION = float(REF.GLMARK2["read_fraction"])  # both from the 2020 thread's glmark2 runs
+PAGE_READ_FRACTION = float(REF.GLMARK2["page_read_fraction"])
 DEFAULT_OPS = 200_000
 DEFAULT_RAM = 64 << 20
 
@@ -67,8 +70,9 @@ _KIND_AREA = {
 HOT_PAGES = 512  # each area has a hot set of this many pages taking 80% of its accesses
 
 GLMARK2_ASSUMPTION = (
-    "glmark2 (seed): 63% reads; 48% of reads one 4096 B page-aligned page; other reads and all "
-    "writes < 4096 B. Assumed (GVT-g-like, not in the seed): sub-page reads 40% 8 B GTT PTEs, "
+    f"glmark2 (2020 thread): {READ_FRACTION:.0%} reads; {PAGE_READ_FRACTION:.0%} of reads one 4096 B page-aligned "
+    "page; other reads and all "
+    "writes < 4096 B. Assumed (GVT-g-like, not in the 2020 thread): sub-page reads 40% 8 B GTT PTEs, "
     "35% 4-64 B ring command dwords, 25% 64-2048 B batch/descriptor chunks; writes 35% 4 B "
     "status dwords, 25% 8 B PTEs, 30% 16-256 B descriptors, 10% 256-2048 B context state; "
     "sizes naturally aligned, no sub-page access crosses a page; addresses: page-table area "
@@ -209,51 +213,89 @@ class Workload:
             f.write("".join(chunk))
 
     @classmethod
-    def load(cls, path: str) -> Workload:
-        """Read a trace file written by :meth:`save` or by hand (``EINVAL`` on a bad line).
+    def load(cls, path: str, max_size: int | None = None) -> Workload:
+        """Read a trace file written by :meth:`save` or by hand; the whole file is checked
+        before anything is returned, and any problem is ``DmaError(EINVAL)`` naming
+        ``file:line`` (see :func:`check_ram` for the RAM bounds).
 
-        Only the first line is required; ``ram_size`` defaults to the highest record end
-        rounded up to a page, ``profile`` to ``trace``, ``seed`` to 0.
+        Only the first line and one record are required; ``ram_size`` defaults to the
+        highest record end rounded up to a page, ``profile`` to ``trace``, ``seed`` to 0.
+        Refused: binary (non-UTF-8 or NUL) content, a header key other than
+        :data:`HEADER_KEYS`, a header line after the first record, a record that is not
+        ``r|w ADDR SIZE``, a size of 0 or above ``max_size``, a record ending past
+        ``ram_size``, an ``ops`` header that disagrees with the record count, and a file
+        without records.
         """
         import errno
 
+        def bad(lineno: int, what: str) -> DmaError:
+            return fail(errno.EINVAL, f"{path}:{lineno}: {what}")
+
         writes, addrs, sizes = _new_arrays()
         head: dict[str, str] = {}
-        with open(path, encoding="utf-8") as f:
-            first = f.readline().split()
-            if len(first) != 2 or first[0] != TRACE_MAGIC:
-                raise fail(errno.EINVAL, f"{path}: not a {TRACE_MAGIC} file")
-            if first[1] != str(TRACE_VERSION):
-                raise fail(errno.EINVAL, f"{path}: trace version {first[1]} (this dmarw reads {TRACE_VERSION})")
-            for lineno, line in enumerate(f, start=2):
-                if not line.strip() or line.startswith("#"):
+        ram: int | None = None
+        with open(path, "rb") as f:
+            lineno = 0
+            for lineno, raw in enumerate(f, start=1):  # noqa: B007 (lineno used after the loop)
+                if b"\0" in raw:
+                    raise bad(lineno, "binary content (a NUL byte), not a trace file")
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    raise bad(lineno, "binary content (not UTF-8 text), not a trace file") from None
+                if lineno == 1:
+                    first = line.split()
+                    if len(first) != 2 or first[0] != TRACE_MAGIC:
+                        raise bad(1, f"not a {TRACE_MAGIC} file (the first line must be '{TRACE_MAGIC} {TRACE_VERSION}')")
+                    if first[1] != str(TRACE_VERSION):
+                        raise bad(1, f"trace version {first[1]!r} (this dmarw reads {TRACE_VERSION})")
+                    continue
+                if not line or line.startswith("#"):
                     continue
                 op, _, rest = line.partition(" ")
                 if op in ("r", "w"):
+                    if ram is None:
+                        ram = _header_ram(head, path)
+                    parts = rest.split()
                     try:
-                        a_s, s_s = rest.split()
-                        a, s = int(a_s, 0), int(s_s, 0)
+                        if len(parts) != 2:
+                            raise ValueError
+                        a, s = int(parts[0], 0), int(parts[1], 0)
                     except ValueError:
-                        raise fail(errno.EINVAL, f"{path}:{lineno}: bad record {line.strip()!r}") from None
-                    if a < 0 or s <= 0 or s > 0xFFFFFFFF:
-                        raise fail(errno.EINVAL, f"{path}:{lineno}: record {a:#x}+{s:#x} out of range")
+                        raise bad(lineno, f"bad record {line!r} (want: r|w ADDR SIZE)") from None
+                    if a < 0 or s <= 0 or s > 0xFFFFFFFF or a >= 1 << 64:
+                        raise bad(lineno, f"record {a:#x}+{s:#x} out of range")
+                    if max_size is not None and s > max_size:
+                        raise bad(lineno, f"record {a:#x}+{s:#x} is larger than {max_size:#x} bytes")
+                    if ram and a + s > ram:
+                        raise bad(lineno, f"record {a:#x}+{s:#x} ends past ram_size {ram:#x}")
                     writes.append(op == "w")
                     addrs.append(a)
                     sizes.append(s)
-                elif not addrs:
-                    head[op] = rest.strip()
+                elif addrs:
+                    raise bad(lineno, f"unknown line {line!r} after the records (want: r|w ADDR SIZE)")
+                elif op not in HEADER_KEYS:
+                    raise bad(lineno, f"unknown line {line!r} (header keys: {', '.join(HEADER_KEYS)}; "
+                              "records: r|w ADDR SIZE)")
+                elif op in head:
+                    raise bad(lineno, f"header key {op!r} given twice")
                 else:
-                    raise fail(errno.EINVAL, f"{path}:{lineno}: bad record {line.strip()!r}")
-        top = max((a + s for a, s in zip(addrs, sizes, strict=True)), default=PAGE)
+                    head[op] = rest.strip()
+        if lineno == 0:
+            raise fail(errno.EINVAL, f"{path}: empty file, not a {TRACE_MAGIC} file")
+        if not addrs:
+            raise fail(errno.EINVAL, f"{path}: no records (a trace needs at least one 'r|w ADDR SIZE' line)")
+        if not ram:
+            top = max(a + s for a, s in zip(addrs, sizes, strict=True))
+            ram = -(-top // PAGE) * PAGE
+            check_ram(ram, f"{path}: the records' extent")
         try:
-            ram = int(head["ram_size"], 0) if "ram_size" in head else -(-top // PAGE) * PAGE
             seed = int(head.get("seed", "0"), 0)
+            ops = int(head["ops"], 0) if "ops" in head else len(addrs)
         except ValueError:
-            raise fail(errno.EINVAL, f"{path}: bad header {head!r}") from None
-        if top > ram:
-            raise fail(errno.EINVAL, f"{path}: a record ends at {top:#x}, past ram_size {ram:#x}")
-        if "ops" in head and int(head["ops"]) != len(addrs):
-            raise fail(errno.EINVAL, f"{path}: header says {head['ops']} ops, file has {len(addrs)} (truncated?)")
+            raise fail(errno.EINVAL, f"{path}: bad header value (seed {head.get('seed')!r}, ops {head.get('ops')!r})") from None
+        if ops != len(addrs):
+            raise fail(errno.EINVAL, f"{path}: header says {ops} ops, file has {len(addrs)} (truncated?)")
         return cls(
             profile=head.get("profile", "trace"),
             seed=seed,
@@ -262,6 +304,50 @@ class Workload:
             assumption=head.get("assumption", ""),
             meta={"source": path},
         )
+
+
+HEADER_KEYS = ("profile", "seed", "ram_size", "ops", "assumption")
+MAX_RAM = 4 << 30  # guest RAM of one lab VM: never more than this (each VM process maps it)
+
+
+def check_ram(ram: int, what: str = "ram_size") -> None:
+    """A guest RAM size the lab can map: a positive multiple of 4096, at most :data:`MAX_RAM`
+    and at most half the memory this machine has available (``DmaError(EINVAL)``)."""
+    import errno
+
+    if ram <= 0 or ram % PAGE:
+        raise fail(errno.EINVAL, f"{what} {ram:#x} must be a positive multiple of 4096")
+    avail = _mem_available()
+    limit = min(MAX_RAM, avail // 2) if avail else MAX_RAM
+    if ram > limit:
+        raise fail(errno.EINVAL, f"{what} {ram:#x} is more than this machine can give a lab VM ({limit:#x}: at "
+                   f"most {MAX_RAM >> 30} GiB and half the available memory)")
+
+
+def _mem_available() -> int:
+    """MemAvailable from /proc/meminfo in bytes (0 when unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _header_ram(head: dict[str, str], path: str) -> int:
+    """The header's ``ram_size`` checked (0: not given, taken from the records)."""
+    import errno
+
+    if "ram_size" not in head:
+        return 0
+    try:
+        ram = int(head["ram_size"], 0)
+    except ValueError:
+        raise fail(errno.EINVAL, f"{path}: bad ram_size {head['ram_size']!r}") from None
+    check_ram(ram, f"{path}: ram_size")
+    return ram
 
 
 def _pick(rng: random.Random, kinds: Sequence[tuple[int, str, int, int, int]]) -> tuple[str, int, int, int]:
@@ -309,10 +395,11 @@ def generate(
         raise fail(errno.EINVAL, f"ops {ops!r} must be a non-negative int")
     if not isinstance(ram_size, int) or ram_size < 16 * PAGE or ram_size % PAGE:
         raise fail(errno.EINVAL, f"ram_size {ram_size!r} must be a multiple of 4096, >= 64 KiB")
+    check_ram(ram_size)
     rng = random.Random(seed)
     areas = _Areas(rng, ram_size)
-    n_reads = round(0.63 * ops)
-    n_page_reads = round(0.48 * n_reads)
+    n_reads = round(READ_FRACTION * ops)
+    n_page_reads = round(PAGE_READ_FRACTION * n_reads)
     kinds = [2] * n_page_reads + [0] * (n_reads - n_page_reads) + [1] * (ops - n_reads)
     rng.shuffle(kinds)  # 2: page read, 0: sub-page read, 1: write
     writes, addrs, sizes = _new_arrays()

@@ -7,17 +7,27 @@ verification names differing pages; 2 when the migration itself failed.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import re
 from dataclasses import asdict
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from ..errors import DmaError
 from ..mm import PAGE_SIZE
+from .guest_cli import add_guest_arguments, run_guest_cli, want_guest
 from .harness import Config, Outcome, run
+from .incoming import read_key, serve
 from .source import RoundStats
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -93,7 +103,67 @@ def report(o: Outcome, con: Console) -> int:
     return 1
 
 
+class RoundProgress:
+    """A transient rich progress bar on stderr, one task per round (no refresh thread: the
+    run forks processes)."""
+
+    def __init__(self, disable: bool) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=True,
+            auto_refresh=False,
+            disable=disable,
+        )
+        self.task: TaskID | None = None
+        self.frames = 0
+
+    def round_start(self, rnd: int, pages: int) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(f"round {rnd}", total=max(pages, 1))
+        self.progress.refresh()
+
+    def sent(self, _n: int, pages: int) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, pages)
+        self.frames += 1
+        if self.frames % 16 == 0:
+            self.progress.refresh()
+
+    def round_end(self, _st: RoundStats) -> None:
+        self.progress.refresh()
+
+
+def check_output(path: str) -> None:
+    """Refuse an output file that cannot be written, before any work."""
+    import os
+
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d) or os.path.isdir(path) or not os.access(d, os.W_OK):
+        raise DmaError(errno.ENOENT, f"--json {path}: cannot write there (folder {d} missing, not writable, or a folder given)")
+
+
+def console() -> Console:
+    con = Console(soft_wrap=True)
+    if not con.is_terminal:  # a pipe or a file: keep the table's numbers whole
+        con = Console(soft_wrap=True, width=max(con.width, 120))
+    return con
+
+
 def _run(args: argparse.Namespace) -> int:
+    try:
+        key = read_key(args.key_file) if args.key_file else None
+        guest = want_guest(args)
+        if args.json:
+            check_output(args.json)
+    except DmaError as e:
+        raise SystemExit(f"dmarw migrate: {e}") from None
+    if guest:
+        return run_guest_cli(args, key, console(), RoundProgress(args.no_progress))
     cfg = Config(
         ram=args.ram,
         seed=args.seed,
@@ -106,15 +176,15 @@ def _run(args: argparse.Namespace) -> int:
         no_vfio_log=args.no_vfio_log,
         ops=args.ops,
         core=args.core,
+        to=args.to,
+        key=key,
+        timeout=args.timeout,
     )
-    con = Console(soft_wrap=True)
-    if not con.is_terminal:  # a pipe or a file: keep the table's numbers whole
-        con = Console(soft_wrap=True, width=max(con.width, 120))
+    con = console()
     try:
         cfg.check()
-    except DmaError as e:
-        con.print(f"[red]dmarw migrate[/]: {e}")
-        return 2
+    except DmaError as e:  # a user's mistake: one line, before any work
+        raise SystemExit(f"dmarw migrate: {e}") from None
     mode = "device writes bypass dma_rw (raw hva)" if cfg.device_bypass else "device writes via dma_rw"
     if cfg.no_vfio_log:
         mode += "; the container's dirty bitmap is ignored"
@@ -123,38 +193,14 @@ def _run(args: argparse.Namespace) -> int:
         f"vCPU {cfg.vcpu_rate:g} + device {cfg.dma_rate:g} writes per MiB streamed "
         f"({cfg.profile} workload writes), {cfg.pinned} pinned pages; {mode}"
     )
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-        auto_refresh=False,  # no refresh thread: the run forks processes
-        disable=args.no_progress,
-    )
-    state: dict[str, int] = {"task": -1, "frames": 0}
-
-    def round_start(rnd: int, pages: int) -> None:
-        if state["task"] >= 0:
-            progress.remove_task(state["task"])  # type: ignore[arg-type]
-        state["task"] = progress.add_task(f"round {rnd}", total=max(pages, 1))
-        progress.refresh()
-
-    def sent(_n: int, pages: int) -> None:
-        progress.advance(state["task"], pages)  # type: ignore[arg-type]
-        state["frames"] += 1
-        if state["frames"] % 16 == 0:
-            progress.refresh()
-
-    def round_end(st: RoundStats) -> None:
-        progress.refresh()
-
+    bar = RoundProgress(args.no_progress)
     try:
-        with progress:
-            outcome = run(cfg, on_sent=sent, on_round_start=round_start, on_round_end=round_end)
+        with bar.progress:
+            outcome = run(cfg, on_sent=bar.sent, on_round_start=bar.round_start, on_round_end=bar.round_end)
     except DmaError as e:
-        con.print(f"[red]migration failed[/]: {e}")
+        Console(stderr=True, soft_wrap=True).print(
+            f"dmarw migrate: migration failed, the source guest kept running: {e}", markup=False, highlight=False
+        )
         return 2
     con.print(f"core: {outcome.core}")
     rc = report(outcome, con)
@@ -179,11 +225,15 @@ def _run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "migrate",
-        help="live-migrate a guest while vCPUs and a device write, and verify every page",
-        description="Pre-copy migration driven by the KVM and VFIO dirty logs, to a second process.",
+        help="live-migrate a running guest (or a replayed one) and verify it two ways",
+        description="Pre-copy migration driven by the KVM and VFIO dirty logs, to a second process or "
+        "(--to) a `dmarw incoming` on another host. With KVM usable it migrates the guest program "
+        "running on a KvmVm with the GPU-like device (--guest); --replay migrates RAM written by "
+        "threads replaying the lab's workload instead.",
     )
     p.add_argument("--ram", type=parse_size, default=1 << 30, help="guest RAM size (default 1G)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the guest's choices (default 0)")
+    add_guest_arguments(p)
     p.add_argument("--vcpu-rate", type=float, default=64.0, help="vCPU writes per MiB streamed (default 64)")
     p.add_argument("--dma-rate", type=float, default=32.0, help="device writes per MiB streamed (default 32)")
     p.add_argument("--pinned", type=int, default=16, help="pages the device pins and writes by hva (default 16)")
@@ -193,6 +243,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-bypass", action="store_true", help="negative control: device writes the raw hva")
     p.add_argument("--no-vfio-log", action="store_true", help="negative control: ignore the container's dirty bitmap")
     p.add_argument("--core", choices=("python", "native"), help="dmarw core (default: native when built)")
+    p.add_argument("--to", metavar="HOST:PORT", help="migrate to a `dmarw incoming` there (needs --key-file)")
+    p.add_argument("--key-file", metavar="FILE", help="shared key (>= 16 bytes, used as they are) authenticating the stream")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds any wait for the destination may last (default 30)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", metavar="FILE", help="write every number of the run as JSON")
     p.set_defaults(func=_run)
+
+
+def _incoming(args: argparse.Namespace) -> int:
+    try:
+        key = read_key(args.key_file)
+        if args.timeout <= 0:
+            raise DmaError(22, f"--timeout {args.timeout:g} must be > 0")
+    except DmaError as e:
+        raise SystemExit(f"dmarw incoming: {e}") from None
+    err = Console(stderr=True, soft_wrap=True)
+
+    def log(msg: str) -> None:
+        err.print(f"incoming: {msg}", markup=False, highlight=False)
+
+    try:
+        rc = serve(args.listen, key, timeout=args.timeout, log=log)
+    except DmaError as e:
+        raise SystemExit(f"dmarw incoming: {e}") from None
+    log("done" if rc == 0 else "failed: nothing resumed")
+    return rc
+
+
+def register_incoming(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "incoming",
+        help="receive one migration on a TCP port (the destination of `dmarw migrate --to`)",
+        description="Listen, authenticate the source with the shared key, receive and verify one migration.",
+    )
+    p.add_argument("--listen", metavar="HOST:PORT", required=True, help="address to listen on (port 0: any free port)")
+    p.add_argument("--key-file", metavar="FILE", required=True, help="shared key (>= 16 bytes, used as they are)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds any wait for the source may last (default 120)")
+    p.set_defaults(func=_incoming)

@@ -17,18 +17,18 @@ import hashlib
 import multiprocessing
 import os
 import socket
-import struct
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 
 from ..errors import DmaError
 from ..mm import AddressSpace
-from .stream import NEED_DATA, Decoder, End, Header, Layout, Pages, RoundEnd, StreamError
+from . import control
+from .channel import Channel
+from .stream import NEED_DATA, Decoder, End, Header, Layout, Pages, RoundEnd, State, StreamError
 
 RECV_CHUNK = 4 << 20
 DIGEST = "sha1"
 DIGEST_SIZE = hashlib.new(DIGEST).digest_size
-_MSG = struct.Struct("<4sQ")  # tag, payload length
 
 
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python 3.11's mmap module does not name it
@@ -60,20 +60,33 @@ def page_digests(space: AddressSpace, hvas: list[tuple[int, int]], page_size: in
 class Destination:
     """Guest RAM receiving a migration; ``complete`` only after a valid END."""
 
-    def __init__(self, page_size: int, layout: Layout) -> None:
+    def __init__(
+        self,
+        page_size: int,
+        layout: Layout,
+        mac_key: bytes | None = None,
+        ram: tuple[AddressSpace, list[int]] | None = None,
+    ) -> None:
+        """``ram``: an existing address space and the hva of each region (a VM's RAM,
+        already prepared), instead of new memfd mappings owned by this object."""
         self.page_size = page_size
         self.layout = tuple(layout)
-        self.space = AddressSpace()
+        self._owns = ram is None
+        self.space = AddressSpace() if ram is None else ram[0]
         self._hvas: list[tuple[int, int, int]] = []  # (gpa, size, hva)
-        for gpa, size in self.layout:
-            hva = self.space.mmap(size, backing="memfd")
-            prefault(self.space, hva, size)
+        for i, (gpa, size) in enumerate(self.layout):
+            if ram is None:
+                hva = self.space.mmap(size, backing="memfd")
+                prefault(self.space, hva, size)
+            else:
+                hva = ram[1][i]
             self._hvas.append((gpa, size, hva))
-        self.decoder = Decoder(page_size, self.layout)
+        self.decoder = Decoder(page_size, self.layout, mac_key)
         self.complete = False
         self.error: StreamError | None = None
         self.pages_applied = 0
         self.rounds = 0
+        self.states: dict[str, bytes] = {}
 
     @property
     def npages(self) -> int:
@@ -100,7 +113,7 @@ class Destination:
             self.complete = False
             raise
 
-    def _apply(self, ev: Header | Pages | RoundEnd | End) -> None:
+    def _apply(self, ev: Header | Pages | RoundEnd | End | State) -> None:
         if isinstance(ev, Pages):
             ps = self.page_size
             gpas = ev.gpas
@@ -116,15 +129,26 @@ class Destination:
             self.pages_applied += len(gpas)
         elif isinstance(ev, RoundEnd):
             self.rounds += 1
+        elif isinstance(ev, State):
+            self.states[ev.name] = ev.blob
         elif isinstance(ev, End):
             self.complete = True
 
-    def receive(self, sock: socket.socket) -> None:
-        """Read the whole stream from ``sock`` (until END, or EOF which must follow END)."""
+    def receive(self, sock: socket.socket, first: bytes = b"") -> None:
+        """Read the whole stream from ``sock`` (until END, or EOF which must follow END);
+        ``first``: stream bytes already read with the control messages."""
+        if first:
+            self.feed(first)
         buf = bytearray(RECV_CHUNK)
         view = memoryview(buf)
         while not self.complete:
-            n = sock.recv_into(view)
+            try:
+                n = sock.recv_into(view)
+            except TimeoutError:
+                raise StreamError("truncated", f"the source sent nothing for {sock.gettimeout()} s at offset {self.decoder.offset:#x}") from None
+            except OSError as e:  # reset by a source that died: the same as a cut stream
+                n = 0
+                self.error = StreamError("truncated", f"connection lost at offset {self.decoder.offset:#x} ({e.strerror or e})")
             self.feed(view[:n])
             if n == 0:
                 break
@@ -138,46 +162,30 @@ class Destination:
         return self.space.read(self._hva(gpa)[0], n)
 
     def close(self) -> None:
-        self.space.close()
+        if self._owns:
+            self.space.close()
 
 
 # -- the destination process ---------------------------------------------------------------
-def send_msg(sock: socket.socket, tag: bytes, payload: bytes = b"") -> None:
-    sock.sendall(_MSG.pack(tag, len(payload)) + payload)
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise DmaError(errno.EPIPE, f"destination closed the reply channel after {got} of {n} bytes")
-        got += k
-    return bytes(buf)
-
-
-def recv_msg(sock: socket.socket) -> tuple[bytes, bytes]:
-    tag, n = _MSG.unpack(recv_exact(sock, _MSG.size))
-    return tag, recv_exact(sock, n)
-
-
-def serve(sock: socket.socket, page_size: int, layout: Layout) -> int:
-    """Destination main: ``READY`` once its RAM exists; receive; reply ``DONE``/``FAIL``;
+def serve(sock: socket.socket, page_size: int, layout: Layout, mac_key: bytes | None = None, ch: Channel | None = None) -> int:
+    """Destination main: ``REDY`` once its RAM exists; receive; reply ``DONE``/``FAIL``;
     then send every page's digest (``HASH``)."""
-    dest = Destination(page_size, layout)
-    send_msg(sock, b"REDY")
+    ch = ch or Channel(sock, "source")
+    dest = Destination(page_size, layout, mac_key)
     try:
-        dest.receive(sock)
+        ch.send(control.encode(control.REDY))
+        dest.receive(sock, ch.reader.take_rest())
     except (StreamError, OSError) as e:
         try:
-            send_msg(sock, b"FAIL", str(e).encode())
+            ch.send(control.fail(str(e)))
         except OSError:
             pass
         return 1
-    send_msg(sock, b"DONE", struct.pack("<QI", dest.pages_applied, dest.rounds))
-    send_msg(sock, b"HASH", dest.digests())
+    try:
+        ch.send(control.done(dest.pages_applied, dest.rounds))
+        ch.send(control.encode(control.HASH, dest.digests()))
+    except OSError:
+        return 1
     return 0
 
 
@@ -203,13 +211,9 @@ def start(
     proc.start()
     theirs.close()
     try:
-        tag, _ = recv_msg(ours)
+        Channel(ours, "destination").recv(control.REDY)
     except BaseException:
         ours.close()
         proc.join()
         raise
-    if tag != b"REDY":
-        ours.close()
-        proc.join()
-        raise DmaError(errno.EPROTO, f"destination process sent {tag!r} instead of READY")
     return proc, ours

@@ -27,6 +27,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 
 from ..core import container as make_container
 from ..core import resolve
@@ -36,8 +37,10 @@ from ..kvm import Vm
 from ..mm import PAGE_SIZE, AddressSpace
 from ..type1 import Container, Prot
 from ..vfio import ExternalUser, Group
-from . import dest
-from .source import MigrationReport, RoundStats, Source, differing_pages
+from . import control, dest
+from .channel import Channel, handshake_source
+from .incoming import check_ram, parse_hostport
+from .source import MigrationFailed, MigrationReport, RoundStats, Source, differing_pages
 from .writers import Writer, Writers, fill, place
 
 _group_ids = itertools.count(1)
@@ -62,6 +65,9 @@ class Config:
     after_round0: int = 16
     plain_copy: bool = True
     core: str | None = None  # "python" or "native"; None: dmarw.core's default selection
+    to: str | None = None  # HOST:PORT of a `dmarw incoming`; None: a forked local destination
+    key: bytes | None = None  # the shared key (required with `to`)
+    timeout: float = 30.0  # seconds any wait for the destination may last
 
     def check(self) -> None:
         if self.ram % PAGE_SIZE or self.ram < 1 << 20:  # each writer's area >= 64 KiB
@@ -70,6 +76,19 @@ class Config:
             raise DmaError(errno.EINVAL, f"--pinned {self.pinned} must be in 0..{min(512, self.ram // PAGE_SIZE // 8)}")
         if self.vcpu_rate < 0 or self.dma_rate < 0:
             raise DmaError(errno.EINVAL, "rates must be >= 0")
+        if self.ops < 1:
+            raise DmaError(errno.EINVAL, f"--ops {self.ops} must be >= 1 (workload records per writer)")
+        if self.threshold < 0 or self.max_rounds < 1:
+            raise DmaError(errno.EINVAL, f"--threshold {self.threshold} must be >= 0 and --max-rounds {self.max_rounds} >= 1")
+        if self.to is not None:
+            parse_hostport(self.to, "--to")
+            if self.key is None:
+                raise DmaError(errno.EINVAL, "--to needs --key-file: a migration between hosts is authenticated")
+        if self.key is not None:
+            control.check_key(self.key)
+        # two copies of guest RAM exist at once on this machine: the source's, and the plain
+        # copy's receiver or the local destination's
+        check_ram(self.ram, f"--ram {self.ram:#x}", copies=2)
 
 
 @dataclass
@@ -111,7 +130,7 @@ class SourceGuest:
         self.vm.set_memslot(0, 0, ram, self.hva, dirty_log=True)
         self.container: Container = make_container(self.core)
         self.container.map_dma(0, ram, self.hva, self.space, Prot.READ | Prot.WRITE)
-        self.group = Group(f"dmarw-migrate-{os.getpid()}-{next(_group_ids)}")
+        self.group = Group(f"dmarw-migrate-{os.getpid()}-{next(_group_ids)}", core=self.core)
         device = self.group.add_device("0000:00:02.0")
         self.group.set_container(self.container)
         self.ext = ExternalUser.from_device(device)
@@ -195,9 +214,18 @@ def _plain_receiver(sock: socket.socket, other: socket.socket, size: int) -> Non
     raise SystemExit(0 if got == size else 1)
 
 
-def plain_copy(space: AddressSpace, hva: int, size: int, chunk: int = 1 << 20) -> PlainCopy:
-    """Time a plain copy of ``size`` bytes of RAM to a forked receiver's RAM (no framing)."""
-    ours, theirs = socket.socketpair()
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair over TCP on 127.0.0.1 (the kind of socket a remote migration uses)."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname()[:2])
+        b, _ = srv.accept()
+    return a, b
+
+
+def plain_copy(space: AddressSpace, hva: int, size: int, chunk: int = 1 << 20, tcp: bool = False) -> PlainCopy:
+    """Time a plain copy of ``size`` bytes of RAM to a forked receiver's RAM (no framing),
+    over a socketpair or (``tcp``) a TCP connection on 127.0.0.1."""
+    ours, theirs = _tcp_pair() if tcp else socket.socketpair()
     proc = multiprocessing.get_context("fork").Process(
         target=_plain_receiver, args=(theirs, ours, size), name="dmarw-plain-copy", daemon=True
     )
@@ -220,6 +248,34 @@ def plain_copy(space: AddressSpace, hva: int, size: int, chunk: int = 1 << 20) -
 
 
 # -- one run -----------------------------------------------------------------------------
+def open_destination(cfg: Config, src: Source, spec_extra: dict[str, object] | None = None) -> tuple[
+    BaseProcess | None, Channel, bytes | None
+]:
+    """A destination ready for the stream: a forked local process, or ``cfg.to`` after the
+    key handshake and ``SPEC``.  Raises :class:`MigrationFailed` if it cannot be had."""
+    if cfg.to is None:
+        proc, sock = dest.start(src.page_size, src.layout)
+        sock.settimeout(cfg.timeout)
+        return proc, Channel(sock, "destination"), None
+    assert cfg.key is not None
+    host, port = parse_hostport(cfg.to, "--to")
+    try:
+        sock = socket.create_connection((host, port), timeout=cfg.timeout)
+    except OSError as e:
+        raise MigrationFailed(e.errno or errno.ECONNREFUSED, f"destination {cfg.to} unreachable: {e.strerror or e}") from None
+    ch = Channel(sock, f"destination {cfg.to}")
+    try:
+        mac = handshake_source(ch, cfg.key)
+        spec: dict[str, object] = {"page_size": src.page_size, "layout": [list(r) for r in src.layout]}
+        spec.update(spec_extra or {})
+        ch.send(control.jsonmsg(control.SPEC, spec))
+        ch.recv(control.REDY)
+    except OSError as e:
+        sock.close()
+        raise MigrationFailed(e.errno or errno.EPROTO, str(getattr(e, "detail", e))) from None
+    return None, ch, mac
+
+
 def run(
     cfg: Config,
     *,
@@ -231,45 +287,80 @@ def run(
     cfg.check()
     t0 = time.perf_counter()
     guest = SourceGuest(cfg.ram, cfg.seed, cfg.pinned, cfg.core)
+    writers = build_writers(guest, cfg)
     try:
-        writers = build_writers(guest, cfg)
         setup = time.perf_counter() - t0
-        plain = plain_copy(guest.space, guest.hva, cfg.ram) if cfg.plain_copy else None
-        src = Source(
-            guest.vm,
-            guest.container,
-            threshold=cfg.threshold,
-            max_rounds=cfg.max_rounds,
-            use_vfio_log=not cfg.no_vfio_log,
-        )
-        proc, sock = dest.start(src.page_size, src.layout)
-        writers.start()
-
-        def sent(n: int, pages: int) -> None:
-            writers.grant(n)
-            if on_sent is not None:
-                on_sent(n, pages)
-
-        def round_end(st: RoundStats) -> None:
-            if st.round == 0 and not st.final:
-                writers.force(cfg.after_round0)
-            if on_round_end is not None:
-                on_round_end(st)
-
-        try:
-            report = src.migrate(sock, writers.pause, on_sent=sent, on_round_start=on_round_start, on_round_end=round_end)
-            t_v = time.perf_counter()
-            mine = src.digests()  # writers are paused: this is the source's final memory
-            tag, theirs = dest.recv_msg(sock)
-            if tag != b"HASH":
-                raise DmaError(errno.EPROTO, f"destination sent {tag!r} instead of its page digests")
-        finally:
-            writers.stop()
-            sock.close()
-            proc.join()
-        writers.raise_error()
-        differing = differing_pages(mine, theirs, src.layout, src.page_size, dest.DIGEST_SIZE)
-        verify = time.perf_counter() - t_v
-        return Outcome(cfg, report, differing, plain, writers.done(), guest.core, setup, verify)
+        plain = plain_copy(guest.space, guest.hva, cfg.ram, tcp=cfg.to is not None) if cfg.plain_copy else None
+        if cfg.to is None:  # fork the local destination before any thread starts
+            conn = open_destination(cfg, make_source(guest, cfg))
+            writers.start()
+        else:
+            writers.start()
+            conn = None
+        return attempt(guest, writers, cfg, conn, plain, setup, on_sent, on_round_start, on_round_end)
     finally:
+        writers.stop()
         guest.close()
+
+
+def make_source(guest: SourceGuest, cfg: Config) -> Source:
+    return Source(
+        guest.vm,
+        guest.container,
+        threshold=cfg.threshold,
+        max_rounds=cfg.max_rounds,
+        use_vfio_log=not cfg.no_vfio_log,
+    )
+
+
+def attempt(
+    guest: SourceGuest,
+    writers: Writers,
+    cfg: Config,
+    conn: tuple[BaseProcess | None, Channel, bytes | None] | None = None,
+    plain: PlainCopy | None = None,
+    setup: float = 0.0,
+    on_sent: Callable[[int, int], None] | None = None,
+    on_round_start: Callable[[int, int], None] | None = None,
+    on_round_end: Callable[[RoundStats], None] | None = None,
+) -> Outcome:
+    """One migration of a running guest (its writers started); on :class:`MigrationFailed`
+    the writers run on, so the caller may try again."""
+    src = make_source(guest, cfg)
+    proc, ch, mac = conn if conn is not None else open_destination(cfg, src)
+    sock = ch.sock
+
+    def sent(n: int, pages: int) -> None:
+        writers.grant(n)
+        if on_sent is not None:
+            on_sent(n, pages)
+
+    def round_end(st: RoundStats) -> None:
+        if st.round == 0 and not st.final:
+            writers.force(cfg.after_round0)
+        if on_round_end is not None:
+            on_round_end(st)
+
+    try:
+        report = src.migrate(
+            sock, writers.pause, resume=writers.resume, mac_key=mac, ch=ch,
+            on_sent=sent, on_round_start=on_round_start, on_round_end=round_end,
+        )
+        t_v = time.perf_counter()
+        mine = src.digests()  # writers are paused: this is the source's final memory
+        try:
+            _, theirs = ch.recv(control.HASH)
+        except OSError as e:
+            writers.resume()
+            raise MigrationFailed(e.errno or errno.EPIPE, f"destination lost before its page digests: {e}") from None
+    finally:
+        sock.close()
+        if proc is not None:
+            proc.join(cfg.timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    writers.raise_error()
+    differing = differing_pages(mine, theirs, src.layout, src.page_size, dest.DIGEST_SIZE)
+    verify = time.perf_counter() - t_v
+    return Outcome(cfg, report, differing, plain, writers.done(), guest.core, setup, verify)

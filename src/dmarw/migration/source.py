@@ -24,16 +24,18 @@ from __future__ import annotations
 
 import errno
 import socket
-import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from ..bitmap import from_bytes
 from ..errors import DmaError
 from ..kvm import Vm
 from ..mm import PAGE_SIZE
 from ..type1 import Container
-from .dest import page_digests, recv_msg
+from . import control
+from .channel import Channel
+from .dest import page_digests
 from .stream import MAX_PAGES, Encoder, Layout
 
 PAGES_PER_FRAME = 256  # 1 MiB of 4 KiB pages per PAGES frame
@@ -52,6 +54,9 @@ class RoundStats:
     bytes: int
     seconds: float
     final: bool = False
+    throttle: float = 0.0  # share of vCPU time taken away during this round (auto-converge)
+    user: int = 0  # pages of a KvmVm's user-space log
+    harvest_seconds: float = 0.0  # the harvest that chose this round's pages
 
 
 @dataclass
@@ -66,24 +71,13 @@ class MigrationReport:
     converged: bool = False  # stopped because the dirty set fell under the threshold
     dest_pages: int = 0
     dest_rounds: int = 0
+    downtime_parts: dict[str, float] = field(default_factory=dict)
 
 
 class MigrationFailed(DmaError):
-    """The destination refused the stream (its message is included)."""
-
-
-def bitmap_indices(bitmap: bytes) -> list[int]:
-    """Set bit indices of a kernel-layout bitmap (LSB first in u64 words), word by word."""
-    out: list[int] = []
-    if len(bitmap) % 8:
-        bitmap = bitmap + bytes(8 - len(bitmap) % 8)
-    for i, w in enumerate(memoryview(bitmap).cast("Q")):
-        base = i << 6
-        while w:
-            low = w & -w
-            out.append(base + low.bit_length() - 1)
-            w ^= low
-    return out
+    """The migration was cancelled: the destination refused the stream (its message is
+    included), hung up, or stopped answering.  The source guest is resumed before this is
+    raised."""
 
 
 @dataclass
@@ -93,13 +87,16 @@ class Harvest:
     kvm: set[int] = field(default_factory=set)
     vfio: set[int] = field(default_factory=set)
     pinned: set[int] = field(default_factory=set)
+    user: set[int] = field(default_factory=set)  # a KvmVm's user-space log (its own writes)
 
     @property
     def pages(self) -> set[int]:
-        return self.kvm | self.vfio | self.pinned
+        return self.kvm | self.vfio | self.pinned | self.user
 
     def __or__(self, other: Harvest) -> Harvest:
-        return Harvest(self.kvm | other.kvm, self.vfio | other.vfio, self.pinned | other.pinned)
+        return Harvest(
+            self.kvm | other.kvm, self.vfio | other.vfio, self.pinned | other.pinned, self.user | other.user
+        )
 
 
 @dataclass(frozen=True)
@@ -171,16 +168,24 @@ class Source:
     def harvest(self) -> Harvest:
         """Get-and-clear both logs (as enabled) and list the pinned pages, as gfns."""
         h = Harvest()
-        if self.use_kvm_log:
+        mode = getattr(self.vm, "dirty_mode", None)
+        if mode is not None:  # a real KVM VM: the kernel's log and the VMM's own, apart
+            view = self.vm.view  # type: ignore[attr-defined]
             for s in self.slots:
                 base = s.gpa >> 12
-                h.kvm.update(base + k for k in bitmap_indices(self.vm.get_dirty_log(s.slot)))
+                if self.use_kvm_log:
+                    h.kvm.update(base + k for k in from_bytes(bytes(mode.harvest(s.slot, s.size >> 12))))
+                h.user.update(base + k for k in from_bytes(view.get_dirty_log(s.slot)))
+        elif self.use_kvm_log:
+            for s in self.slots:
+                base = s.gpa >> 12
+                h.kvm.update(base + k for k in from_bytes(self.vm.get_dirty_log(s.slot)))
         if self.use_vfio_log:
             c = self.container
             ps = c.pgsize
             maps = c.mappings()
             for iova, size, hva, _prot in maps:
-                for k in bitmap_indices(c.get_dirty_bitmap(iova, size, ps)):
+                for k in from_bytes(c.get_dirty_bitmap(iova, size, ps)):
                     h.vfio.update(self._gfns_of_hva(hva + k * ps, ps))
             for piova in c.pinned():
                 for iova, size, hva, _prot in maps:
@@ -210,11 +215,7 @@ class Source:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _send(self, sock: socket.socket, parts: list[bytes | memoryview]) -> int:
-        n = 0
-        for p in parts:
-            sock.sendall(p)
-            n += len(p)
-        return n
+        return send_parts(sock, parts)
 
     def _send_round(
         self,
@@ -241,19 +242,33 @@ class Source:
         sock: socket.socket,
         pause: Callable[[], None],
         *,
+        resume: Callable[[], None] | None = None,
+        state: Callable[[], list[tuple[str, bytes]]] | None = None,
+        mac_key: bytes | None = None,
+        ch: Channel | None = None,
+        throttle: Callable[[int, int, int], float] | None = None,
         on_sent: Callable[[int, int], None] | None = None,
         on_round_start: Callable[[int, int], None] | None = None,
         on_round_end: Callable[[RoundStats], None] | None = None,
     ) -> MigrationReport:
-        """Run pre-copy over ``sock`` to a destination speaking :mod:`.dest`'s reply protocol.
+        """Run pre-copy over ``sock`` to a destination that replies with :mod:`.control`
+        messages (``DONE`` or ``FAIL``).
 
+        ``pause()`` stops the guest (returns once it is quiescent); ``state()`` then gives
+        the named state blobs (vCPU, device) sent after the last pages; ``resume()`` restarts
+        the source guest when the migration fails after ``pause()``: the guest keeps running.
+        ``ch``: the control channel already open on ``sock`` (its reader may hold replies).
+        ``throttle(round, dirtied, sent)`` after each pre-copy round returns the share of
+        vCPU time now taken away (auto-converge), reported per round.
         ``on_sent(bytes, pages)`` after each frame; ``on_round_start(round, pages)`` and
-        ``on_round_end(stats)`` around each round.  Raises :class:`MigrationFailed` when the
-        destination refuses the stream.
+        ``on_round_end(stats)`` around each round.  Raises :class:`MigrationFailed` (the
+        destination refused, hung up or stopped answering; the source guest is running).
         """
         rep = MigrationReport(npages=self.npages, page_size=self.page_size)
-        enc = Encoder(self.page_size, self.layout)
+        enc = Encoder(self.page_size, self.layout, mac_key)
+        ch = ch or Channel(sock, "destination")
         clock = time.perf_counter
+        paused = False
         try:
             t_start = clock()
             self._send(sock, enc.start())
@@ -261,61 +276,108 @@ class Source:
             gfns = [g for s in self.slots for g in range(s.gpa >> 12, (s.gpa + s.size) >> 12)]
             h = Harvest()
             rnd = 0
+            share = 0.0
+            harvest_s = 0.0
             while True:
                 if on_round_start is not None:
                     on_round_start(rnd, len(gfns))
                 t0 = clock()
                 nbytes = self._send_round(sock, enc, gfns, on_sent)
-                st = RoundStats(rnd, len(gfns), len(h.kvm), len(h.vfio), len(h.pinned), len(gfns), nbytes, clock() - t0)
+                st = RoundStats(
+                    rnd, len(gfns), len(h.kvm), len(h.vfio), len(h.pinned), len(gfns), nbytes, clock() - t0,
+                    throttle=share, user=len(h.user), harvest_seconds=harvest_s,
+                )
                 rep.rounds.append(st)
                 if on_round_end is not None:
                     on_round_end(st)
                 rnd += 1
+                t1 = clock()
                 h = self.harvest()
+                harvest_s = clock() - t1
                 pending = h.pages
                 if len(pending) <= self.threshold or rnd >= self.max_rounds:
                     rep.converged = len(pending) <= self.threshold
                     break
+                if throttle is not None:
+                    share = throttle(rnd - 1, len(pending), len(gfns))
                 gfns = sorted(pending)
             # stop-and-copy: what the last harvest found, what came since, the pinned pages
             t_pause = clock()
+            paused = True
             pause()
+            t_stopped = clock()
+            t1 = clock()
             h = h | self.harvest()
+            harvest_s = clock() - t1
             final = sorted(h.pages)
             if on_round_start is not None:
                 on_round_start(rnd, len(final))
             t0 = clock()
             nbytes = self._send_round(sock, enc, final, on_sent)
+            t_pages = clock()
+            if state is not None:
+                for name, blob in state():
+                    nbytes += self._send(sock, enc.state_frame(name, blob))
             nbytes += self._send(sock, enc.end())
-            tag, payload = recv_msg(sock)
+            t_state = clock()
+            _tag, payload = ch.recv(control.DONE)
             t_done = clock()
-            st = RoundStats(rnd, len(final), len(h.kvm), len(h.vfio), len(h.pinned), len(final), nbytes, t_done - t0, True)
+            st = RoundStats(
+                rnd, len(final), len(h.kvm), len(h.vfio), len(h.pinned), len(final), nbytes, t_done - t0, True,
+                throttle=share, user=len(h.user), harvest_seconds=harvest_s,
+            )
             rep.rounds.append(st)
             if on_round_end is not None:
                 on_round_end(st)
-        except (BrokenPipeError, ConnectionResetError) as e:
-            raise self._refusal(sock, e) from e
-        if tag != b"DONE":
-            raise MigrationFailed(errno.EPROTO, f"destination refused the stream: {payload.decode(errors='replace')}")
-        rep.dest_pages, rep.dest_rounds = struct.unpack("<QI", payload)
+            rep.dest_pages, rep.dest_rounds = control.parse_done(payload)
+        except (OSError, control.ControlError) as e:
+            if paused and resume is not None:
+                resume()
+            raise self._refusal(ch, e) from e
         rep.bytes_sent = enc.bytes
         rep.pages_sent = enc.pages
         rep.total_seconds = t_done - t_start
         rep.downtime_seconds = t_done - t_pause
+        rep.downtime_parts = {
+            "vCPU stop": t_stopped - t_pause,
+            "last pages": t_pages - t_stopped,
+            "state": t_state - t_pages,
+            "destination": t_done - t_state,
+        }
         return rep
 
-    def _refusal(self, sock: socket.socket, err: OSError) -> MigrationFailed:
-        try:
-            tag, payload = recv_msg(sock)
-            if tag == b"FAIL":
-                return MigrationFailed(errno.EPROTO, f"destination refused the stream: {payload.decode(errors='replace')}")
-        except OSError:
-            pass
-        return MigrationFailed(errno.EPIPE, f"destination hung up: {err}")
+    def _refusal(self, ch: Channel, err: BaseException) -> MigrationFailed:
+        """The error to raise: the destination's FAIL text if it sent one."""
+        if isinstance(err, DmaError) and err.errno == errno.EPROTO and "refused" in str(err):
+            return MigrationFailed(errno.EPROTO, f"destination refused the stream: {str(err).split('refused: ', 1)[-1]}")
+        if not isinstance(err, TimeoutError) and getattr(err, "errno", None) != errno.ETIMEDOUT:
+            try:  # a destination that refused and closed: its reason is waiting to be read
+                ch.sock.settimeout(1.0)
+                tag, payload = ch.recv()
+                if tag == control.FAIL:
+                    return MigrationFailed(errno.EPROTO, f"destination refused the stream: {payload.decode(errors='replace')}")
+            except OSError:
+                pass
+        what = getattr(err, "strerror", None) or str(err)
+        return MigrationFailed(getattr(err, "errno", None) or errno.EPIPE, f"destination lost, migration cancelled: {what}")
 
     def digests(self) -> bytes:
         """Every page's digest, in layout order (call with the writers paused)."""
         return page_digests(self.space, [(s.hva, s.size) for s in self.slots], self.page_size)
+
+
+def send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> int:
+    """Write ``parts`` in order with scatter-gather ``sendmsg`` (no joining copy)."""
+    total = sum(len(p) for p in parts)
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        n = sock.sendmsg(views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+    return total
 
 
 def differing_pages(src: bytes, dst: bytes, layout: Layout, page_size: int, digest_size: int) -> list[int]:

@@ -7,12 +7,19 @@ The receiver validates everything; anything it cannot prove correct raises
 
 Layout (all integers little-endian)::
 
-    preamble  8s magic b"DMARWMIG", u16 version, u16 reserved (0)         12 bytes
+    preamble  8s magic b"DMARWMIG", u16 version, u16 options             12 bytes
     frame     u16 kind, u16 flags (0), u32 seq, u32 length, u32 crc32      16 bytes
               then ``length`` payload bytes
+              then, when options has MAC (bit 0), a 16-byte tag
 
 ``seq`` counts frames from 0 with no gap; ``crc32`` (zlib) covers the frame's first 12
-bytes and its payload, so a flipped bit anywhere in a frame is caught.  Frames:
+bytes and its payload, so a flipped bit anywhere in a frame is caught.  The CRC catches
+accidents, not an impostor (anyone can recompute it).  A keyed stream therefore also
+carries a tag per frame: HMAC-SHA256, keyed with the session key both ends derived in the
+handshake (:mod:`.control`), over the frame's 16-byte head and its payload, truncated to
+16 bytes.  The head holds ``seq``, so a frame replayed, moved or taken from another
+session fails its tag.  A receiver that holds a key refuses a stream without tags, and one
+without a key refuses a stream with them.  Frames:
 
 * ``HEADER`` (first frame, exactly once): u32 page size, u32 region count, then per
   region u64 gpa, u64 size — the guest RAM layout.
@@ -20,17 +27,22 @@ bytes and its payload, so a flipped bit anywhere in a frame is caught.  Frames:
   the layout), then count × page-size bytes of page contents, in the same order.
 * ``ROUND``: u32 round, u32 pages — closes a round; ``pages`` must equal the pages of the
   round's PAGES frames.  Rounds are numbered 0, 1, 2, … with no gap.
+* ``STATE``: u16 name length, the name (UTF-8, 1..64 bytes), then the blob (at most
+  ``MAX_STATE`` bytes): the saved state of a vCPU or a device, sent after the last pages;
+  each name at most once.
 * ``END``: u32 rounds, u32 frames (before END), u64 pages — totals; nothing may follow.
 
 Errors name what is wrong and where (stream offset, frame seq): ``truncated`` (the bytes
 stop before END), ``corrupt`` (checksum, impossible length or field), ``mismatch``
 (magic, version, page size or RAM layout differs from what the receiver expects),
-``protocol`` (frames out of order).
+``protocol`` (frames out of order), ``unauthenticated`` (a tag that does not match, or a
+stream without tags where the receiver holds a key).
 """
 
 from __future__ import annotations
 
 import errno
+import hmac
 import struct
 import zlib
 from dataclasses import dataclass
@@ -51,6 +63,11 @@ _ROUND = struct.Struct("<II")
 _END = struct.Struct("<IIQ")
 MAX_REGIONS = 64
 MAX_PAGE_SIZE = 1 << 21
+MAX_STATE = 1 << 20
+MAX_NAME = 64
+_NAME = struct.Struct("<H")
+OPT_MAC = 1  # preamble option: every frame carries a tag
+TAG_SIZE = 16
 
 Layout = tuple[tuple[int, int], ...]  # ((gpa, size), ...)
 
@@ -60,16 +77,18 @@ class Kind(IntEnum):
     PAGES = 2
     ROUND = 3
     END = 4
+    STATE = 5
 
 
 class StreamError(DmaError):
-    """A refused stream: ``reason`` is truncated, corrupt, mismatch or protocol."""
+    """A refused stream: ``reason`` is truncated, corrupt, mismatch, protocol or unauthenticated."""
 
     _ERRNO = {
         "truncated": errno.ENODATA,
         "corrupt": errno.EBADMSG,
         "mismatch": errno.EINVAL,
         "protocol": errno.EPROTO,
+        "unauthenticated": errno.EACCES,
     }
 
     def __init__(self, reason: str, message: str) -> None:
@@ -106,7 +125,13 @@ class End:
     pages: int
 
 
-Event = Header | Pages | RoundEnd | End
+@dataclass(frozen=True)
+class State:
+    name: str
+    blob: bytes
+
+
+Event = Header | Pages | RoundEnd | End | State
 
 
 class _NeedData:
@@ -141,8 +166,9 @@ class Encoder:
     Not thread-safe: one sender owns it.
     """
 
-    def __init__(self, page_size: int, layout: Layout) -> None:
+    def __init__(self, page_size: int, layout: Layout, mac_key: bytes | None = None) -> None:
         check_layout(page_size, layout)
+        self._mac = hmac.new(mac_key, digestmod="sha256") if mac_key is not None else None
         self.page_size = page_size
         self.layout = tuple(layout)
         self.seq = 0
@@ -160,13 +186,21 @@ class Encoder:
         crc = zlib.crc32(head)
         for p in payload_parts:
             crc = zlib.crc32(p, crc)
+        head += struct.pack("<I", crc)
         self.seq += 1
         self.bytes += _FRAME.size + length
-        return [head + struct.pack("<I", crc), *payload_parts]
+        if self._mac is None:
+            return [head, *payload_parts]
+        m = self._mac.copy()
+        m.update(head)
+        for p in payload_parts:
+            m.update(p)
+        self.bytes += TAG_SIZE
+        return [head, *payload_parts, m.digest()[:TAG_SIZE]]
 
     def start(self) -> list[bytes | memoryview]:
         """The preamble and the HEADER frame."""
-        pre = _PREAMBLE.pack(MAGIC, VERSION, 0)
+        pre = _PREAMBLE.pack(MAGIC, VERSION, OPT_MAC if self._mac is not None else 0)
         self.bytes += len(pre)
         body = _HEADER.pack(self.page_size, len(self.layout)) + b"".join(
             _REGION.pack(g, s) for g, s in self.layout
@@ -190,6 +224,13 @@ class Encoder:
         self.round_pages = 0
         return out
 
+    def state_frame(self, name: str, blob: bytes) -> list[bytes | memoryview]:
+        """A STATE frame: ``blob`` saved under ``name``."""
+        raw = name.encode()
+        if not 1 <= len(raw) <= MAX_NAME or len(blob) > MAX_STATE:
+            raise DmaError(errno.EINVAL, f"encode STATE {name!r}: name of {len(raw)} bytes, blob of {len(blob):#x}")
+        return self._frame(Kind.STATE, (_NAME.pack(len(raw)) + raw, blob))
+
     def end(self) -> list[bytes | memoryview]:
         """The END frame with the totals."""
         out = self._frame(Kind.END, (_END.pack(self.round, self.seq, self.pages),))
@@ -205,7 +246,9 @@ class Decoder:
     :data:`NEED_DATA`, or raises :class:`StreamError`.
     """
 
-    def __init__(self, page_size: int | None = None, layout: Layout | None = None) -> None:
+    def __init__(self, page_size: int | None = None, layout: Layout | None = None, mac_key: bytes | None = None) -> None:
+        self._mac = hmac.new(mac_key, digestmod="sha256") if mac_key is not None else None
+        self._tag = TAG_SIZE if mac_key is not None else 0
         self.expect_page_size = page_size
         self.expect_layout = tuple(layout) if layout is not None else None
         self._buf = bytearray()
@@ -222,6 +265,7 @@ class Decoder:
         self.ended = False
         self._preamble_done = False
         self._regions: list[tuple[int, int]] = []
+        self.states: set[str] = set()
 
     @property
     def failed(self) -> StreamError | None:
@@ -272,8 +316,12 @@ class Decoder:
                 raise self._fail("mismatch", f"magic {magic!r} at offset 0 is not {MAGIC!r}: not a dmarw migration stream")
             if version != VERSION:
                 raise self._fail("mismatch", f"stream version {version} at offset 0x8, this receiver speaks version {VERSION}")
-            if reserved != 0:
-                raise self._fail("corrupt", f"reserved preamble field {reserved:#x} at offset 0xa is not 0")
+            if reserved & ~OPT_MAC:
+                raise self._fail("corrupt", f"preamble options {reserved:#x} at offset 0xa: unknown bits")
+            if self._mac is not None and not reserved & OPT_MAC:
+                raise self._fail("unauthenticated", "the stream carries no tags, and this receiver requires the shared key")
+            if self._mac is None and reserved & OPT_MAC:
+                raise self._fail("mismatch", "the stream carries tags, and this receiver has no key to check them")
             self._consume(_PREAMBLE.size)
             self._preamble_done = True
         if self.ended:
@@ -289,11 +337,12 @@ class Decoder:
         limit = self._max_length()
         if length > limit:
             raise self._fail("corrupt", f"frame at offset {at:#x} (seq {self.seq}) claims {length:#x} payload bytes, more than {limit:#x}")
-        if self._avail() < _FRAME.size + length:
+        if self._avail() < _FRAME.size + length + self._tag:
             if self._eof:
                 raise self._truncated(
                     f"inside frame seq {self.seq} at offset {at:#x}: "
-                    f"{self._avail() - _FRAME.size} of {length} payload bytes"
+                    f"{min(length, self._avail() - _FRAME.size)} of {length} payload bytes"
+                    + (f" and {max(0, self._avail() - _FRAME.size - length)} of {self._tag} tag bytes" if self._tag else "")
                 )
             return NEED_DATA
         start = self._pos + _FRAME.size
@@ -301,13 +350,21 @@ class Decoder:
         got = zlib.crc32(mv[start : start + length], zlib.crc32(mv[self._pos : self._pos + _CRC_SPAN]))
         if got != crc:
             raise self._fail("corrupt", f"checksum of frame at offset {at:#x} (seq {self.seq}) is {got:#010x}, frame says {crc:#010x}")
+        if self._mac is not None:
+            m = self._mac.copy()
+            m.update(mv[self._pos : start + length])
+            if not hmac.compare_digest(m.digest()[:TAG_SIZE], bytes(mv[start + length : start + length + TAG_SIZE])):
+                raise self._fail(
+                    "unauthenticated",
+                    f"tag of frame at offset {at:#x} (seq {self.seq}) does not match: altered in flight or not sent by the key holder",
+                )
         if flags != 0:
             raise self._fail("corrupt", f"frame at offset {at:#x} has flags {flags:#x}")
         if seq != self.seq:
             raise self._fail("protocol", f"frame at offset {at:#x} has seq {seq}, expected {self.seq} (frame lost or reordered)")
         event = self._parse(kind, mv[start : start + length], at)
         self.seq += 1
-        self._consume(_FRAME.size + length)
+        self._consume(_FRAME.size + length + self._tag)
         return event
 
     def _consume(self, n: int) -> None:
@@ -317,7 +374,7 @@ class Decoder:
     def _max_length(self) -> int:
         if self.header is None:
             return _HEADER.size + MAX_REGIONS * _REGION.size
-        return _PAGES.size + MAX_PAGES * (8 + self.header.page_size)
+        return max(_PAGES.size + MAX_PAGES * (8 + self.header.page_size), _NAME.size + MAX_NAME + MAX_STATE)
 
     def _parse(self, kind: int, p: memoryview, at: int) -> Event:
         where = f"frame seq {self.seq} at offset {at:#x}"
@@ -353,7 +410,24 @@ class Decoder:
                 )
             self.ended = True
             return End(rounds, frames, pages)
+        if kind == Kind.STATE:
+            return self._parse_state(p, where)
         raise self._fail("corrupt", f"{where}: unknown frame kind {kind}")
+
+    def _parse_state(self, p: memoryview, where: str) -> State:
+        if len(p) < _NAME.size:
+            raise self._fail("corrupt", f"{where}: STATE payload of {len(p)} bytes")
+        (n,) = _NAME.unpack_from(p)
+        if not 1 <= n <= MAX_NAME or len(p) < _NAME.size + n or len(p) - _NAME.size - n > MAX_STATE:
+            raise self._fail("corrupt", f"{where}: STATE with a {n}-byte name in {len(p)} bytes")
+        try:
+            name = bytes(p[_NAME.size : _NAME.size + n]).decode()
+        except UnicodeDecodeError:
+            raise self._fail("corrupt", f"{where}: STATE name is not UTF-8") from None
+        if name in self.states:
+            raise self._fail("protocol", f"{where}: a second STATE {name!r}")
+        self.states.add(name)
+        return State(name, bytes(p[_NAME.size + n :]))
 
     def _parse_header(self, p: memoryview, where: str) -> Header:
         if self.header is not None:

@@ -149,12 +149,8 @@ static int serve_read(Range *r, uint64_t addr, unsigned size, uint8_t *dst)
     args[0] = PyLong_FromUnsignedLongLong(addr - r->start);
     args[1] = PyLong_FromUnsignedLong(size);
     PyObject *res = NULL;
-    if (args[0] && args[1]) {
-        PyObject *cb = r->read;
-        Py_INCREF(cb); /* the callback may replace the bus */
-        res = PyObject_Vectorcall(cb, args, 2, NULL);
-        Py_DECREF(cb);
-    }
+    if (args[0] && args[1])
+        res = PyObject_Vectorcall(r->read, args, 2, NULL);
     Py_XDECREF(args[0]);
     Py_XDECREF(args[1]);
     if (!res)
@@ -176,12 +172,8 @@ static int serve_write(Range *r, uint64_t addr, unsigned size, const uint8_t *sr
     args[1] = PyLong_FromUnsignedLong(size);
     args[2] = PyLong_FromUnsignedLongLong(v);
     PyObject *res = NULL;
-    if (args[0] && args[1] && args[2]) {
-        PyObject *cb = r->write;
-        Py_INCREF(cb);
-        res = PyObject_Vectorcall(cb, args, 3, NULL);
-        Py_DECREF(cb);
-    }
+    if (args[0] && args[1] && args[2])
+        res = PyObject_Vectorcall(r->write, args, 3, NULL);
     for (int i = 0; i < 3; i++)
         Py_XDECREF(args[i]);
     if (!res)
@@ -202,6 +194,7 @@ typedef struct {
     pthread_mutex_t lock;
     pthread_t thread;
     int in_loop;
+    int busy; /* a thread is inside run()/run_bare() (read and written with the GIL) */
     /* counters of exits served inside the loop */
     unsigned long long n_mmio, n_pio, n_ring_full, n_entries;
 } VcpuLoop;
@@ -309,26 +302,45 @@ static PyObject *intr_exit(VcpuLoop *self)
     return Py_BuildValue("(i)", KVM_EXIT_INTR);
 }
 
+/* A copy of a bus range holding its own references: a callback may replace the bus (and
+ * free the array the range came from) while the loop still needs the range. */
+static Range hold(const Range *r)
+{
+    Range c = *r;
+    Py_INCREF(c.read);
+    Py_INCREF(c.write);
+    return c;
+}
+
+static void unhold(Range *c)
+{
+    Py_DECREF(c->read);
+    Py_DECREF(c->write);
+}
+
 /* Serve an in-range port access; 1 served, 0 not ours, -1 error (exception set). */
 static int serve_io(VcpuLoop *self, int bare)
 {
     struct kvm_run *run = self->run;
     unsigned size = run->io.size;
-    Range *r = bus_find(self->pio, run->io.port, size);
-    if (!r && !bare)
-        return 0;
     uint8_t *data = (uint8_t *)run + run->io.data_offset;
-    for (uint32_t i = 0; i < run->io.count; i++, data += size) {
-        if (bare) {
-            if (run->io.direction == KVM_EXIT_IO_IN)
-                memset(data, 0, size);
-            continue;
-        }
-        int rc = run->io.direction == KVM_EXIT_IO_OUT ? serve_write(r, run->io.port, size, data)
-                                                      : serve_read(r, run->io.port, size, data);
-        if (rc < 0)
-            return -1;
+    if (bare) {
+        if (run->io.direction == KVM_EXIT_IO_IN)
+            memset(data, 0, (size_t)size * run->io.count);
+        self->n_pio++;
+        return 1;
     }
+    Range *found = bus_find(self->pio, run->io.port, size);
+    if (!found)
+        return 0;
+    Range r = hold(found);
+    int rc = 0;
+    for (uint32_t i = 0; i < run->io.count && rc == 0; i++, data += size)
+        rc = run->io.direction == KVM_EXIT_IO_OUT ? serve_write(&r, run->io.port, size, data)
+                                                  : serve_read(&r, run->io.port, size, data);
+    unhold(&r);
+    if (rc < 0)
+        return -1;
     self->n_pio++;
     return 1;
 }
@@ -339,15 +351,17 @@ static int serve_mmio(VcpuLoop *self, int bare)
     unsigned len = run->mmio.len;
     if (len == 0 || len > 8)
         return 0;
-    Range *r = bus_find(self->mmio, run->mmio.phys_addr, len);
     if (bare) {
         if (!run->mmio.is_write)
             memset(run->mmio.data, 0, len);
     } else {
-        if (!r)
+        Range *found = bus_find(self->mmio, run->mmio.phys_addr, len);
+        if (!found)
             return 0;
-        int rc = run->mmio.is_write ? serve_write(r, run->mmio.phys_addr, len, run->mmio.data)
-                                    : serve_read(r, run->mmio.phys_addr, len, run->mmio.data);
+        Range r = hold(found);
+        int rc = run->mmio.is_write ? serve_write(&r, run->mmio.phys_addr, len, run->mmio.data)
+                                    : serve_read(&r, run->mmio.phys_addr, len, run->mmio.data);
+        unhold(&r);
         if (rc < 0)
             return -1;
     }
@@ -449,9 +463,25 @@ static PyObject *loop_common(VcpuLoop *self, int bare)
     }
 }
 
-static PyObject *loop_run(VcpuLoop *self, PyObject *Py_UNUSED(ignored)) { return loop_common(self, 0); }
+static PyObject *loop_enter(VcpuLoop *self, int bare)
+{
+    if (check_ready(self) < 0)
+        return NULL;
+    if (self->busy) {
+        errno = EBUSY;
+        return PyErr_SetFromErrno(PyExc_OSError); /* one thread runs a vCPU at a time */
+    }
+    self->busy = 1;
+    Py_INCREF(self);
+    PyObject *r = loop_common(self, bare);
+    self->busy = 0;
+    Py_DECREF(self);
+    return r;
+}
 
-static PyObject *loop_run_bare(VcpuLoop *self, PyObject *Py_UNUSED(ignored)) { return loop_common(self, 1); }
+static PyObject *loop_run(VcpuLoop *self, PyObject *Py_UNUSED(ignored)) { return loop_enter(self, 0); }
+
+static PyObject *loop_run_bare(VcpuLoop *self, PyObject *Py_UNUSED(ignored)) { return loop_enter(self, 1); }
 
 static PyObject *loop_kick(VcpuLoop *self, PyObject *Py_UNUSED(ignored))
 {
@@ -502,6 +532,10 @@ static PyObject *loop_stats(VcpuLoop *self, PyObject *Py_UNUSED(ignored))
 
 static PyObject *loop_close(VcpuLoop *self, PyObject *Py_UNUSED(ignored))
 {
+    if (self->busy) {
+        errno = EBUSY;
+        return PyErr_SetFromErrno(PyExc_OSError); /* kick the vCPU and join its thread first */
+    }
     if (self->run) {
         munmap(self->run, self->run_size);
         pthread_mutex_destroy(&self->lock);
@@ -557,11 +591,14 @@ static PyMethodDef loop_methods[] = {
     {"kick", (PyCFunction)loop_kick, METH_NOARGS, "Make a running (or the next) run() return KVM_EXIT_INTR."},
     {"complete", (PyCFunction)loop_complete, METH_O, "Fill the pending read exit's data."},
     {"stats", (PyCFunction)loop_stats, METH_NOARGS, "Counts of exits served inside the loop."},
-    {"close", (PyCFunction)loop_close, METH_NOARGS, "Unmap kvm_run (the fd is the caller's)."},
+    {"close", (PyCFunction)loop_close, METH_NOARGS, "Unmap kvm_run (the fd is the caller's); EBUSY while running."},
     {NULL},
 };
 
+static PyObject *loop_running(VcpuLoop *self, void *Py_UNUSED(c)) { return PyBool_FromLong(self->busy); }
+
 static PyGetSetDef loop_getset[] = {
+    {"running", (getter)loop_running, NULL, "a thread is inside run()", NULL},
     {"immediate_exit", (getter)loop_immediate_exit, (setter)loop_set_immediate_exit, "kvm_run.immediate_exit", NULL},
     {"exit_reason", (getter)loop_exit_reason, NULL, "kvm_run.exit_reason of the last exit", NULL},
     {"pending_read", (getter)loop_pending_read, NULL, "bytes a pending read exit waits for (0: none)", NULL},
@@ -663,6 +700,28 @@ static PyObject *or_into(PyObject *Py_UNUSED(m), PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* any_set(buf): True when any bit is set (stops at the first non-zero word). */
+static PyObject *any_set(PyObject *Py_UNUSED(m), PyObject *arg)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const uint8_t *p = b.buf;
+    int found = 0;
+    Py_ssize_t i = 0;
+    for (; !found && i + 64 <= b.len; i += 64) { /* 8 words per step: the compiler vectorises */
+        uint64_t w[8], acc = 0;
+        memcpy(w, p + i, sizeof(w));
+        for (int k = 0; k < 8; k++)
+            acc |= w[k];
+        found = acc != 0;
+    }
+    for (; !found && i < b.len; i++)
+        found = p[i] != 0;
+    PyBuffer_Release(&b);
+    return PyBool_FromLong(found);
+}
+
 static PyObject *constants(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 {
     return Py_BuildValue(
@@ -699,6 +758,7 @@ static PyObject *constants(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 static PyMethodDef module_methods[] = {
     {"ring_harvest", ring_harvest, METH_VARARGS, "Harvest a dirty ring into per-slot bitmaps."},
     {"or_into", or_into, METH_VARARGS, "dst |= src (bytes)."},
+    {"any_set", any_set, METH_O, "True when any bit of the buffer is set."},
     {"constants", constants, METH_NOARGS, "The uapi numbers as <linux/kvm.h> defines them."},
     {NULL},
 };

@@ -43,7 +43,10 @@ def render(d: dict[str, Any]) -> str:
     for name in SHOWN:
         lines.append(f"  KVM_CAP_{name:<28} {k['caps'].get(name, 0)}")
     lines.append(f"dirty modes usable                {', '.join(k['dirty_modes'])} (default {d['default_dirty']})")
-    lines.append(f"guest MSRs saved                  {len(k['guest_msrs'])}: {' '.join(k['guest_msrs'])}")
+    msrs = k["guest_msrs"]
+    lines.append(f"guest MSRs in vCPU state          {len(msrs)}")
+    for i in range(0, len(msrs), 5):
+        lines.append("  " + " ".join(msrs[i : i + 5]))
     return "\n".join(lines)
 
 

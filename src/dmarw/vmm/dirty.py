@@ -12,6 +12,13 @@ it reported, so a page stored to again after the harvest is reported by the next
   bitmaps, hands the entries back and issues ``KVM_RESET_DIRTY_RINGS``; a vCPU whose ring
   fills exits with ``KVM_EXIT_DIRTY_RING_FULL`` and its ``run()`` harvests and resumes.
 
+Ring overrun: KVM asks a vCPU to exit once its ring holds ``entries - 64`` entries, and a
+hypervisor that emulates guest instructions in batches (PVM does, ``pvm_emul_batch``)
+can push more than those 64 before the exit; a full ring is overwritten and pages are
+lost.  A harvest that finds the whole ring dirty, or a ring-full exit with nothing to
+harvest, is that overrun: it raises ``DmaError(EOVERFLOW)`` (from ``run()`` or
+``get_dirty_log``) and the ring mode stays failed, rather than under-report.
+
 Locking: ``lock`` serialises harvests (a ring-full exit on a vCPU thread against
 ``get_dirty_log`` on another); the rings themselves are shared with the kernel through
 acquire/release on each entry's flags.
@@ -31,9 +38,9 @@ from . import uapi
 from .system import Kvm
 
 try:
-    from .. import _vmm  # type: ignore[attr-defined]
+    from .. import _vmm
 except ImportError:  # pragma: no cover - reported by KvmVm
-    _vmm = None
+    _vmm = None  # type: ignore[assignment]
 
 
 def _address(buf: bytearray) -> int:
@@ -98,7 +105,7 @@ class ClearMode(DirtyMode):
     def harvest(self, slot: int, npages: int) -> bytearray:
         with self.lock:
             buf = self._get(slot, npages)
-            if any(buf):  # re-protect exactly what was reported
+            if _vmm.any_set(buf):  # re-protect exactly what was reported
                 clr = uapi.ClearDirtyLog(slot=slot, num_pages=npages, first_page=0, dirty_bitmap=_address(buf))
                 uapi.ioctl(self.vm_fd, uapi.KVM_CLEAR_DIRTY_LOG, clr, f"KVM_CLEAR_DIRTY_LOG slot {slot}")
             return buf
@@ -107,15 +114,16 @@ class ClearMode(DirtyMode):
 class RingMode(DirtyMode):
     name = "ring"
 
-    def __init__(self, kvm: Kvm, vm_fd: int, entries: int) -> None:
+    def __init__(self, kvm: Kvm, vm_fd: int, entries: int | None) -> None:
         super().__init__(kvm, vm_fd)
-        self.entries = entries
+        self.entries = entries or 0  # 0: the default, set by enable()
         self.acq_rel = False
         self._rings: list[tuple[mmap.mmap, int, list[int]]] = []  # (map, address, [fetch])
         self._pending: dict[int, bytearray] = {}
         self._npages: dict[int, int] = {}
         self.harvests = 0
         self.full_exits = 0
+        self.overrun: str | None = None
 
     def enable(self) -> None:
         limit = self.kvm.cap(uapi.CAP_DIRTY_LOG_RING_ACQ_REL)
@@ -125,6 +133,8 @@ class RingMode(DirtyMode):
         else:
             limit = self.kvm.require("DIRTY_LOG_RING", 'dirty="ring"')
             cap_num = uapi.CAP_DIRTY_LOG_RING
+        if not self.entries:  # the default: the largest ring KVM allows, up to 65536 entries
+            self.entries = min(DEFAULT_RING_ENTRIES, limit // C.sizeof(uapi.DirtyGfn))
         size = self.entries * C.sizeof(uapi.DirtyGfn)
         e = self.entries
         if e < 1 or e & (e - 1) or size < mmap.PAGESIZE or size > limit:
@@ -156,19 +166,33 @@ class RingMode(DirtyMode):
 
     def _collect(self) -> int:
         """Walk every ring into the pending bitmaps and reset them (call with ``lock``)."""
+        if self.overrun:
+            raise fail(errno.EOVERFLOW, self.overrun)
         n = 0
-        for _m, addr, fetch in self._rings:
+        for i, (_m, addr, fetch) in enumerate(self._rings):
             fetch[0], got = _vmm.ring_harvest(addr, self.entries, fetch[0], self._pending)
             n += got
+            if got >= self.entries:
+                self.overrun = (
+                    f"vcpu {i}'s dirty ring of {self.entries} entries overran (KVM pushed past its "
+                    "soft limit; dirty pages were lost): use a larger ring_entries or another dirty= mode"
+                )
         if n:
             uapi.ioctl(self.vm_fd, uapi.KVM_RESET_DIRTY_RINGS, 0, "KVM_RESET_DIRTY_RINGS")
         self.harvests += 1
+        if self.overrun:
+            raise fail(errno.EOVERFLOW, self.overrun)
         return n
 
     def _on_full(self) -> None:
         with self.lock:
             self.full_exits += 1
-            self._collect()
+            if self._collect() == 0:  # KVM says full, the rings say empty: out of step
+                self.overrun = (
+                    f"a dirty ring of {self.entries} entries is out of step with KVM after an "
+                    "overrun (dirty pages were lost): use a larger ring_entries or another dirty= mode"
+                )
+                raise fail(errno.EOVERFLOW, self.overrun)
 
     def ring_full(self) -> Any:
         return self._on_full
@@ -193,9 +217,10 @@ class RingMode(DirtyMode):
 
 
 MODES = ("bitmap", "clear", "ring")
+DEFAULT_RING_ENTRIES = 65536  # 1 MiB per vCPU: a 256 MiB working set between harvests
 
 
-def make(name: str, kvm: Kvm, vm_fd: int, ring_entries: int) -> DirtyMode:
+def make(name: str, kvm: Kvm, vm_fd: int, ring_entries: int | None) -> DirtyMode:
     if name == "bitmap":
         return BitmapMode(kvm, vm_fd)
     if name == "clear":

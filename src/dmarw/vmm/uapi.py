@@ -231,7 +231,7 @@ def ioctl(fd: int, request: int, arg: int | C.Structure | C.Array[C.c_char] = 0,
         buf = (C.c_char * C.sizeof(arg)).from_buffer(arg)
         return fcntl.ioctl(fd, request, buf, True)
     except OSError as e:
-        raise fail(e.errno or errno.EIO, f"{what or hex(request)}: {os.strerror(e.errno or 0)}") from None
+        raise fail(e.errno or errno.EIO, f"{what or hex(request)} (refused by KVM)") from None
 
 
 _libc = C.CDLL(None, use_errno=True)
@@ -244,7 +244,7 @@ def ioctl_ulong(fd: int, request: int, value: int, what: str = "") -> int:
     r = _libc.ioctl(fd, request, value)
     if r < 0:
         err = C.get_errno()
-        raise fail(err, f"{what or hex(request)}: {os.strerror(err)}")
+        raise fail(err, f"{what or hex(request)} (refused by KVM)")
     return int(r)
 
 

@@ -18,7 +18,7 @@ import errno
 import os
 from typing import TYPE_CHECKING, Any
 
-from ..errors import fail
+from ..errors import DmaError, fail
 from . import state, uapi
 from .exits import Exit, decode
 
@@ -116,8 +116,12 @@ class Vcpu:
         self._check()
         try:
             return decode(self._loop.run())
+        except DmaError:
+            raise
         except OSError as e:
-            raise fail(e.errno or errno.EIO, f"KVM_RUN vcpu {self.index}: {os.strerror(e.errno or 0)}") from None
+            if e.errno == errno.EBUSY:
+                raise fail(errno.EBUSY, f"vcpu {self.index} is already running in another thread") from None
+            raise fail(e.errno or errno.EIO, f"KVM_RUN vcpu {self.index} (refused by KVM)") from None
 
     def run_bare(self) -> Exit:
         """As :meth:`run` but every MMIO/port exit is served in C without a device (reads
@@ -175,9 +179,18 @@ class Vcpu:
         if self._closed:
             raise fail(errno.EBADF, f"vcpu {self.index} is closed")
 
+    @property
+    def running(self) -> bool:
+        """True while a thread is inside :meth:`run`."""
+        return not self._closed and bool(self._loop.running)
+
     def close(self) -> None:
+        """Unmap and close (idempotent); EBUSY while a thread is in :meth:`run` — kick it
+        and join that thread first."""
         if self._closed:
             return
+        if self._loop.running:
+            raise fail(errno.EBUSY, f"close: vcpu {self.index} is running; kick() it and join its thread first")
         self._closed = True
         self._loop.close()
         os.close(self.fd)

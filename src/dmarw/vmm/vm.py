@@ -23,21 +23,23 @@ import os
 import threading
 from typing import Any
 
-from .. import core
+from .. import core as cores
 from ..errors import fail, rng
 from ..mm import AddressSpace
 from . import dirty as dirty_modes
 from . import uapi
 from .bus import DeviceBus
-from .system import Kvm, system
+from .system import Kvm, dirty_modes_usable, system
 from .vcpu import MODES, Vcpu
 
 try:
-    from .. import _vmm  # type: ignore[attr-defined]
+    from .. import _vmm
 except ImportError:  # pragma: no cover - the extension is optional at install time
-    _vmm = None
+    _vmm = None  # type: ignore[assignment]
 
-DEFAULT_DIRTY = "bitmap"
+# The harvest measured fastest at 1 % dirty pages of a 1 GiB guest (bench/vmm_harvest.py,
+# docs/vmm.md); where KVM lacks its capability the default falls back to "bitmap".
+DEFAULT_DIRTY = "clear"
 _TSS_ADDR = 0xFFFBD000  # three pages just under the BIOS area, as QEMU places them
 
 
@@ -46,17 +48,25 @@ def native_available() -> bool:
 
 
 class KvmVm:
-    """A KVM VM: memslots, guest access with a user-space dirty log, devices, vCPUs."""
+    """A KVM VM: memslots, guest access with a user-space dirty log, devices, vCPUs.
 
-    def __init__(self, space: AddressSpace, *, dirty: str = DEFAULT_DIRTY, ring_entries: int = 4096,
-                 core_name: str | None = None) -> None:
+    ``dirty``: ``"bitmap"``, ``"clear"`` or ``"ring"`` (see :mod:`dmarw.vmm.dirty`); None is
+    :data:`DEFAULT_DIRTY` where KVM offers it, else ``"bitmap"``.  ``ring_entries``: the
+    per-vCPU ring of ``"ring"`` (a power of two; default the largest KVM allows, at most
+    65536).  ``core``: the core of the user-space view (``dmarw.core``'s selection).
+    """
+
+    def __init__(self, space: AddressSpace, *, dirty: str | None = None, ring_entries: int | None = None,
+                 core: str | None = None) -> None:
         if _vmm is None:
             raise fail(errno.EOPNOTSUPP, "KvmVm needs the native vCPU loop dmarw._vmm, which is not built")
-        if dirty not in dirty_modes.MODES:
+        if dirty is not None and dirty not in dirty_modes.MODES:
             raise fail(errno.EINVAL, f"dirty={dirty!r}: one of {', '.join(dirty_modes.MODES)}")
-        if not isinstance(ring_entries, int) or isinstance(ring_entries, bool):
+        if ring_entries is not None and (not isinstance(ring_entries, int) or isinstance(ring_entries, bool)):
             raise fail(errno.EINVAL, f"ring_entries {ring_entries!r} must be an int")
         self.kvm: Kvm = system()
+        if dirty is None:
+            dirty = DEFAULT_DIRTY if DEFAULT_DIRTY in dirty_modes_usable(self.kvm) else "bitmap"
         try:
             self.fd = uapi.ioctl(self.kvm.fd, uapi.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
         except OSError as e:
@@ -75,7 +85,7 @@ class KvmVm:
             self.max_slots = self.kvm.cap(uapi.CAP_NR_MEMSLOTS) or 32
             self.mmio = DeviceBus("mmio", 1 << 64, _vmm.Bus())
             self.pio = DeviceBus("pio", 1 << 16, _vmm.Bus())
-            self.view = core.vm(space, core_name)
+            self.view = cores.vm(space, core)
         except BaseException:
             os.close(self.fd)
             raise
@@ -91,10 +101,14 @@ class KvmVm:
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
-        """Close the vCPUs and the VM and drop the address-space reference (idempotent)."""
+        """Close the vCPUs and the VM and drop the address-space reference (idempotent;
+        EBUSY, changing nothing, while a vCPU is running)."""
         with self._lock:
             if self._closed:
                 return
+            busy = [v.index for v in self._vcpus if v.running]
+            if busy:
+                raise fail(errno.EBUSY, f"close: vcpus {busy} are running; kick() them and join their threads first")
             self._closed = True
             vcpus, self._vcpus = self._vcpus, []
         for v in vcpus:
@@ -176,11 +190,21 @@ class KvmVm:
     def get_dirty_log(self, slot: int) -> bytes:
         """Get and clear slot ``slot``'s log: the pages vCPUs stored to (the kernel's log)
         OR the pages ``write_guest`` wrote (EINVAL no such slot, ENXIO not logging)."""
-        user = bytearray(self.view.get_dirty_log(slot))  # validates: EINVAL / ENXIO
-        s = next(s for s in self.view.memslots() if s.slot == slot)
-        kernel = self.dirty_mode.harvest(slot, s.npages)
-        _vmm.or_into(kernel, user)
+        kernel, user = self._harvest(slot)
+        if _vmm.any_set(user):
+            _vmm.or_into(kernel, user)
         return bytes(kernel)
+
+    def get_dirty_logs(self, slot: int) -> tuple[bytes, bytes]:
+        """As :meth:`get_dirty_log`, the two logs apart: ``(kernel, user)`` — the pages
+        vCPUs stored to and the pages ``write_guest`` wrote, both got and cleared."""
+        kernel, user = self._harvest(slot)
+        return bytes(kernel), bytes(user)
+
+    def _harvest(self, slot: int) -> tuple[bytearray, bytes]:
+        user = self.view.get_dirty_log(slot)  # validates: EINVAL / ENXIO
+        s = next(s for s in self.view.memslots() if s.slot == slot)
+        return self.dirty_mode.harvest(slot, s.npages), user
 
     # -- devices --------------------------------------------------------------------------
     def add_mmio(self, gpa: int, size: int, device: Any) -> None:

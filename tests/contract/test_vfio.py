@@ -1,8 +1,10 @@
-"""The VFIO layer (issue 3): groups, devices, the per-call path, external users, lock counts.
+"""The VFIO layer: groups, devices, the per-call path, external users, lock counts.
 
-Every behavioural test runs against each lock strategy × mm-ref mode (``container_kwargs``).
-Lock counts come from :func:`dmarw.lockstat.collect` itself: the per-call path must take the
-five locks of the seed once per call, the external-user path only the iommu lock.
+Every behavioural test runs on each core (``core``; containers and groups come from
+``make_container`` / ``make_group``) against each lock strategy × mm-ref mode
+(``container_kwargs``).  Lock counts come from :func:`dmarw.lockstat.collect` itself: the
+per-call path must take the five locks of the 2020 kernel once per call, the external-user
+path only the iommu lock.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from dmarw import (
 SIZE = 16 * PAGE_SIZE
 RO_IOVA = SIZE  # a read-only mapping right after the read-write one
 _names = itertools.count()
+MakeContainer = Callable[..., Container]
+MakeGroup = Callable[[str], Group]
 
 
 def unique(prefix: str) -> str:
@@ -81,17 +85,24 @@ class Env:
         return snap
 
 
-def make_env(kwargs: dict[str, str], *, attach: bool = True, tracking: bool = True) -> Env:
+def make_env(
+    make_container: MakeContainer,
+    make_group: MakeGroup,
+    kwargs: dict[str, str],
+    *,
+    attach: bool = True,
+    tracking: bool = True,
+) -> Env:
     space = AddressSpace()
     hva = space.mmap(SIZE + PAGE_SIZE)
     space.write(hva, bytes(range(256)) * (SIZE // 256))
-    c = Container(**kwargs)
+    c = make_container(**kwargs)
     c.map_dma(0, SIZE, hva, space, Prot.READ | Prot.WRITE)
     c.map_dma(RO_IOVA, PAGE_SIZE, hva + SIZE, space, Prot.READ)
     c.register_unmap_notifier(lambda iova, size: None)
     if tracking:
         c.dirty_pages_start()
-    g = Group(unique(kwargs.get("lock", "x")))
+    g = make_group(unique(kwargs.get("lock", "x")))
     dev = g.add_device("0000:00:02.0")
     if attach:
         g.set_container(c)
@@ -110,15 +121,19 @@ def teardown_env(env: Env) -> None:
 
 
 @pytest.fixture
-def env(container_kwargs: dict[str, str]) -> Iterator[Env]:
-    e = make_env(container_kwargs)
+def env(
+    make_container: MakeContainer, make_group: MakeGroup, container_kwargs: dict[str, str]
+) -> Iterator[Env]:
+    e = make_env(make_container, make_group, container_kwargs)
     yield e
     teardown_env(e)
 
 
 @pytest.fixture
-def detached(container_kwargs: dict[str, str]) -> Iterator[Env]:
-    e = make_env(container_kwargs, attach=False)
+def detached(
+    make_container: MakeContainer, make_group: MakeGroup, container_kwargs: dict[str, str]
+) -> Iterator[Env]:
+    e = make_env(make_container, make_group, container_kwargs, attach=False)
     yield e
     teardown_env(e)
 
@@ -138,22 +153,22 @@ def assert_fails_unchanged(env: Env, err: int, call: Callable[[], object]) -> Dm
 # -- groups and devices -----------------------------------------------------------------------
 
 
-def test_duplicate_group_name_is_eexist_and_name_is_free_after_remove() -> None:
+def test_duplicate_group_name_is_eexist_and_name_is_free_after_remove(make_group: MakeGroup) -> None:
     name = unique("dup")
-    g = Group(name)
+    g = make_group(name)
     try:
         with pytest.raises(DmaError) as info:
-            Group(name)
+            make_group(name)
         assert info.value.errno == errno.EEXIST
         assert name in str(info.value)
     finally:
         g.remove()
-    again = Group(name)  # the name is free again
+    again = make_group(name)  # the name is free again
     again.remove()
 
 
-def test_duplicate_device_is_eexist() -> None:
-    g = Group(unique("dev"))
+def test_duplicate_device_is_eexist(make_group: MakeGroup) -> None:
+    g = make_group(unique("dev"))
     try:
         d = g.add_device("a")
         assert d.group is g and g.devices == {"a": d}
@@ -165,8 +180,8 @@ def test_duplicate_device_is_eexist() -> None:
         g.remove()
 
 
-def test_unbind_makes_group_not_viable_bind_restores() -> None:
-    g = Group(unique("viable"))
+def test_unbind_makes_group_not_viable_bind_restores(make_group: MakeGroup) -> None:
+    g = make_group(unique("viable"))
     try:
         a, b = g.add_device("a"), g.add_device("b")
         assert g.viable()
@@ -183,8 +198,8 @@ def test_unbind_makes_group_not_viable_bind_restores() -> None:
         g.remove()
 
 
-def test_set_container_twice_is_ebusy(env: Env) -> None:
-    other = Container()
+def test_set_container_twice_is_ebusy(make_container: MakeContainer, env: Env) -> None:
+    other = make_container()
     with pytest.raises(DmaError) as info:
         env.group.set_container(other)
     assert info.value.errno == errno.EBUSY
@@ -265,8 +280,10 @@ def test_per_call_path_not_viable_is_einval(env: Env) -> None:
     assert env.container.pinned() == {}
 
 
-def test_removed_group_is_enodev(container_kwargs: dict[str, str]) -> None:
-    e = make_env(container_kwargs, attach=False)
+def test_removed_group_is_enodev(
+    make_container: MakeContainer, make_group: MakeGroup, container_kwargs: dict[str, str]
+) -> None:
+    e = make_env(make_container, make_group, container_kwargs, attach=False)
     e.group.remove()
     try:
         with pytest.raises(DmaError) as info:
@@ -384,12 +401,14 @@ def test_closed_owner_is_eperm_on_every_path(env: Env, container_kwargs: dict[st
     assert env.container.pinned() == {}
 
 
-def test_kthread_owner_is_refused_only_by_get_task_mm(container_kwargs: dict[str, str]) -> None:
+def test_kthread_owner_is_refused_only_by_get_task_mm(
+    make_container: MakeContainer, make_group: MakeGroup, container_kwargs: dict[str, str]
+) -> None:
     space = AddressSpace(kthread=True)
     hva = space.mmap(PAGE_SIZE)
-    c = Container(**container_kwargs)
+    c = make_container(**container_kwargs)
     c.map_dma(0, PAGE_SIZE, hva, space)
-    g = Group(unique("kthread"))
+    g = make_group(unique("kthread"))
     dev = g.add_device("d")
     g.set_container(c)
     try:
@@ -488,13 +507,13 @@ def test_lock_table_rows_time_every_acquisition(env: Env, container_kwargs: dict
         assert r["count"] == N
         assert r["total_ns"] >= 0 and r["avg_ns"] == r["total_ns"] / N
         assert r["total_cycles"] == pytest.approx(lockstat.ns_to_cycles(r["total_ns"]))
-    assert list(rows)[:4] == list(PER_CALL)  # the seed's order
+    assert list(rows)[:4] == list(PER_CALL)  # the 2020 kernel's order
 
 
-def test_kvm_path_takes_only_kvm_srcu() -> None:
+def test_kvm_path_takes_only_kvm_srcu(make_vm: Callable[[AddressSpace], Vm]) -> None:
     space = AddressSpace()
     hva = space.mmap(4 * PAGE_SIZE)
-    vm = Vm(space)
+    vm = make_vm(space)
     vm.set_memslot(0, 0, 4 * PAGE_SIZE, hva, dirty_log=True)
     try:
         with lockstat.collect() as stats:
@@ -586,9 +605,12 @@ ACTIONS = st.lists(
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(actions=ACTIONS)
 def test_random_walk_keeps_references_consistent(
-    container_kwargs: dict[str, str], actions: list[str]
+    make_container: MakeContainer,
+    make_group: MakeGroup,
+    container_kwargs: dict[str, str],
+    actions: list[str],
 ) -> None:
-    e = make_env(container_kwargs, tracking=False)
+    e = make_env(make_container, make_group, container_kwargs, tracking=False)
     open_users: list[ExternalUser] = []
     pins = 0
     try:
@@ -653,11 +675,10 @@ def test_random_walk_keeps_references_consistent(
 # -- the benchmark's paths are the real ones and agree with each other ---------------------------
 
 
-def test_bench_paths_runs_every_path_and_writes_json(tmp_path: Any) -> None:
+def test_bench_paths_runs_every_path_and_writes_json(tmp_path: Any, load_bench: Any) -> None:
     """A tiny run of bench/paths.py: every path reads what every other wrote; JSON schema."""
     import json
 
-    from conftest import load_bench
 
     mod = load_bench("paths")
     out = tmp_path / "paths.json"
@@ -768,11 +789,10 @@ def test_process_shared_group_lock_is_still_the_named_class(env: Env) -> None:
         set_group_lock(saved)
 
 
-def test_group_reference_counters_are_exact_under_threads() -> None:
+def test_group_reference_counters_are_exact_under_threads(make_group: MakeGroup) -> None:
     """``container_users``/``refs`` are lock-free counters: concurrent inc/dec lose nothing."""
-    from dmarw.vfio import _Atomic
-
-    a = _Atomic(1)
+    g = make_group(unique("counters"))
+    a = g.refs  # starts at 1: the registry's own reference
     go = threading.Barrier(4)
 
     def churn(k: int) -> None:
@@ -793,3 +813,6 @@ def test_group_reference_counters_are_exact_under_threads() -> None:
     finally:
         sys.setswitchinterval(old)
     assert a.value == 1 + 2 * 5000
+    for _ in range(2 * 5000):
+        a.dec()
+    g.remove()

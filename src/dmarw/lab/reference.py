@@ -1,14 +1,15 @@
-"""The seed's numbers: the only constants in the lab, each labelled as the seed's.
+"""The 2020 thread's figures: the only reference numbers in the lab.
 
 Source: the Jan 2020 thread "[PATCH v2 2/2] drm/i915/gvt: subsitute kvm_read/write_guest with
 vfio_dma_rw" (Yan Zhao, Alex Williamson), measured in the kernel with ``get_cycles()`` on a
 GVT-g host running glmark2 in the guest(s); plus the v4 cover discussion of access sizes.
-All figures are CPU cycles (TSC) on the seed's machine, never ours.
+All figures are CPU cycles (TSC) on that thread's machine, never ours.  Every other module
+takes them from here (no figure of the thread is typed anywhere else).
 """
 
 from __future__ import annotations
 
-SOURCE = "seed: LKML Jan 2020, drm/i915/gvt vfio_dma_rw thread (kernel, get_cycles())"
+SOURCE = "LKML Jan 2020, drm/i915/gvt vfio_dma_rw thread (kernel, get_cycles())"
 
 # (1) per-interface average cycles, v1 and v2 of the patch
 TABLE1: dict[str, dict[str, int]] = {

@@ -1,10 +1,11 @@
-"""A stateful differential test: the container against a plain reference model (issue 2).
+"""A stateful differential test: the container against a plain reference model.
 
 Hypothesis drives random map/unmap/pin/unpin/dma_rw (reads and writes, across page and
 mapping boundaries)/get_dirty_bitmap/start/stop sequences.  The reference model is a dict of
 mappings, a bytearray of host memory, a dict of pins and a set of dirty iova pages.  After
 every step the results, errnos, mappings, pins, tracking flag and host memory must agree.
-One machine per lock strategy.
+One machine per lock strategy, and one for the KVM path, each run on every core: the machines
+take the ``make_container`` / ``make_vm`` of the core under test.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -22,6 +24,7 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
 
 from dmarw import AddressSpace, Container, DmaError, Prot, Vm, bitmap_pages
@@ -63,14 +66,11 @@ def _run(fn: Callable[..., Any], *args: Any, **kw: Any) -> Outcome:
 
 
 class CoreMachine(RuleBasedStateMachine):
-    LOCK = "mutex"
-    MM_REF = "mmget_not_zero"
-
-    def __init__(self) -> None:
+    def __init__(self, make_container: Callable[..., Container], lock: str, mm_ref: str) -> None:
         super().__init__()
         self.space = AddressSpace()
         self.hva = self.space.mmap(HOST_PAGES * P)
-        self.c = Container(lock=self.LOCK, mm_ref=self.MM_REF)
+        self.c = make_container(lock=lock, mm_ref=mm_ref)
         self.c.register_unmap_notifier(self._notify)
         self.notifier_unpins = True
         self.notified: list[tuple[int, int]] = []
@@ -386,11 +386,11 @@ class S:
 class VmMachine(RuleBasedStateMachine):
     """The KVM path against the same kind of model: slots, host bytes, per-slot dirty pages."""
 
-    def __init__(self) -> None:
+    def __init__(self, make_vm: Callable[[AddressSpace], Vm]) -> None:
         super().__init__()
         self.space = AddressSpace()
         self.hva = self.space.mmap(HOST_PAGES * P)
-        self.vm = Vm(self.space)
+        self.vm = make_vm(self.space)
         self.slots: dict[int, S] = {}
         self.host = bytearray(HOST_PAGES * P)
         self.dirty: dict[int, set[int]] = {}  # slot -> page indices within the slot
@@ -522,24 +522,15 @@ SETTINGS = settings(
 )
 
 
-class MutexMachine(CoreMachine):
-    LOCK = "mutex"
-    MM_REF = "get_task_mm"
+@pytest.mark.parametrize(
+    ("lock", "mm_ref"),
+    [("mutex", "get_task_mm"), ("rwsem", "mmget_not_zero"), ("rcu", "mmget_not_zero")],
+)
+def test_container_matches_the_model(
+    make_container: Callable[..., Container], lock: str, mm_ref: str
+) -> None:
+    run_state_machine_as_test(lambda: CoreMachine(make_container, lock, mm_ref), settings=SETTINGS)
 
 
-class RwsemMachine(CoreMachine):
-    LOCK = "rwsem"
-
-
-class RcuMachine(CoreMachine):
-    LOCK = "rcu"
-
-
-TestModelMutex = MutexMachine.TestCase
-TestModelMutex.settings = SETTINGS
-TestModelRwsem = RwsemMachine.TestCase
-TestModelRwsem.settings = SETTINGS
-TestModelRcu = RcuMachine.TestCase
-TestModelRcu.settings = SETTINGS
-TestModelVm = VmMachine.TestCase
-TestModelVm.settings = SETTINGS
+def test_vm_matches_the_model(make_vm: Callable[[AddressSpace], Vm]) -> None:
+    run_state_machine_as_test(lambda: VmMachine(make_vm), settings=SETTINGS)

@@ -1,4 +1,4 @@
-"""Thread safety of the container (issue 2): the unmap fence and no lost dirty bit.
+"""Thread safety of the container and the VM: the unmap fence and no lost dirty bit.
 
 * Once ``unmap_dma`` returns, no ``dma_rw`` reaches that memory: right after it returns the
   test writes a sentinel into the host memory (``space.write``) and then frees it
@@ -8,7 +8,8 @@
   (and of the unmap's bitmap) covers every page written by a write that returned.
 
 Every loop is bounded by a count; nothing depends on wall-clock time.  The interpreter's
-switch interval is shortened while the threads run so that they interleave finely.
+switch interval is shortened while the threads run so that they interleave finely.  Every
+race runs on each core (``make_container`` / ``make_vm`` of the core under test).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from dmarw.locks import Rcu
 P = 4096
 LOCKS = ["mutex", "rwsem", "rcu"]
 SENTINEL = b"\xc3"
+MakeContainer = Callable[..., Container]
+MakeVm = Callable[[AddressSpace], Vm]
 
 
 @pytest.fixture(autouse=True)
@@ -165,8 +168,8 @@ class Round:
 
 
 @pytest.mark.parametrize("lock", LOCKS)
-def test_no_write_lands_after_unmap_returns(lock: str) -> None:
-    c = Container(lock=lock)
+def test_no_write_lands_after_unmap_returns(make_container: MakeContainer, lock: str) -> None:
+    c = make_container(lock=lock)
     space = AddressSpace()
     for rnd in range(15):
         r = Round(c, space, npages=4)
@@ -177,8 +180,8 @@ def test_no_write_lands_after_unmap_returns(lock: str) -> None:
 
 
 @pytest.mark.parametrize("lock", LOCKS)
-def test_unmap_bitmap_holds_every_completed_write(lock: str) -> None:
-    c = Container(lock=lock)
+def test_unmap_bitmap_holds_every_completed_write(make_container: MakeContainer, lock: str) -> None:
+    c = make_container(lock=lock)
     c.dirty_pages_start()
     space = AddressSpace()
     for rnd in range(15):
@@ -194,9 +197,9 @@ def test_unmap_bitmap_holds_every_completed_write(lock: str) -> None:
 
 
 @pytest.mark.parametrize("lock", LOCKS)
-def test_no_dirty_bit_lost_to_concurrent_gets(lock: str) -> None:
+def test_no_dirty_bit_lost_to_concurrent_gets(make_container: MakeContainer, lock: str) -> None:
     """Each writer dirties its own pages, each about once: a bit lost is never set again."""
-    c = Container(lock=lock)
+    c = make_container(lock=lock)
     space = AddressSpace()
     per_writer, nwriters = 400, 3
     npages = per_writer * nwriters
@@ -241,9 +244,9 @@ def test_no_dirty_bit_lost_to_concurrent_gets(lock: str) -> None:
     assert reported <= set(range(npages))
 
 
-def test_rcu_readers_never_touch_memory_after_unmap_returns() -> None:
+def test_rcu_readers_never_touch_memory_after_unmap_returns(make_container: MakeContainer) -> None:
     """rcu readers take no lock: the grace period alone must fence them off freed memory."""
-    c = Container(lock="rcu")
+    c = make_container(lock="rcu")
     space = AddressSpace()
     for rnd in range(25):
         r = Round(c, space, npages=2)
@@ -259,8 +262,8 @@ def test_rcu_readers_never_touch_memory_after_unmap_returns() -> None:
 
 
 @pytest.mark.parametrize("lock", LOCKS)
-def test_pin_counts_stay_exact_under_concurrency(lock: str) -> None:
-    c = Container(lock=lock)
+def test_pin_counts_stay_exact_under_concurrency(make_container: MakeContainer, lock: str) -> None:
+    c = make_container(lock=lock)
     c.register_unmap_notifier(lambda iova, size: None)
     space = AddressSpace()
     hva = space.mmap(8 * P)
@@ -293,8 +296,8 @@ def test_pin_counts_stay_exact_under_concurrency(lock: str) -> None:
 class PinRace:
     """One round of pinners racing an unmap whose notifier unpins."""
 
-    def __init__(self, lock: str) -> None:
-        self.c = Container(lock=lock)
+    def __init__(self, c: Container) -> None:
+        self.c = c
         self.space = AddressSpace()
         self.hva = self.space.mmap(4 * P)
         self.c.map_dma(0, 4 * P, self.hva, self.space)
@@ -340,10 +343,10 @@ class PinRace:
 
 
 @pytest.mark.parametrize("lock", LOCKS)
-def test_unmap_never_removes_a_pinned_mapping_while_pins_race(lock: str) -> None:
+def test_unmap_never_removes_a_pinned_mapping_while_pins_race(make_container: MakeContainer, lock: str) -> None:
     """Pinners race an unmap whose notifier unpins: the unmap may be EBUSY, never wrong."""
     for rnd in range(10):
-        r = PinRace(lock)
+        r = PinRace(make_container(lock=lock))
         threads = _start([partial(r.pinner, rnd * 10 + k) for k in range(3)])
         for _ in threads:
             r.pinned_once.acquire()
@@ -365,8 +368,8 @@ def test_unmap_never_removes_a_pinned_mapping_while_pins_race(lock: str) -> None
 
 
 @pytest.mark.parametrize("lock", LOCKS)
-def test_tracking_start_stop_racing_writers(lock: str) -> None:
-    c = Container(lock=lock)
+def test_tracking_start_stop_racing_writers(make_container: MakeContainer, lock: str) -> None:
+    c = make_container(lock=lock)
     space = AddressSpace()
     hva = space.mmap(16 * P)
     c.map_dma(0, 16 * P, hva, space)
@@ -437,10 +440,10 @@ class SlotRace:
 
 
 @pytest.mark.parametrize("move", [True, False], ids=["move", "delete"])
-def test_no_guest_write_lands_after_set_memslot_returns(move: bool) -> None:
+def test_no_guest_write_lands_after_set_memslot_returns(make_vm: MakeVm, move: bool) -> None:
     """KVM: once a slot is moved away (or deleted), no write_guest reaches its old memory."""
     space = AddressSpace()
-    vm = Vm(space)
+    vm = make_vm(space)
     for rnd in range(15):
         r = SlotRace(vm, move)
         threads = _start([partial(r.writer, rnd * 10 + k) for k in range(3)])
@@ -488,10 +491,10 @@ def test_rcu_forgets_readers_of_exited_threads() -> None:
     assert done.is_set()
 
 
-def test_no_kvm_dirty_bit_lost_to_concurrent_get_dirty_log() -> None:
+def test_no_kvm_dirty_bit_lost_to_concurrent_get_dirty_log(make_vm: MakeVm) -> None:
     """The KVM log: every page written by a completed write_guest shows up in some get."""
     space = AddressSpace()
-    vm = Vm(space)
+    vm = make_vm(space)
     per_writer, nwriters = 300, 3
     npages = per_writer * nwriters
     hva = space.mmap(npages * P)

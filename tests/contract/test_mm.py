@@ -1,4 +1,8 @@
-"""AddressSpace: mappings, backings, byte access and the owner/user lifetime (issue 2)."""
+"""AddressSpace: mappings, backings, byte access and the owner/user lifetime.
+
+Host memory is one implementation that both cores read and write through; the tests where a
+core holds the memory (a VM keeping it alive) run on each core (``make_vm``).
+"""
 
 from __future__ import annotations
 
@@ -146,7 +150,7 @@ def test_file_backing(tmp_path: Path) -> None:
     path = tmp_path / "guest.ram"
     path.write_bytes(b"preexisting" + bytes(10))
     space = AddressSpace()
-    hva = space.mmap(2 * P, backing=str(path))
+    hva = space.mmap(2 * P, backing=path)  # a file backing is an explicit Path
     assert space.read(hva, 11) == b"preexisting"
     assert path.stat().st_size == 2 * P  # grown to the mapping size
     space.write(hva + P, b"written")
@@ -158,7 +162,7 @@ def test_file_backing(tmp_path: Path) -> None:
 def test_file_backing_bad_path_is_an_error(tmp_path: Path) -> None:
     space = AddressSpace()
     with pytest.raises(DmaError) as info:
-        space.mmap(P, backing=str(tmp_path / "no" / "such" / "dir"))
+        space.mmap(P, backing=tmp_path / "no" / "such" / "dir")
     assert info.value.errno == errno.ENOENT
     assert space.regions() == ()
 
@@ -275,10 +279,10 @@ def test_mmput_without_a_user_is_einval() -> None:
     assert space.users == 0
 
 
-def test_vm_holds_the_memory_after_the_owner_exits() -> None:
+def test_vm_holds_the_memory_after_the_owner_exits(make_vm: Callable[[AddressSpace], Vm]) -> None:
     space = AddressSpace()
     hva = space.mmap(P)
-    vm = Vm(space)
+    vm = make_vm(space)
     vm.set_memslot(0, 0, P, hva)
     vm.write_guest(0, b"guest")
     space.close()

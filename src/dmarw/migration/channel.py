@@ -1,0 +1,104 @@
+"""Control messages over a socket: the I/O half of :mod:`.control`, and the key handshake.
+
+:class:`Channel` sends and receives whole control messages on a connected socket; a peer
+that hangs up becomes ``DmaError(EPIPE)`` naming what was awaited.  Bytes the peer sent
+after the last message (the start of the page stream) stay in :attr:`Channel.reader` for
+the stream decoder.  :func:`handshake_source` / :func:`handshake_dest` run the mutual
+challenge-response and return the session key.  One thread per channel; no locks.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from ..errors import DmaError
+from . import control
+
+
+class Channel:
+    def __init__(self, sock: socket.socket, peer: str = "peer") -> None:
+        self.sock = sock
+        self.peer = peer
+        self.reader = control.Reader()
+
+    def send(self, msg: bytes) -> None:
+        try:
+            self.sock.sendall(msg)
+        except TimeoutError:
+            raise DmaError(errno.ETIMEDOUT, f"{self.peer} stopped reading (timed out)") from None
+        except OSError as e:
+            raise DmaError(errno.EPIPE, f"{self.peer} hung up: {e.strerror or e}") from None
+
+    def recv(self, want: bytes | tuple[bytes, ...] | None = None) -> tuple[bytes, bytes]:
+        """The next message; a ``FAIL`` (when not wanted) raises its text as ``EPROTO``."""
+        while True:
+            msg = self.reader.next_message()
+            if msg is not None:
+                break
+            if self.reader.eof:
+                raise DmaError(errno.EPIPE, f"{self.peer} hung up (connection closed while awaiting {_names(want)})")
+            try:
+                data = self.sock.recv(1 << 16)
+            except TimeoutError:
+                raise DmaError(errno.ETIMEDOUT, f"{self.peer} did not answer in time (awaiting {_names(want)})") from None
+            except OSError as e:
+                raise DmaError(errno.EPIPE, f"{self.peer} hung up: {e.strerror or e}") from None
+            self.reader.receive_data(data)
+        tag, payload = msg
+        if want is not None:
+            wanted = (want,) if isinstance(want, bytes) else want
+            if tag == control.FAIL and control.FAIL not in wanted:
+                raise DmaError(errno.EPROTO, f"{self.peer} refused: {payload.decode(errors='replace')}")
+            if tag not in wanted:
+                raise control.ControlError(errno.EPROTO, f"{self.peer} sent {tag.decode()} while {_names(want)} was expected")
+        return tag, payload
+
+
+def _names(want: bytes | tuple[bytes, ...] | None) -> str:
+    if want is None:
+        return "a message"
+    wanted = (want,) if isinstance(want, bytes) else want
+    return "/".join(w.decode() for w in wanted)
+
+
+def handshake_source(ch: Channel, key: bytes) -> bytes:
+    """The source's half: HELO, check the destination's proof, PROV; the session key."""
+    ns = control.nonce()
+    ch.send(control.encode(control.HELO, ns))
+    _, p = ch.recv(control.CHAL)
+    if len(p) != control.NONCE + control.PROOF:
+        raise control.ControlError(errno.EBADMSG, f"CHAL of {len(p)} bytes")
+    nd, theirs = p[: control.NONCE], p[control.NONCE :]
+    try:
+        control.verify(control.proof(key, b"dest", ns, nd), theirs, ch.peer)
+    except control.ControlError as e:
+        try:
+            ch.send(control.fail("the source refused you: " + e.detail))
+        except DmaError:
+            pass
+        raise
+    ch.send(control.encode(control.PROV, control.proof(key, b"source", ns, nd)))
+    return control.session_key(key, ns, nd)
+
+
+def handshake_dest(ch: Channel, key: bytes) -> bytes:
+    """The destination's half: answer HELO with a challenge, check PROV; the session key.
+
+    A peer that fails is told so (``FAIL``) and the error raised; nothing of its stream has
+    been read."""
+    _, ns = ch.recv(control.HELO)
+    if len(ns) != control.NONCE:
+        raise control.ControlError(errno.EBADMSG, f"HELO of {len(ns)} bytes")
+    nd = control.nonce()
+    ch.send(control.encode(control.CHAL, nd + control.proof(key, b"dest", ns, nd)))
+    _, theirs = ch.recv(control.PROV)
+    try:
+        control.verify(control.proof(key, b"source", ns, nd), theirs, ch.peer)
+    except control.ControlError as e:
+        try:
+            ch.send(control.fail(str(e)))
+        except DmaError:
+            pass
+        raise
+    return control.session_key(key, ns, nd)

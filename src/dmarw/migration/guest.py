@@ -1,0 +1,261 @@
+"""A running guest as the two ends of a migration: the guest program on a ``KvmVm`` with the
+GPU-like device (:class:`dmarw.guest.machine.GuestMachine`).
+
+Source (:class:`SourceMachine`): the vCPU runs on its own thread and the device serves its
+ring on the engine thread, both during pre-copy.  :meth:`SourceMachine.pause` is the stop
+of stop-and-copy: the device pauses at a command boundary (a held WAIT store is released),
+the vCPU is kicked out of ``KVM_RUN`` and its thread parks.  :meth:`SourceMachine.state`
+then gives the vCPU (``vcpu.save()``), the device (registers, ring position, the engine's
+running CRC; commands still pending are the ring span head..tail, in guest RAM), the result
+port, and whether the guest had already halted.  :meth:`SourceMachine.resume` restarts both
+after a failed attempt: the guest keeps running.
+
+Auto-converge (:meth:`SourceMachine.set_throttle`): a ticker thread kicks the vCPU every
+:data:`SLICE_S`; at each kick the vCPU thread stays out of the guest for
+``share / (1 - share)`` of a slice, so ``share`` of its time is taken away, as QEMU's CPU
+throttle does.
+
+Destination (:class:`DestMachine`): a ``KvmVm`` with the same layout whose RAM the stream
+fills; :meth:`DestMachine.restore` loads the states, :meth:`DestMachine.run` resumes the
+device and the vCPU and runs the guest to its end; the result is its checksum.
+
+Locks: the machine's own (device condition, VM lock); here only plain flags written by the
+controlling thread and read by the vCPU thread between runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import DmaError
+from ..guest import Params
+from ..guest.machine import GuestMachine
+
+SLICE_S = 0.01  # the throttle's time slice (QEMU's CPU_THROTTLE_TIMESLICE_NS is 10 ms)
+PATH = "vfio-external-user"  # the device's way to guest RAM: the container, so its log sees it
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """Which guest runs, identically on the source, the destination and the unmigrated run."""
+
+    ram: int
+    seed: int
+    commands: int
+    batch: int = 16
+    writer_heavy: bool = False
+    dirty: str = "bitmap"
+    path: str = PATH
+
+    def params(self) -> Params:
+        return Params(seed=self.seed, commands=self.commands, ram_size=self.ram, batch=self.batch,
+                      writer_heavy=self.writer_heavy)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"kind": "gpu", **asdict(self)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> GuestSpec:
+        try:
+            return cls(ram=int(d["ram"]), seed=int(d["seed"]), commands=int(d["commands"]),
+                       batch=int(d["batch"]), writer_heavy=bool(d["writer_heavy"]),
+                       dirty=str(d["dirty"]), path=str(d["path"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DmaError(errno.EBADMSG, f"guest spec {d!r}: {e}") from None
+
+
+def reference_checksum(spec: GuestSpec) -> int:
+    """The checksum of an unmigrated run of the same guest and seed."""
+    with GuestMachine(spec.path, spec.params(), dirty=spec.dirty) as m:
+        m.run()
+        return m.port.result.check()
+
+
+class SourceMachine:
+    """The guest running on the source; see the module docstring."""
+
+    def __init__(self, spec: GuestSpec, *, device_bypass: bool = False) -> None:
+        self.spec = spec
+        writer: list[Callable[[int, bytes], None]] = []
+        kw = {"bypass": lambda addr, data: writer[0](addr, data)} if device_bypass else None
+        self.m = GuestMachine(spec.path, spec.params(), dirty=spec.dirty, device_kw=kw)
+        writer.append(self.m.write_host)  # a device that writes the raw host mapping
+        self.vm: Any = self.m.vm
+        self.container = self.m.env.container
+        self._stop = False
+        self._share = 0.0
+        self._thread: threading.Thread | None = None
+        self._ticker: threading.Thread | None = None
+        self._done = threading.Event()
+        self.outcome: str | None = None  # "hlt" once the guest ended on this side
+        self.error: BaseException | None = None
+        self.throttled_s = 0.0
+        self.commands_at_stop = 0
+
+    # -- the vCPU thread -------------------------------------------------------------------
+    def start(self) -> None:
+        """Start (or, after :meth:`pause`, restart) the vCPU thread; the device's engine
+        thread starts with the first run."""
+        self._stop = False
+        if self.outcome == "hlt":  # it ended here already: nothing to restart
+            return
+        self._thread = threading.Thread(target=self._vcpu, name="dmarw-vcpu0", daemon=True)
+        self._thread.start()
+        if self._ticker is None:
+            self._ticker = threading.Thread(target=self._tick, name="dmarw-throttle", daemon=True)
+            self._ticker.start()
+
+    def _vcpu(self) -> None:
+        try:
+            self.outcome = self.m.run(until=self._until)
+        except BaseException as e:  # reported by check()
+            self.error = e
+
+    def _until(self) -> bool:
+        """At each kick: stop when asked; otherwise sit out the throttle's share."""
+        if self._stop:
+            return True
+        share = self._share
+        if share > 0:
+            t = SLICE_S * share / (1.0 - share)
+            time.sleep(t)  # the throttle itself: this vCPU is kept out of the guest
+            self.throttled_s += t
+        return self._stop
+
+    def _tick(self) -> None:
+        while not self._done.wait(SLICE_S):
+            if self._share > 0 and not self._stop and self.running:
+                try:
+                    self.m.vcpu.kick()
+                except OSError:
+                    return
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def set_throttle(self, share: float) -> None:
+        self._share = min(max(share, 0.0), 0.99)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    # -- stop-and-copy ----------------------------------------------------------------------
+    def pause(self) -> None:
+        """Device paused at a command boundary, vCPU out of the guest, its thread ended."""
+        self._stop = True
+        self.m.stop()  # device.pause(), then kick the vCPU
+        t = self._thread
+        if t is not None:
+            t.join(30.0)
+            if t.is_alive():
+                raise DmaError(errno.ETIMEDOUT, "vcpu0 did not stop within 30 s of its kick")
+        self.commands_at_stop = self.m.device.regs.commands
+        self.check()
+
+    def resume(self) -> None:
+        """After a failed migration: the device and the vCPU carry on."""
+        self.m.resume()
+        self.start()
+
+    def state(self) -> list[tuple[str, bytes]]:
+        halted = self.outcome == "hlt"
+        meta = {"halted": halted, "commands_at_stop": self.commands_at_stop}
+        return [
+            ("vcpu0", self.m.vcpu.save()),
+            ("gpu", self.m.device.save()),
+            ("result-port", self.m.port.save()),
+            ("machine", json.dumps(meta).encode()),
+        ]
+
+    def finish(self, timeout: float = 600.0) -> int:
+        """Let the guest run to its end here (after a cancelled migration); its checksum."""
+        t = self._thread
+        if t is not None:
+            t.join(timeout)
+        self.check()
+        return self.m.port.result.check()
+
+    def close(self) -> None:
+        self._done.set()
+        self._stop = True
+        if self.running:
+            try:
+                self.m.stop()
+            except OSError:
+                pass
+            assert self._thread is not None
+            self._thread.join(30.0)
+        if self._ticker is not None:
+            self._ticker.join(1.0)
+        self.m.close()
+
+
+class DestMachine:
+    """The destination's VM: built before the stream, restored and run after it."""
+
+    def __init__(self, spec: GuestSpec) -> None:
+        self.spec = spec
+        self.m = GuestMachine(spec.path, spec.params(), dirty=spec.dirty, load_image=False)
+        self.ram = (self.m.env.space, [self.m.env.hva])
+        self.halted = False
+
+    def restore(self, states: dict[str, bytes]) -> dict[str, Any]:
+        missing = [n for n in ("vcpu0", "gpu", "result-port", "machine") if n not in states]
+        if missing:
+            raise DmaError(errno.EPROTO, f"the stream carried no state for {', '.join(missing)}")
+        t0 = time.perf_counter()
+        m = self.m
+        m.device.pause()
+        m.vcpu.restore(states["vcpu0"])
+        m.device.restore(states["gpu"])
+        m.port.restore(states["result-port"])
+        meta = json.loads(states["machine"])
+        self.halted = bool(meta.get("halted"))
+        m.clear_logs()
+        return {"restore_seconds": time.perf_counter() - t0, "commands_at_stop": meta.get("commands_at_stop")}
+
+    def run(self, timeout: float = 300.0) -> dict[str, Any]:
+        """Resume and run to the guest's end (at most ``timeout`` s); its result, or the
+        error that ended it (a guest whose memory lost pages may crash or hang)."""
+        m = self.m
+        t0 = time.perf_counter()
+        m.device.resume()
+        m.device.start()
+        resume_s = time.perf_counter() - t0
+        out: dict[str, Any] = {"resume_seconds": resume_s}
+        expired = threading.Event()
+        done = threading.Event()
+
+        def watchdog() -> None:
+            if not done.wait(timeout):
+                expired.set()
+                m.stop()
+
+        dog = threading.Thread(target=watchdog, name="dmarw-guest-watchdog", daemon=True)
+        dog.start()
+        try:
+            if not self.halted:
+                m.run(until=expired.is_set)
+            if expired.is_set():
+                raise DmaError(errno.ETIMEDOUT, f"the guest did not finish within {timeout:g} s")
+            out["checksum"] = m.port.result.check()
+            out["commands"] = m.port.result.commands
+        except Exception as e:  # a damaged guest: reported, not raised
+            out["error"] = f"{type(e).__name__}: {e}"
+        finally:
+            done.set()
+            dog.join()
+        out["guest_seconds"] = time.perf_counter() - t0
+        out["device_commands"] = m.device.regs.commands
+        return out
+
+    def close(self) -> None:
+        self.m.close()

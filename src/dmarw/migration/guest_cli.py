@@ -1,0 +1,156 @@
+"""``dmarw migrate --guest``: migrate the running guest program and let it prove the result.
+
+Exit status: 0 only when every page at switchover is identical and the guest's checksum on
+the destination equals the unmigrated run's; 1 when a verification fails; 2 when the
+migration itself failed (the source guest kept running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import functools
+import json
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import DmaError
+from ..vmm.dirty import MODES
+from .running import GuestConfig, GuestOutcome, run_guest_migration
+
+if TYPE_CHECKING:
+    from .cli import RoundProgress
+
+
+@functools.cache
+def kvm_unusable() -> str | None:
+    """Why a running guest cannot be migrated here, or None."""
+    try:
+        from ..guest import image
+        from ..vmm import native_available
+        from ..vmm.system import system
+
+        if not native_available():
+            return "the native vCPU loop dmarw._vmm is not built"
+        system()
+        image()
+    except OSError as e:
+        return str(e)
+    return None
+
+
+def want_guest(args: argparse.Namespace) -> bool:
+    """Guest mode: asked for, or the default when KVM is usable and --replay not given."""
+    if args.ops < 1:
+        raise DmaError(errno.EINVAL, f"--ops {args.ops} must be >= 1 (workload records per writer)")
+    if args.replay and args.guest:
+        raise DmaError(errno.EINVAL, "--guest and --replay exclude each other")
+    if args.replay:
+        return False
+    why = kvm_unusable()
+    if args.guest and why is not None:
+        raise DmaError(errno.ENODEV, f"--guest needs KVM: {why}")
+    return why is None
+
+
+def add_guest_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("running guest (--guest, the default where KVM is usable)")
+    g.add_argument("--guest", action="store_true", help="migrate the guest program running on a KvmVm with the device")
+    g.add_argument("--replay", action="store_true", help="migrate RAM written by replay threads instead (no KVM needed)")
+    g.add_argument("--commands", type=int, default=20_000, help="device commands the guest issues (default 20000)")
+    g.add_argument("--batch", type=int, default=16, help="commands per doorbell (default 16)")
+    g.add_argument("--writer-heavy", action="store_true", help="the guest also stores a whole page and more per command")
+    g.add_argument("--dirty", choices=MODES, default="bitmap", help="how the kernel's dirty log is read (default bitmap)")
+    g.add_argument("--no-kvm-log", action="store_true", help="negative control: ignore the kernel's dirty log")
+    g.add_argument("--no-auto-converge", action="store_true", help="never throttle the vCPU")
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:,.2f} ms"
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+def report(o: GuestOutcome, con: Console) -> int:
+    """Rounds, totals, downtime parts, throughput, then the two verification lines."""
+    r = o.report
+    t = Table(title="pre-copy rounds (pages dirtied per log, sent, bytes, time, throttle)")
+    for col in ("round", "kvm log", "user log", "vfio log", "sent", "bytes", "harvest", "time", "throttle"):
+        t.add_column(col, justify="right")
+    for st in r.rounds:
+        t.add_row("final" if st.final else str(st.round), f"{st.kvm:,}", f"{st.user:,}", f"{st.vfio:,}",
+                  f"{st.sent:,}", f"{st.bytes:,}", _ms(st.harvest_seconds), _ms(st.seconds), f"{st.throttle:.0%}")
+    con.print(t)
+    why = "dirty set under the threshold" if r.converged else f"round limit {o.config.max_rounds}"
+    con.print(f"total: {len(r.rounds) - 1} pre-copy round(s) + final ({why}); {r.pages_sent:,} pages, "
+              f"{r.bytes_sent:,} bytes ({_mib(r.bytes_sent)}) in {r.total_seconds:.3f} s")
+    parts = ", ".join(f"{k} {_ms(v)}" for k, v in r.downtime_parts.items())
+    con.print(f"downtime: {_ms(r.downtime_seconds)} = {parts}")
+    total = o.stat.get("commands") or o.config.commands
+    con.print(f"guest at switchover: {o.commands_at_stop:,} of {total:,} device commands done; "
+              f"vCPU throttled for {o.throttled_seconds * 1e3:,.0f} ms in all")
+    if o.plain is not None and r.total_seconds > 0:
+        mig = r.bytes_sent / r.total_seconds
+        con.print(f"plain copy of the same RAM over the same kind of socket: {_mib(o.plain.bytes)} in "
+                  f"{o.plain.seconds:.3f} s = {_mib(o.plain.rate)}/s; migration {_mib(mig)}/s = "
+                  f"{mig / o.plain.rate:.2f}x")
+    n = r.npages
+    if o.pages_ok:
+        con.print(f"verification: OK, {n} pages identical")
+    else:
+        shown = ", ".join(f"{g:#x}" for g in o.differing[:16])
+        more = f" (first 16 of {len(o.differing)})" if len(o.differing) > 16 else ""
+        con.print(f"verification: FAILED, {len(o.differing)} of {n} pages differ: gpa {shown}{more}")
+    if o.checksum_ok:
+        con.print(f"verification: OK, guest checksum {o.reference:#018x} matches the unmigrated run")
+    elif o.checksum is not None:
+        con.print(f"verification: FAILED, guest checksum {o.checksum:#018x} on the destination, "
+                  f"{o.reference:#018x} in the unmigrated run")
+    else:
+        con.print(f"verification: FAILED, the guest did not finish on the destination ({o.guest_error}); "
+                  f"the unmigrated run's checksum is {o.reference:#018x}")
+    return 0 if o.ok else 1
+
+
+def run_guest_cli(args: argparse.Namespace, key: bytes | None, con: Console, bar: RoundProgress) -> int:
+    cfg = GuestConfig(
+        ram=args.ram, seed=args.seed, commands=args.commands, batch=args.batch, writer_heavy=args.writer_heavy,
+        dirty=args.dirty, threshold=args.threshold, max_rounds=args.max_rounds,
+        auto_converge=not args.no_auto_converge, device_bypass=args.device_bypass, no_vfio_log=args.no_vfio_log,
+        no_kvm_log=args.no_kvm_log, to=args.to, key=key, timeout=args.timeout,
+    )
+    try:
+        cfg.check()
+    except DmaError as e:  # a user's mistake: one line, before any work
+        raise SystemExit(f"dmarw migrate: {e}") from None
+    controls = [n for n, on in (("device writes bypass dma_rw", cfg.device_bypass),
+                                ("the container's bitmap ignored", cfg.no_vfio_log),
+                                ("the kernel's dirty log ignored", cfg.no_kvm_log)) if on]
+    con.print(f"dmarw migrate --guest: {_mib(cfg.ram)} guest RAM ({cfg.ram >> 12:,} pages), seed {cfg.seed}, "
+              f"{cfg.commands:,} commands{' (writer-heavy)' if cfg.writer_heavy else ''}; dirty log {cfg.dirty}; "
+              f"to {cfg.to or 'a local process'}" + (f"; negative control: {', '.join(controls)}" if controls else ""))
+    try:
+        with bar.progress:
+            o = run_guest_migration(cfg, on_sent=bar.sent, on_round_start=bar.round_start, on_round_end=bar.round_end)
+    except DmaError as e:
+        Console(stderr=True, soft_wrap=True).print(
+            f"dmarw migrate: migration failed, the source guest kept running: {e}", markup=False, highlight=False)
+        return 2
+    con.print(f"unmigrated run of the same guest: checksum {o.reference:#018x} in {o.reference_seconds:.2f} s")
+    rc = report(o, con)
+    if args.json:
+        out: dict[str, Any] = {
+            "config": {k: v for k, v in asdict(cfg).items() if k != "key"},
+            "report": asdict(o.report), "plain_copy": asdict(o.plain) if o.plain else None,
+            "reference_checksum": o.reference, "checksum": o.checksum, "destination": o.stat,
+            "differing_gpas": o.differing, "commands_at_stop": o.commands_at_stop,
+            "pages_ok": o.pages_ok, "checksum_ok": o.checksum_ok, "ok": o.ok,
+        }
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=1)
+    return rc

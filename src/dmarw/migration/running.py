@@ -1,0 +1,249 @@
+"""One migration of a running guest end to end, verified two ways.
+
+Order of work (one command does it all, so the comparison is within one run):
+
+1. the **unmigrated run**: the same guest and seed on a ``KvmVm`` of this process, run to its
+   end: the reference checksum;
+2. the source guest is built (:class:`~.guest.SourceMachine`) and a **plain copy** of its
+   RAM is timed over the same kind of socket (the throughput baseline);
+3. the destination: a forked process (``incoming``'s code on a socketpair) or ``--to`` a
+   ``dmarw incoming`` after the key handshake; either builds its VM before ``REDY``;
+4. the guest starts (vCPU thread, device engine thread) and pre-copy runs while it does;
+   auto-converge throttles the vCPU when a round dirties more than half of what it sent;
+5. stop-and-copy: vCPU kicked, device quiesced, last pages, vCPU/device state, ``END``;
+6. verification: every page's digest at switchover, source against destination; then the
+   destination resumes the guest to its end and reports its checksum, compared with (1).
+
+A failed attempt resumes the source guest (:class:`~.source.MigrationFailed` is raised with
+the guest running); the caller may retry or let it finish.  Forks happen while this
+process has no other thread (before the guest starts).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from ..errors import DmaError
+from ..guest.params import RAM_MAX, RAM_MIN
+from ..vmm.dirty import MODES
+from . import control, dest
+from .channel import Channel, handshake_source
+from .guest import GuestSpec, SourceMachine, reference_checksum
+from .harness import PlainCopy, plain_copy
+from .incoming import check_ram, parse_hostport, serve_connection
+from .source import MigrationFailed, MigrationReport, RoundStats, Source, differing_pages
+
+AUTO_CONVERGE = (0.2, 0.1, 0.99)  # initial share, step, ceiling (QEMU's cpu-throttle defaults)
+
+
+@dataclass
+class GuestConfig:
+    """Everything one running-guest migration depends on."""
+
+    ram: int = 64 << 20
+    seed: int = 0
+    commands: int = 3000
+    batch: int = 16
+    writer_heavy: bool = False
+    dirty: str = "bitmap"
+    threshold: int = 256
+    max_rounds: int = 16
+    auto_converge: bool = True
+    device_bypass: bool = False
+    no_vfio_log: bool = False
+    no_kvm_log: bool = False
+    plain_copy: bool = True
+    to: str | None = None
+    key: bytes | None = None
+    timeout: float = 60.0  # any wait for the destination's next message
+    # the destination's run of the guest to its end (a damaged guest may hang); None: four
+    # times the unmigrated run's time plus 10 s, or 120 s when that time is not known
+    guest_timeout: float | None = None
+
+    def spec(self) -> GuestSpec:
+        return GuestSpec(ram=self.ram, seed=self.seed, commands=self.commands, batch=self.batch,
+                         writer_heavy=self.writer_heavy, dirty=self.dirty)
+
+    def check(self) -> None:
+        if not RAM_MIN <= self.ram <= RAM_MAX or self.ram % (1 << 20):
+            raise DmaError(errno.EINVAL, f"--ram {self.ram:#x}: a running guest has a whole number of MiB "
+                           f"in [{RAM_MIN >> 20} MiB, {RAM_MAX >> 20} MiB]")
+        if self.dirty not in MODES:
+            raise DmaError(errno.EINVAL, f"--dirty {self.dirty!r} is one of {', '.join(MODES)}")
+        if self.threshold < 0 or self.max_rounds < 1:
+            raise DmaError(errno.EINVAL, f"--threshold {self.threshold} must be >= 0 and --max-rounds {self.max_rounds} >= 1")
+        if self.to is not None:
+            parse_hostport(self.to, "--to")
+            if self.key is None:
+                raise DmaError(errno.EINVAL, "--to needs --key-file: a migration between hosts is authenticated")
+        if self.key is not None:
+            control.check_key(self.key)
+        self.spec().params()  # the guest's own limits (commands, batch), as EINVAL
+        check_ram(self.ram, f"--ram {self.ram:#x}", copies=3)  # unmigrated run, source, destination
+
+
+@dataclass
+class GuestOutcome:
+    config: GuestConfig
+    report: MigrationReport
+    differing: list[int]
+    plain: PlainCopy | None
+    reference: int
+    checksum: int | None
+    stat: dict[str, Any] = field(default_factory=dict)  # what the destination measured
+    guest_error: str | None = None  # why the destination's guest did not finish
+    commands_at_stop: int = 0
+    throttled_seconds: float = 0.0
+    reference_seconds: float = 0.0
+
+    @property
+    def pages_ok(self) -> bool:
+        return not self.differing
+
+    @property
+    def checksum_ok(self) -> bool:
+        return self.checksum is not None and self.checksum == self.reference
+
+    @property
+    def ok(self) -> bool:
+        return self.pages_ok and self.checksum_ok
+
+
+def _local_child(sock: socket.socket, other: socket.socket, *_: object) -> None:
+    other.close()
+    rc = serve_connection(sock, None)
+    sock.close()
+    raise SystemExit(rc)
+
+
+def open_destination(
+    cfg: GuestConfig, src: Source, spec: GuestSpec, guest_timeout: float = 120.0
+) -> tuple[BaseProcess | None, Channel, bytes | None]:
+    """A destination with the guest's VM built and ``REDY`` received."""
+    proc: BaseProcess | None = None
+    mac = None
+    if cfg.to is None:
+        import multiprocessing
+
+        ours, theirs = socket.socketpair()
+        proc = multiprocessing.get_context("fork").Process(
+            target=_local_child, args=(theirs, ours), name="dmarw-migrate-dest", daemon=True
+        )
+        proc.start()
+        theirs.close()
+        ours.settimeout(cfg.timeout)
+        ch = Channel(ours, "destination")
+    else:
+        host, port = parse_hostport(cfg.to, "--to")
+        try:
+            sock = socket.create_connection((host, port), timeout=cfg.timeout)
+        except OSError as e:
+            raise MigrationFailed(e.errno or errno.ECONNREFUSED, f"destination {cfg.to} unreachable: {e.strerror or e}") from None
+        ch = Channel(sock, f"destination {cfg.to}")
+    try:
+        if cfg.key is not None and cfg.to is not None:
+            mac = handshake_source(ch, cfg.key)
+        ch.send(control.jsonmsg(control.SPEC, {
+            "page_size": src.page_size, "layout": [list(r) for r in src.layout], "guest": spec.as_json(),
+            "guest_timeout": guest_timeout,
+        }))
+        ch.recv(control.REDY)
+    except OSError as e:
+        ch.sock.close()
+        if proc is not None:
+            proc.join(cfg.timeout)
+        raise MigrationFailed(e.errno or errno.EPROTO, str(getattr(e, "detail", e))) from None
+    return proc, ch, mac
+
+
+def run_guest_migration(
+    cfg: GuestConfig,
+    *,
+    on_sent: Callable[[int, int], None] | None = None,
+    on_round_start: Callable[[int, int], None] | None = None,
+    on_round_end: Callable[[RoundStats], None] | None = None,
+    reference: int | None = None,
+) -> GuestOutcome:
+    """``reference``: the unmigrated run's checksum when already recorded for this guest
+    and seed (e.g. by an earlier run); otherwise the unmigrated run happens first."""
+    cfg.check()
+    spec = cfg.spec()
+    t0 = time.perf_counter()
+    ref = reference_checksum(spec) if reference is None else reference
+    ref_s = time.perf_counter() - t0
+    if cfg.guest_timeout is None:
+        cfg.guest_timeout = 4 * ref_s + 10.0 if reference is None else 120.0
+    sm = SourceMachine(spec, device_bypass=cfg.device_bypass)
+    try:
+        plain = plain_copy(sm.m.env.space, sm.m.env.hva, cfg.ram, tcp=cfg.to is not None) if cfg.plain_copy else None
+        src = Source(sm.vm, sm.container, threshold=cfg.threshold, max_rounds=cfg.max_rounds,
+                     use_kvm_log=not cfg.no_kvm_log, use_vfio_log=not cfg.no_vfio_log)
+        conn = open_destination(cfg, src, spec, cfg.guest_timeout) if cfg.to is None else None
+        sm.start()
+        o = attempt_guest(sm, src, cfg, conn, on_sent, on_round_start, on_round_end)
+        o.plain, o.reference, o.reference_seconds = plain, ref, ref_s
+        return o
+    finally:
+        sm.close()
+
+
+def attempt_guest(
+    sm: SourceMachine,
+    src: Source,
+    cfg: GuestConfig,
+    conn: tuple[BaseProcess | None, Channel, bytes | None] | None = None,
+    on_sent: Callable[[int, int], None] | None = None,
+    on_round_start: Callable[[int, int], None] | None = None,
+    on_round_end: Callable[[RoundStats], None] | None = None,
+) -> GuestOutcome:
+    """One attempt with the guest running; on :class:`MigrationFailed` it runs on."""
+    guest_timeout = cfg.guest_timeout if cfg.guest_timeout is not None else 120.0
+    proc, ch, mac = conn if conn is not None else open_destination(cfg, src, sm.spec, guest_timeout)
+    step = {"share": 0.0}
+
+    def throttle(_rnd: int, dirtied: int, sent: int) -> float:
+        if cfg.auto_converge and dirtied > sent // 2:
+            first, inc, top = AUTO_CONVERGE
+            step["share"] = first if step["share"] == 0 else min(top, step["share"] + inc)
+            sm.set_throttle(step["share"])
+        return step["share"]
+
+    try:
+        report = src.migrate(ch.sock, sm.pause, resume=sm.resume, state=sm.state, mac_key=mac, ch=ch,
+                             throttle=throttle, on_sent=on_sent, on_round_start=on_round_start,
+                             on_round_end=on_round_end)
+        sm.set_throttle(0.0)
+        mine = src.digests()  # the guest is stopped: the source's memory at switchover
+        try:
+            _, theirs = ch.recv(control.HASH)
+            ch.sock.settimeout(guest_timeout + cfg.timeout)
+            _, raw = ch.recv(control.STAT)
+        except OSError as e:
+            # the destination has the guest now: nothing to resume here, but say what is lost
+            raise MigrationFailed(e.errno or errno.EPIPE, f"destination lost after the switchover: {e}") from None
+        stat = control.parse_json(control.STAT, raw)
+    finally:
+        sm.set_throttle(0.0)
+        ch.sock.close()
+        if proc is not None:
+            proc.join(cfg.timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    differing = differing_pages(mine, theirs, src.layout, src.page_size, dest.DIGEST_SIZE)
+    checksum = stat.get("checksum")
+    parts = report.downtime_parts
+    if "restore_seconds" in stat:
+        dest_s = parts.pop("destination", 0.0)
+        parts["restore"] = float(stat["restore_seconds"])
+        parts["stream drain"] = max(0.0, dest_s - parts["restore"])
+        parts["resume"] = float(stat.get("resume_seconds", 0.0))
+        report.downtime_seconds += parts["resume"]
+    return GuestOutcome(cfg, report, differing, None, 0, int(checksum) if checksum is not None else None, stat,
+                        stat.get("error"), sm.commands_at_stop, sm.throttled_s)

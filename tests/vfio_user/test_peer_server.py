@@ -36,11 +36,10 @@ CLI = "import sys; from dmarw.cli import main; sys.exit(main())"
 ServerCmd = Callable[[Path], list[str]]
 
 
-@pytest.fixture(params=["libvfio-user", "dmarw"])
+@pytest.fixture(params=[pytest.param("libvfio-user", marks=pytest.mark.peer), "dmarw"])
 def server_cmd(request: pytest.FixtureRequest) -> ServerCmd:
     """How to start one sample server on a socket: the peer's, or dmarw's."""
     if request.param == "libvfio-user":
-        request.applymarker(pytest.mark.peer)
         build: peer.PeerBuild = request.getfixturevalue("peer_build")
         return lambda sock: [str(build.server), "-v", str(sock)]
     return lambda sock: [sys.executable, "-c", CLI, "serve", "--once", "--device", "sample", str(sock)]

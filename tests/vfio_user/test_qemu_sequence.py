@@ -202,13 +202,12 @@ def _config_read(q: QemuProxy, offset: int, count: int) -> bytes:
     return m.body[16:]
 
 
-@pytest.fixture(params=[*sorted(DEVICES), "libvfio-user-sample"])
+@pytest.fixture(params=[*sorted(DEVICES), pytest.param("libvfio-user-sample", marks=pytest.mark.peer)])
 def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """``dmarw serve --device NAME`` (serving one client after another) on a socket; and,
     to compare, libvfio-user's sample server (which serves one client, then exits)."""
     sock = tmp_path / "qemu.sock"
     if request.param == "libvfio-user-sample":
-        request.applymarker(pytest.mark.peer)
         build: peer.PeerBuild = request.getfixturevalue("peer_build")
         cmd = [str(build.server), "-v", str(sock)]
     else:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import DmaError
+from ..lab.cli import MAX_OPS
 from ..vmm.dirty import MODES
 from .running import GuestConfig, GuestOutcome, run_guest_migration
 
@@ -46,6 +47,8 @@ def want_guest(args: argparse.Namespace) -> bool:
     """Guest mode: asked for, or the default when KVM is usable and --replay not given."""
     if args.ops < 1:
         raise DmaError(errno.EINVAL, f"--ops {args.ops} must be >= 1 (workload records per writer)")
+    if args.ops > MAX_OPS:  # two writers' records are generated in memory before the run
+        raise DmaError(errno.EINVAL, f"--ops {args.ops:,} is more than {MAX_OPS:,} workload records per writer")
     if args.replay and args.guest:
         raise DmaError(errno.EINVAL, "--guest and --replay exclude each other")
     if args.replay:

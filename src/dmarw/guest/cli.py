@@ -139,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
     # prints it as one line
     params = Params(seed=args.seed, commands=args.commands, ram_size=args.ram, batch=args.batch,
                     writer_heavy=args.writer_heavy)
+    if args.json:  # a --json that cannot be written is refused before the guest runs
+        from ..lab.cli import check_output
+
+        check_output(args.json, "--json")
     paths = list(PATH_NAMES) if args.all_paths else [args.path]
     con = _console()
     reports: list[RunReport] = []

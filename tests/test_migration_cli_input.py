@@ -3,6 +3,11 @@ one line on stderr, no traceback, a non-zero exit, refused before any RAM is set
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -56,3 +61,47 @@ def test_huge_ops_is_refused_before_generating(mode: str) -> None:
     assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
     assert "--ops 1,000,000,000,000 is more than 40,000,000" in lines[0]
     assert p.stdout == "" and took < FAST
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.parametrize(("sig", "code", "word"), [(signal.SIGINT, 130, "interrupted"),
+                                                   (signal.SIGTERM, 143, "terminated")], ids=["ctrl-c", "sigterm"])
+def test_a_signal_to_the_process_group_is_one_line(sig: int, code: int, word: str) -> None:
+    # as a terminal sends it: to dmarw and its forked plain-copy receiver / destination alike.
+    # A child printed its own "terminated" or a BrokenPipeError traceback.
+    proc = subprocess.Popen([sys.executable, "-m", "dmarw", "migrate", "--replay", "--ram", "256M", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not _children(proc.pid) and time.monotonic() < deadline and proc.poll() is None:
+        try:  # a wait on the process itself, not a sleep
+            proc.wait(timeout=0.02)
+        except subprocess.TimeoutExpired:
+            pass
+    assert _children(proc.pid), "no child process started"
+    os.killpg(proc.pid, sig)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == code and err.strip() == f"dmarw: {word}", (proc.returncode, err)
+
+
+def test_plain_copy_receiver_whose_sender_left_exits_quietly(capfd: pytest.CaptureFixture[str]) -> None:
+    from dmarw.migration import harness
+
+    ours, theirs = socket.socketpair()
+    ours.close()  # the sender is gone before the receiver says it is ready
+    ctx = multiprocessing.get_context("fork")
+    p = ctx.Process(target=harness._plain_receiver, args=(theirs, ours, 1 << 20))
+    p.start()
+    theirs.close()
+    p.join(30)
+    assert p.exitcode == 1
+    assert "Traceback" not in capfd.readouterr().err

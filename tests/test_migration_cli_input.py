@@ -105,3 +105,23 @@ def test_plain_copy_receiver_whose_sender_left_exits_quietly(capfd: pytest.Captu
     p.join(30)
     assert p.exitcode == 1
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["--replay", "--guest"])
+def test_rounds_table_fits_80_columns(mode: str) -> None:
+    from dmarw.migration.guest_cli import kvm_unusable
+
+    if mode == "--guest" and kvm_unusable():
+        pytest.skip(f"--guest needs KVM: {kvm_unusable()}")
+    p = subprocess.run([sys.executable, "-m", "dmarw", "migrate", mode, "--ram", "16M", "--commands", "500",
+                        "--no-progress"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "COLUMNS": "80"})
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("pre-copy rounds"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("total:"))
+    table = lines[start:end]
+    assert any(line.lstrip().startswith("final") for line in table), table
+    rows = [line for line in table[2:] if line.strip()]
+    assert all(line.split()[0] in {"final", *map(str, range(64))} for line in rows), table  # one line per row
+    assert all(len(line) <= 80 and "…" not in line for line in table), table

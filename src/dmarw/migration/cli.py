@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import re
 from dataclasses import asdict
 
@@ -81,7 +82,7 @@ def _area(o: Outcome, gpa: int) -> str:
 def report(o: Outcome, con: Console) -> int:
     """Print the rounds, totals, throughput and the verification line; returns the exit code."""
     r = o.report
-    t = Table(title="pre-copy rounds")
+    t = Table(title="pre-copy rounds", box=None, padding=(0, 1), collapse_padding=True, pad_edge=False)
     for col in ("round", "dirtied", "kvm log", "vfio log", "pinned", "sent", "bytes", "time"):
         t.add_column(col, justify="right")
     for st in r.rounds:
@@ -175,7 +176,7 @@ def check_output(path: str) -> None:
 
 def console() -> Console:
     con = Console(soft_wrap=True)
-    if not con.is_terminal:  # a pipe or a file: keep the table's numbers whole
+    if not con.is_terminal and not os.environ.get("COLUMNS", "").isdigit():  # a pipe or a file: keep the numbers whole
         con = Console(soft_wrap=True, width=max(con.width, 120))
     return con
 

@@ -82,7 +82,8 @@ def _mib(n: float) -> str:
 def report(o: GuestOutcome, con: Console) -> int:
     """Rounds, totals, downtime parts, throughput, then the two verification lines."""
     r = o.report
-    t = Table(title="pre-copy rounds (pages dirtied per log, sent, bytes, time, throttle)")
+    t = Table(title="pre-copy rounds (pages dirtied per log, sent, bytes, time, throttle)", box=None,
+              padding=(0, 1), collapse_padding=True, pad_edge=False)
     for col in ("round", "kvm log", "user log", "vfio log", "sent", "bytes", "harvest", "time", "throttle"):
         t.add_column(col, justify="right")
     for st in r.rounds:

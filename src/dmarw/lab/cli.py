@@ -251,7 +251,8 @@ def register_reproduce(sub: argparse._SubParsersAction) -> None:
 def register_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="one configuration: a path, a VM count, a workload or trace",
                        description="Time one access path on N VM processes (and kvm beside it for the inc column).")
-    p.add_argument("--path", choices=list(PATHS), default="vfio-mutex", help="access path (default vfio-mutex)")
+    p.add_argument("--path", choices=list(PATHS), default="vfio-mutex", metavar="PATH",
+                   help=f"access path: {', '.join(PATHS)} (default vfio-mutex)")
     p.add_argument("--vms", type=int, choices=range(1, 17), default=1, metavar="N", help="VM processes, 1..16 (default 1)")
     p.add_argument("--profile", choices=PROFILES, default="glmark2", help="built-in workload profile (default glmark2)")
     p.add_argument("--trace", metavar="FILE", help="replay a trace file (dmarw workload -o FILE) in every VM")

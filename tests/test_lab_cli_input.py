@@ -1,0 +1,39 @@
+"""Trace files a careless user passes to ``dmarw bench/reproduce --trace``: a device with
+no newlines (``/dev/zero``) and a huge line are refused from the first bounded read, one
+line on stderr, before any memory is spent on them."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _limit_memory() -> None:  # in the child: a read of the whole of /dev/zero fails, not the machine
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+
+def dmarw(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dmarw", *args], capture_output=True, text=True, timeout=60,
+                          preexec_fn=_limit_memory)
+
+
+@pytest.mark.parametrize("command", ["bench", "reproduce"])
+def test_trace_from_a_device_without_newlines_is_refused_at_once(command: str) -> None:
+    p = dmarw(command, "--trace", "/dev/zero", "--ops", "1000")
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert lines[0].startswith("dmarw: error: ") and "/dev/zero:1: binary content" in lines[0]
+    assert p.stdout == ""
+
+
+def test_trace_with_a_huge_line_is_refused(tmp_path: Path) -> None:
+    t = tmp_path / "t.trace"
+    t.write_bytes(b"dmarw-trace 1\n" + b"w" * (1 << 20))
+    p = dmarw("bench", "--trace", str(t))
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, p.stderr
+    assert f"{t}:2: a line longer than 65,536 bytes" in lines[0]

@@ -37,3 +37,16 @@ def test_trace_with_a_huge_line_is_refused(tmp_path: Path) -> None:
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1, p.stderr
     assert f"{t}:2: a line longer than 65,536 bytes" in lines[0]
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["migrate", "--ops", "0"], "--ops 0 must be >= 1"),
+    (["incoming", "--listen", "nowhere", "--key-file", "/nonexistent/key"], "--key-file /nonexistent/key"),
+    (["attach", "/nonexistent.sock"], "/nonexistent.sock: No such file"),
+    (["serve", "--device", "sample", "/nonexistent/dir/s.sock"], "/nonexistent/dir/s.sock"),
+])
+def test_an_error_names_the_program_once(argv: list[str], needle: str) -> None:
+    p = dmarw(*argv)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and needle in lines[0], p.stderr
+    assert lines[0].startswith("dmarw: error: ") and lines[0].count("dmarw") == 1, lines[0]

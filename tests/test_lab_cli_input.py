@@ -50,3 +50,14 @@ def test_an_error_names_the_program_once(argv: list[str], needle: str) -> None:
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1 and needle in lines[0], p.stderr
     assert lines[0].startswith("dmarw: error: ") and lines[0].count("dmarw") == 1, lines[0]
+
+
+@pytest.mark.parametrize("argv", [["bench", "--ops", "1000", "--no-baseline"],
+                                  ["reproduce", "--ops", "1000", "--rounds", "4", "--vms", "1", "--no-sweep",
+                                   "--paths", "kvm"],
+                                  ["migrate", "--replay", "--ram", "16M", "--ops", "100"]])
+def test_a_run_into_a_pipe_leaves_stderr_empty(argv: list[str]) -> None:
+    # the transient progress bar, with no terminal to draw on, left a blank line on stderr
+    # (so a failure after it was two lines)
+    p = dmarw(*argv)
+    assert p.returncode == 0 and p.stderr == "", p.stderr

@@ -125,3 +125,9 @@ def test_rounds_table_fits_80_columns(mode: str) -> None:
     rows = [line for line in table[2:] if line.strip()]
     assert all(line.split()[0] in {"final", *map(str, range(64))} for line in rows), table  # one line per row
     assert all(len(line) <= 80 and "…" not in line for line in table), table
+
+
+def test_an_unreachable_destination_is_one_line(key: str) -> None:
+    p, _ = dmarw("migrate", "--replay", "--ram", "16M", "--to", "127.0.0.1:1", "--key-file", key)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unreachable" in lines[0], p.stderr

@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     con = _console()
     reports: list[RunReport] = []
     t0 = time.perf_counter()
-    with Progress(console=Console(stderr=True), transient=True) as bar:
+    with Progress(console=(err := Console(stderr=True)), transient=True, disable=not err.is_terminal) as bar:
         for path in paths:
             reports.append(run_one(path, params, args, bar))
     elapsed = time.perf_counter() - t0

@@ -187,7 +187,7 @@ def _capture_with_bar(seeds: list[int], commands: int, ram_size: int, path: str,
     from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(console=Console(stderr=True), transient=True) as bar:
+    with Progress(console=(err := Console(stderr=True)), transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task(f"real guests {', '.join(map(str, seeds))} on KVM ({path})",
                             total=commands * len(seeds))
 

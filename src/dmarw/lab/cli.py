@@ -184,7 +184,7 @@ def run_bench(args: argparse.Namespace) -> int:
     results = {}
     from rich.progress import Progress, TaskID
 
-    with Progress(console=Console(stderr=True), transient=True) as bar:
+    with Progress(console=(err := Console(stderr=True)), transient=True, disable=not err.is_terminal) as bar:
         for path in todo:
             task = bar.add_task(f"{path}, {args.vms} VM(s)", total=1)
 

@@ -140,10 +140,10 @@ class RoundProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
+            console=(err := Console(stderr=True)),
             transient=True,
             auto_refresh=False,
-            disable=disable,
+            disable=disable or not err.is_terminal,  # a pipe or a file: no bar, no stray blank line
         )
         self.task: TaskID | None = None
         self.frames = 0

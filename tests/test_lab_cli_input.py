@@ -61,3 +61,15 @@ def test_a_run_into_a_pipe_leaves_stderr_empty(argv: list[str]) -> None:
     # (so a failure after it was two lines)
     p = dmarw(*argv)
     assert p.returncode == 0 and p.stderr == "", p.stderr
+
+
+@pytest.mark.parametrize(("value", "code", "needle"), [
+    ("5", 2, "argument --ram-size: must be a multiple of 4096, at least 64 KiB"),
+    ("0x1000", 2, "argument --ram-size: must be a multiple of 4096, at least 64 KiB"),
+    ("0x10000000000", 1, "--ram-size 0x10000000000 is more than this machine can give"),
+])
+def test_workload_ram_size_is_checked_as_the_flag(tmp_path: Path, value: str, code: int, needle: str) -> None:
+    p = dmarw("workload", "--ops", "10", "--ram-size", value, "-o", str(tmp_path / "w.trace"))
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == code and len(lines) == 1 and needle in lines[0], p.stderr
+    assert not (tmp_path / "w.trace").exists()

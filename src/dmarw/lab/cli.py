@@ -13,7 +13,7 @@ from . import reproduce as R
 from . import runner
 from .paths import PATHS, resolve_core
 from .source import trace_source
-from .workload import DEFAULT_RAM, PROFILES, Workload, generate
+from .workload import DEFAULT_RAM, PROFILES, Workload, check_ram, generate
 
 
 def _paths(text: str) -> list[str]:
@@ -54,8 +54,8 @@ def _positive(text: str) -> int:
 
 def _bytes(text: str) -> int:
     v = _int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive (got {text!r})")
+    if v < 64 << 10 or v % 4096:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 4096, at least 64 KiB (got {text!r})")
     return v
 
 
@@ -230,6 +230,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def run_workload(args: argparse.Namespace) -> int:
     check_output(args.output, "--output")
+    check_ram(args.ram_size, "--ram-size")
     w = generate(args.profile, args.ops, args.seed, args.ram_size)
     w.save(args.output)
     c = w.counts()

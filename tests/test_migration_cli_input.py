@@ -113,7 +113,8 @@ def test_rounds_table_fits_80_columns(mode: str) -> None:
 
     if mode == "--guest" and kvm_unusable():
         pytest.skip(f"--guest needs KVM: {kvm_unusable()}")
-    p = subprocess.run([sys.executable, "-m", "dmarw", "migrate", mode, "--ram", "16M", "--commands", "500",
+    size = ["--commands", "500"] if mode == "--guest" else ["--ops", "2000"]
+    p = subprocess.run([sys.executable, "-m", "dmarw", "migrate", mode, "--ram", "16M", *size,
                         "--no-progress"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "COLUMNS": "80"})
     assert p.returncode == 0, p.stderr
@@ -131,3 +132,21 @@ def test_an_unreachable_destination_is_one_line(key: str) -> None:
     p, _ = dmarw("migrate", "--replay", "--ram", "16M", "--to", "127.0.0.1:1", "--key-file", key)
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unreachable" in lines[0], p.stderr
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--replay", "--commands", "5", "--dirty", "ring"], "--commands, --dirty: only with a running guest"),
+    (["--replay", "--writer-heavy"], "--writer-heavy: only with a running guest"),
+    (["--guest", "--core", "python", "--pinned", "3"], "--pinned, --core: only with --replay"),
+    (["--guest", "--vcpu-rate", "1"], "--vcpu-rate: only with --replay"),
+])
+def test_a_flag_of_the_other_mode_is_refused_not_ignored(argv: list[str], needle: str) -> None:
+    # each was silently ignored: --core python on a running guest ran the default core
+    from dmarw.migration.guest_cli import kvm_unusable
+
+    if "--guest" in argv and kvm_unusable():
+        pytest.skip(f"--guest needs KVM: {kvm_unusable()}")
+    p, took = dmarw("migrate", "--ram", "16M", *argv)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and needle in lines[0], p.stderr
+    assert p.stdout == "" and took < FAST

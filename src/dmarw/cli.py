@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
             raise
-        fail_line(_one_line(Exception(e.code)))
+        fail_line(re.sub(rf"^{PROG} [a-z-]+: ", "", _one_line(Exception(e.code))))  # "dmarw: error:" says it
         return EXIT_ERROR
     except BrokenPipeError:  # the reader went away (``dmarw ... | head``): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     con = _console()
     reports: list[RunReport] = []
     t0 = time.perf_counter()
-    with Progress(console=Console(stderr=True), transient=True) as bar:
+    with Progress(console=(err := Console(stderr=True)), transient=True, disable=not err.is_terminal) as bar:
         for path in paths:
             reports.append(run_one(path, params, args, bar))
     elapsed = time.perf_counter() - t0
@@ -179,14 +179,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Run dmarw's guest program on a KvmVm with the GPU-like device on one "
                        "access path (or all six), print exits, MMIO round trip, per-command cost, and "
                        "check the dirty logs against the guest's own record and the checksum across paths.")
-    p.add_argument("--path", choices=PATH_NAMES, default="vfio-external-user", help="the device's path")
+    p.add_argument("--path", choices=PATH_NAMES, default="vfio-external-user", metavar="PATH",
+                   help=f"the device's path: {', '.join(PATH_NAMES)} (default vfio-external-user)")
     p.add_argument("--all-paths", action="store_true", help="run all six paths, check one checksum")
-    p.add_argument("--ram", type=parse_size, default=16 << 20, help="guest RAM, e.g. 16M (2M..1G)")
-    p.add_argument("--commands", type=_count, default=2000, help="device commands the guest issues")
-    p.add_argument("--seed", type=_count, default=0, help="the guest's seed")
-    p.add_argument("--batch", type=_count, default=16, help="commands per doorbell (1..64)")
+    p.add_argument("--ram", type=parse_size, default=16 << 20, help="guest RAM, e.g. 16M (2M..1G; default 16M)")
+    p.add_argument("--commands", type=_count, default=2000, help="device commands the guest issues (default 2000)")
+    p.add_argument("--seed", type=_count, default=0, help="the guest's random seed (default 0)")
+    p.add_argument("--batch", type=_count, default=16, help="commands per doorbell (1..64; default 16)")
     p.add_argument("--writer-heavy", type=_count, default=0, metavar="N",
-                   help="N more pages the guest stores to per command (0..64)")
+                   help="N more pages the guest stores to per command (0..64; default 0)")
     p.add_argument("--dirty", choices=DIRTY_MODES, default=DEFAULT_DIRTY, help="KVM dirty-log mode")
     p.add_argument("--inline", action="store_true", help="run the device in the vCPU thread (no engine thread)")
     p.add_argument("--core", choices=("python", "native"), help="dmarw core (default: native when built)")

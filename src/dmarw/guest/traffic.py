@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import multiprocessing as mp
+import signal
 import threading
 import traceback
 from array import array
@@ -56,6 +57,9 @@ def _capture_main(path: str, params: Params, core: str | None, group_lock: Any, 
                   progress: Any, index: int, conn: Connection) -> None:
     from .machine import GuestMachine
 
+    # Ctrl-C is the parent's (it ends the guests); SIGTERM, how the parent ends one, kills at once
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         set_group_lock(group_lock)
         with GuestMachine(path, params, core=core, device_kw={"record": True}) as m:
@@ -113,6 +117,7 @@ def capture(seeds: list[int], *, commands: int, ram_size: int, path: str = DEFAU
     out: list[Capture] = []
     errors = []
     total = commands * len(seeds)
+    done = False
     try:
         for s, p, rx in zip(seeds, procs, conns, strict=True):
             while not rx.poll(0.2):  # an I/O wait on the pipe, reporting progress meanwhile
@@ -136,8 +141,11 @@ def capture(seeds: list[int], *, commands: int, ram_size: int, path: str = DEFAU
                           {"source": f"real guest seed {s}: {commands:,} commands on {path}, "
                                      f"checksum {checksum:016x}"})
             out.append(Capture(s, wl, checksum, wall, per_cmd, p.pid or 0))
-    finally:
+        done = True
+    finally:  # on Ctrl-C, SIGTERM or an error here the guests are ended: none outlives the run
         for p in procs:
+            if not done and p.is_alive():
+                p.terminate()
             p.join()
     if errors:
         raise RuntimeError("guest capture failed:\n" + "\n".join(errors))
@@ -179,7 +187,7 @@ def _capture_with_bar(seeds: list[int], commands: int, ram_size: int, path: str,
     from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(console=Console(stderr=True), transient=True) as bar:
+    with Progress(console=(err := Console(stderr=True)), transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task(f"real guests {', '.join(map(str, seeds))} on KVM ({path})",
                             total=commands * len(seeds))
 

@@ -13,7 +13,7 @@ from . import reproduce as R
 from . import runner
 from .paths import PATHS, resolve_core
 from .source import trace_source
-from .workload import DEFAULT_RAM, PROFILES, Workload, generate
+from .workload import DEFAULT_RAM, PROFILES, Workload, check_ram, generate
 
 
 def _paths(text: str) -> list[str]:
@@ -54,8 +54,8 @@ def _positive(text: str) -> int:
 
 def _bytes(text: str) -> int:
     v = _int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive (got {text!r})")
+    if v < 64 << 10 or v % 4096:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 4096, at least 64 KiB (got {text!r})")
     return v
 
 
@@ -184,7 +184,7 @@ def run_bench(args: argparse.Namespace) -> int:
     results = {}
     from rich.progress import Progress, TaskID
 
-    with Progress(console=Console(stderr=True), transient=True) as bar:
+    with Progress(console=(err := Console(stderr=True)), transient=True, disable=not err.is_terminal) as bar:
         for path in todo:
             task = bar.add_task(f"{path}, {args.vms} VM(s)", total=1)
 
@@ -230,6 +230,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def run_workload(args: argparse.Namespace) -> int:
     check_output(args.output, "--output")
+    check_ram(args.ram_size, "--ram-size")
     w = generate(args.profile, args.ops, args.seed, args.ram_size)
     w.save(args.output)
     c = w.counts()
@@ -251,7 +252,8 @@ def register_reproduce(sub: argparse._SubParsersAction) -> None:
 def register_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="one configuration: a path, a VM count, a workload or trace",
                        description="Time one access path on N VM processes (and kvm beside it for the inc column).")
-    p.add_argument("--path", choices=list(PATHS), default="vfio-mutex", help="access path (default vfio-mutex)")
+    p.add_argument("--path", choices=list(PATHS), default="vfio-mutex", metavar="PATH",
+                   help=f"access path: {', '.join(PATHS)} (default vfio-mutex)")
     p.add_argument("--vms", type=int, choices=range(1, 17), default=1, metavar="N", help="VM processes, 1..16 (default 1)")
     p.add_argument("--profile", choices=PROFILES, default="glmark2", help="built-in workload profile (default glmark2)")
     p.add_argument("--trace", metavar="FILE", help="replay a trace file (dmarw workload -o FILE) in every VM")

@@ -213,6 +213,7 @@ def measure(opts: Options, console: Console | None = None) -> Results:
         TimeElapsedColumn(),
         console=con,
         transient=True,
+        disable=not con.is_terminal,  # a pipe or a file gets no bar (and no stray blank line)
     ) as bar:
         overall = bar.add_task("all configurations", total=n_steps)
         current = bar.add_task("", total=1)

@@ -31,6 +31,7 @@ from . import reference as REF
 PAGE = 4096
 TRACE_MAGIC = "dmarw-trace"
 TRACE_VERSION = 1
+MAX_LINE = 1 << 16  # bytes: a trace line is a record or a header, far shorter
 READ_FRACTION = float(REF.GLMARK2["read_fraction"])  # both from the 2020 thread's glmark2 runs
 PAGE_READ_FRACTION = float(REF.GLMARK2["page_read_fraction"])
 DEFAULT_OPS = 200_000
@@ -236,9 +237,12 @@ class Workload:
         ram: int | None = None
         with open(path, "rb") as f:
             lineno = 0
-            for lineno, raw in enumerate(f, start=1):  # noqa: B007 (lineno used after the loop)
+            # bounded reads: a file without newlines (/dev/zero) must not be read whole
+            for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), start=1):  # noqa: B007
                 if b"\0" in raw:
                     raise bad(lineno, "binary content (a NUL byte), not a trace file")
+                if len(raw) > MAX_LINE:
+                    raise bad(lineno, f"a line longer than {MAX_LINE:,} bytes, not a trace file")
                 try:
                     line = raw.decode("utf-8").strip()
                 except UnicodeDecodeError:

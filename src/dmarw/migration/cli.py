@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import re
 from dataclasses import asdict
 
@@ -41,6 +42,32 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2)]
 
 
+MAX_TIMEOUT = 86_400.0  # a day: socket waits take a finite, bounded number of seconds
+MAX_RATE = 65_536.0  # writes per MiB streamed (256 per page sent): beyond it a writer never lets a round end
+
+
+def _seconds(text: str) -> float:
+    """``--timeout``: a finite number of seconds in (0, a day]."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < v <= MAX_TIMEOUT:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, {MAX_TIMEOUT:,.0f}] seconds")
+    return v
+
+
+def _rate(text: str) -> float:
+    """``--vcpu-rate``/``--dma-rate``: writes per MiB streamed, finite, in [0, MAX_RATE]."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= v <= MAX_RATE:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} must be in 0..{MAX_RATE:,.0f} writes per MiB streamed")
+    return v
+
+
 def _mib(n: float) -> str:
     return f"{n / (1 << 20):,.1f} MiB"
 
@@ -55,7 +82,7 @@ def _area(o: Outcome, gpa: int) -> str:
 def report(o: Outcome, con: Console) -> int:
     """Print the rounds, totals, throughput and the verification line; returns the exit code."""
     r = o.report
-    t = Table(title="pre-copy rounds")
+    t = Table(title="pre-copy rounds", box=None, padding=(0, 1), collapse_padding=True, pad_edge=False)
     for col in ("round", "dirtied", "kvm log", "vfio log", "pinned", "sent", "bytes", "time"):
         t.add_column(col, justify="right")
     for st in r.rounds:
@@ -113,10 +140,10 @@ class RoundProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
+            console=(err := Console(stderr=True)),
             transient=True,
             auto_refresh=False,
-            disable=disable,
+            disable=disable or not err.is_terminal,  # a pipe or a file: no bar, no stray blank line
         )
         self.task: TaskID | None = None
         self.frames = 0
@@ -149,7 +176,7 @@ def check_output(path: str) -> None:
 
 def console() -> Console:
     con = Console(soft_wrap=True)
-    if not con.is_terminal:  # a pipe or a file: keep the table's numbers whole
+    if not con.is_terminal and not os.environ.get("COLUMNS", "").isdigit():  # a pipe or a file: keep the numbers whole
         con = Console(soft_wrap=True, width=max(con.width, 120))
     return con
 
@@ -228,8 +255,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ram", type=parse_size, default=1 << 30, help="guest RAM size (default 1G)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the guest's choices (default 0)")
     add_guest_arguments(p)
-    p.add_argument("--vcpu-rate", type=float, default=64.0, help="vCPU writes per MiB streamed (default 64)")
-    p.add_argument("--dma-rate", type=float, default=32.0, help="device writes per MiB streamed (default 32)")
+    p.add_argument("--vcpu-rate", type=_rate, default=64.0, help="vCPU writes per MiB streamed (default 64)")
+    p.add_argument("--dma-rate", type=_rate, default=32.0, help="device writes per MiB streamed (default 32)")
     p.add_argument("--pinned", type=int, default=16, help="pages the device pins and writes by hva (default 16)")
     p.add_argument("--threshold", type=int, default=256, help="stop iterating at this many dirty pages (default 256)")
     p.add_argument("--max-rounds", type=int, default=16, help="pre-copy round limit (default 16)")
@@ -239,7 +266,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--core", choices=("python", "native"), help="dmarw core (default: native when built)")
     p.add_argument("--to", metavar="HOST:PORT", help="migrate to a `dmarw incoming` there (needs --key-file)")
     p.add_argument("--key-file", metavar="FILE", help="shared key (>= 16 bytes, used as they are) authenticating the stream")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds any wait for the destination may last (default 30)")
+    p.add_argument("--timeout", type=_seconds, default=30.0, help="seconds any wait for the destination may last (default 30)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", metavar="FILE", help="write every number of the run as JSON")
     p.set_defaults(func=_run)
@@ -267,5 +294,5 @@ def register_incoming(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--listen", metavar="HOST:PORT", required=True, help="address to listen on (port 0: any free port)")
     p.add_argument("--key-file", metavar="FILE", required=True, help="shared key (>= 16 bytes, used as they are)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds any wait for the source may last (default 120)")
+    p.add_argument("--timeout", type=_seconds, default=120.0, help="seconds any wait for the source may last (default 120)")
     p.set_defaults(func=_incoming)

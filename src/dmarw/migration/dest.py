@@ -16,6 +16,7 @@ import errno
 import hashlib
 import multiprocessing
 import os
+import signal
 import socket
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
@@ -197,6 +198,8 @@ def serve(sock: socket.socket, page_size: int, layout: Layout, mac_key: bytes | 
 
 def _child(sock: socket.socket, other: socket.socket, page_size: int, layout: Layout) -> None:
     other.close()  # the source's end, inherited: keep it open and EOF would never come
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the source's: it ends the stream
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not dmarw's handler: no second "terminated"
     rc = serve(sock, page_size, layout)
     sock.close()
     raise SystemExit(rc)

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from ..errors import DmaError
 from ..vmm import DEFAULT_DIRTY
+from ..lab.cli import MAX_OPS
 from ..vmm.dirty import MODES
 from .running import GuestConfig, GuestOutcome, run_guest_migration
 
@@ -47,14 +48,33 @@ def want_guest(args: argparse.Namespace) -> bool:
     """Guest mode: asked for, or the default when KVM is usable and --replay not given."""
     if args.ops < 1:
         raise DmaError(errno.EINVAL, f"--ops {args.ops} must be >= 1 (workload records per writer)")
+    if args.ops > MAX_OPS:  # two writers' records are generated in memory before the run
+        raise DmaError(errno.EINVAL, f"--ops {args.ops:,} is more than {MAX_OPS:,} workload records per writer")
     if args.replay and args.guest:
         raise DmaError(errno.EINVAL, "--guest and --replay exclude each other")
+    if not args.guest:  # --replay, or replay because KVM is unusable: these would be ignored
+        given = [flag for flag, value, default in GUEST_ONLY if getattr(args, value) != default]
+        if given and (args.replay or kvm_unusable() is not None):
+            raise DmaError(errno.EINVAL, f"{', '.join(given)}: only with a running guest (--guest), not --replay")
     if args.replay:
         return False
     why = kvm_unusable()
     if args.guest and why is not None:
         raise DmaError(errno.ENODEV, f"--guest needs KVM: {why}")
+    if why is None:  # the running guest has its own writers and core: these would be ignored
+        given = [flag for flag, value, default in REPLAY_ONLY if getattr(args, value) != default]
+        if given:
+            raise DmaError(errno.EINVAL, f"{', '.join(given)}: only with --replay (the running guest does its "
+                           "own writes on the default core)")
     return why is None
+
+
+GUEST_ONLY = (("--commands", "commands", 20_000), ("--batch", "batch", 16), ("--writer-heavy", "writer_heavy", False),
+              ("--dirty", "dirty", "bitmap"), ("--no-kvm-log", "no_kvm_log", False),
+              ("--no-auto-converge", "no_auto_converge", False))
+# flags of the replay mode only: (flag, attribute, default)
+REPLAY_ONLY = (("--vcpu-rate", "vcpu_rate", 64.0), ("--dma-rate", "dma_rate", 32.0), ("--pinned", "pinned", 16),
+               ("--ops", "ops", 20_000), ("--core", "core", None))
 
 
 def add_guest_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,7 +101,8 @@ def _mib(n: float) -> str:
 def report(o: GuestOutcome, con: Console) -> int:
     """Rounds, totals, downtime parts, throughput, then the two verification lines."""
     r = o.report
-    t = Table(title="pre-copy rounds (pages dirtied per log, sent, bytes, time, throttle)")
+    t = Table(title="pre-copy rounds (pages dirtied per log, sent, bytes, time, throttle)", box=None,
+              padding=(0, 1), collapse_padding=True, pad_edge=False)
     for col in ("round", "kvm log", "user log", "vfio log", "sent", "bytes", "harvest", "time", "throttle"):
         t.add_column(col, justify="right")
     for st in r.rounds:

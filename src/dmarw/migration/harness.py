@@ -23,6 +23,7 @@ import errno
 import itertools
 import multiprocessing
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -197,19 +198,24 @@ def build_writers(guest: SourceGuest, cfg: Config) -> Writers:
 # -- plain copy --------------------------------------------------------------------------
 def _plain_receiver(sock: socket.socket, other: socket.socket, size: int) -> None:
     other.close()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it closes the socket
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     space = AddressSpace()
     hva = space.mmap(size, backing="memfd")
     dest.prefault(space, hva, size)  # prepared like the destination's RAM, before timing
-    sock.sendall(b"R")
     region, off = space.region(hva, size)
     got = 0
-    with memoryview(region.map) as mv:
-        while got < size:
-            n = sock.recv_into(mv[off + got : off + min(size, got + dest.RECV_CHUNK)])
-            if n == 0:
-                break
-            got += n
-    sock.sendall(b"K" if got == size else b"E")
+    try:
+        sock.sendall(b"R")
+        with memoryview(region.map) as mv:
+            while got < size:
+                n = sock.recv_into(mv[off + got : off + min(size, got + dest.RECV_CHUNK)])
+                if n == 0:
+                    break
+                got += n
+        sock.sendall(b"K" if got == size else b"E")
+    except OSError:  # the sender went away (interrupted): nothing to report to
+        raise SystemExit(1) from None
     sock.close()
     raise SystemExit(0 if got == size else 1)
 

@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("attach", help="connect to a vfio-user server as a VMM and print its device",
-                       description=__doc__.split("\n\n")[0] if __doc__ else None)
+                       description=__doc__.split("\n\n")[0].replace("``", "") if __doc__ else None)
     p.add_argument("socket", help="the server's UNIX socket")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--dma-size", type=_size, default=1 << 20,

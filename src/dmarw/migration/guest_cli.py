@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import DmaError
-from ..vmm import DEFAULT_DIRTY
 from ..lab.cli import MAX_OPS
+from ..vmm import DEFAULT_DIRTY
 from ..vmm.dirty import MODES
 from .running import GuestConfig, GuestOutcome, run_guest_migration
 

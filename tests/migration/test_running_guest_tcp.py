@@ -25,7 +25,7 @@ from dmarw.migration.source import MigrationFailed, Source
 
 KEY = b"0123456789abcdef-shared-key"
 RAM = 64 << 20
-COMMANDS = 1200
+COMMANDS = 2500  # long enough to be mid-run after a TCP plain copy and a busy machine
 WAIT = 90.0
 
 

@@ -70,7 +70,7 @@ def want_guest(args: argparse.Namespace) -> bool:
 
 
 GUEST_ONLY = (("--commands", "commands", 20_000), ("--batch", "batch", 16), ("--writer-heavy", "writer_heavy", False),
-              ("--dirty", "dirty", "bitmap"), ("--no-kvm-log", "no_kvm_log", False),
+              ("--dirty", "dirty", DEFAULT_DIRTY), ("--no-kvm-log", "no_kvm_log", False),
               ("--no-auto-converge", "no_auto_converge", False))
 # flags of the replay mode only: (flag, attribute, default)
 REPLAY_ONLY = (("--vcpu-rate", "vcpu_rate", 64.0), ("--dma-rate", "dma_rate", 32.0), ("--pinned", "pinned", 16),

@@ -60,3 +60,13 @@ def test_a_signal_during_the_guest_capture_ends_every_guest(sig: int, code: int,
     assert proc.returncode == code and err.strip() == f"dmarw: {word}", (proc.returncode, err)
     for k in kids:  # gone, or at most a zombie about to be reaped
         assert not Path(f"/proc/{k}").exists() or "Z" in Path(f"/proc/{k}/stat").read_text().split()[2]
+
+
+def test_reproduce_guest_refuses_more_commands_than_memory_holds() -> None:
+    # every guest's accesses are recorded in memory at once: 10M commands on 16 VMs was ~50 GB
+    p = subprocess.run([sys.executable, "-m", "dmarw", "reproduce", "--guest", "--guest-commands", "10000000",
+                        "--vms", "1,16"], capture_output=True, text=True, timeout=60)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, p.stderr
+    assert "--guest-commands 10,000,000 on 16 VMs is 160,000,000 commands; at most 16,000,000" in lines[0]
+    assert p.stdout == ""

@@ -199,6 +199,7 @@ def _capture_with_bar(seeds: list[int], commands: int, ram_size: int, path: str,
 
 QUICK_COMMANDS = 25_000
 DEFAULT_COMMANDS = 100_000
+MAX_TOTAL_COMMANDS = 16_000_000  # ~300 bytes each while recorded and sent: ~5 GB at most
 
 
 def lab_source(args: Any) -> Callable[[int, int], Workload]:
@@ -207,6 +208,9 @@ def lab_source(args: Any) -> Callable[[int, int], Workload]:
     if getattr(args, "trace", None):
         raise SystemExit("--guest and --trace are two access sources: choose one")
     commands = args.guest_commands or (QUICK_COMMANDS if args.quick else DEFAULT_COMMANDS)
+    if commands * max(args.vms) > MAX_TOTAL_COMMANDS:  # all guests' records are held at once
+        raise SystemExit(f"--guest-commands {commands:,} on {max(args.vms)} VMs is {commands * max(args.vms):,} "
+                         f"commands; at most {MAX_TOTAL_COMMANDS:,} over all guests (each is recorded in memory)")
     from rich.console import Console
 
     from ..lab.workload import DEFAULT_RAM

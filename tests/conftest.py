@@ -120,8 +120,20 @@ _outcomes: dict[str, dict[str, str]] = defaultdict(dict)  # marker -> nodeid -> 
 _skip_reasons: dict[str, Counter[str]] = defaultdict(Counter)
 
 
+_marked: dict[str, list[str]] = {}  # nodeid -> the counted markers it carries
+
+
+@pytest.hookimpl(trylast=True)  # after the folders' own hooks have added their markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Note each test's counted markers by marker, not keyword (a keyword match would also
+    take a folder or checkout named ``kvm``)."""
+    for item in items:
+        names = {m.name for m in item.iter_markers()}
+        _marked[item.nodeid] = [m for m in COUNTED_MARKERS if m in names]
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    marks = [m for m in COUNTED_MARKERS if m in report.keywords]
+    marks = _marked.get(report.nodeid, [])
     if not marks:
         return
     outcome: str | None = None

@@ -1,4 +1,4 @@
-"""The type1 container: map/unmap, dma_rw, dirty tracking and pinning (issue 2).
+"""The type1 container: map/unmap, dma_rw, dirty tracking and pinning.
 
 Every test runs on each core (``core``) for each lock strategy x mm-ref mode
 (``container_kwargs``).  Every failing

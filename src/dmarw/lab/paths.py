@@ -1,6 +1,6 @@
 """One VM's guest RAM, Vm and container, and each access path the lab measures.
 
-Every path is dmarw's real code, set up as in the seed (dirty logging on everywhere):
+Every path is dmarw's real code, set up as in the 2020 thread (dirty logging on everywhere):
 
 ==========================  ==============================================================
 ``kvm``                     ``Vm.read_guest_into`` / ``Vm.write_guest`` (memslot 0 with
@@ -9,9 +9,9 @@ Every path is dmarw's real code, set up as in the seed (dirty logging on everywh
                             mm_ref="get_task_mm")`` (2020)
 ``vfio-rwsem``              per-call ``vfio_dma_rw``, ``lock="rwsem"`` (the Jan 2020 RFC)
 ``vfio-external-user``      ``ExternalUser.dma_rw``, mutex, ``get_task_mm`` (merged for 5.7)
-``vfio-external-user-mmget``  ``ExternalUser.dma_rw``, mutex, ``mmget_not_zero`` (seed's proposal)
+``vfio-external-user-mmget``  ``ExternalUser.dma_rw``, mutex, ``mmget_not_zero`` (the thread's proposal)
 ``vfio-rcu``                ``ExternalUser.dma_rw`` on ``lock="rcu"``, ``mmget_not_zero``
-                            (beyond the seed: lock-free readers)
+                            (beyond the thread: lock-free readers)
 ==========================  ==============================================================
 
 ``core`` picks the Python reference or the native core (:mod:`dmarw.core`; default: native

@@ -187,7 +187,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_count, default=0, help="the guest's random seed (default 0)")
     p.add_argument("--batch", type=_count, default=16, help="commands per doorbell (1..64; default 16)")
     p.add_argument("--writer-heavy", type=_count, default=0, metavar="N",
-                   help="N more pages the guest stores to per command (0..64; default 0)")
+                   help="before each doorbell the guest stores to N x 4096 more pages, a rolling window of its batch area (0..64; default 0)")
     p.add_argument("--dirty", choices=DIRTY_MODES, default=DEFAULT_DIRTY, help="KVM dirty-log mode")
     p.add_argument("--inline", action="store_true", help="run the device in the vCPU thread (no engine thread)")
     p.add_argument("--core", choices=("python", "native"), help="dmarw core (default: native when built)")

@@ -9,7 +9,7 @@
  *
  * What it does, in batches of `batch` commands:
  *   - it stores to its own memory (the data each command will read, and with
- *     `writer_heavy` = n, n more pages per command, one word every 256 bytes),
+ *     `writer_heavy` = n, a sweep over n * SWEEP_PAGES pages per batch, see sweep()),
  *   - it writes the commands (glmark2 mix: GTT entries, ring dwords, batch and descriptor
  *     chunks, context state; 63% reads, 48% of reads one page) and a FENCE into the
  *     command ring, and rings the doorbell (the MMIO tail register),
@@ -43,6 +43,7 @@ typedef unsigned long long u64;
 #define PARAMS_VERSION 1u
 #define PAGE 4096u
 #define MAX_BATCH 64u
+#define SWEEP_PAGES 4096u /* pages per batch a writer-heavy guest rewrites, per unit */
 
 #define RESULT_HELLO 0x48454c4fu /* "OLEH": followed by version << 16 | sizeof params */
 #define RESULT_DONE 0x454e4f44u  /* "DONE": followed by ck lo, ck hi, commands */
@@ -118,6 +119,7 @@ static u32 ring_tail;
 static u32 *vrec, *drec;
 static u64 bell_cycles;
 static u32 bells, waits;
+static u32 sweep_pos[2]; /* where each half's next sweep starts (a page index) */
 
 extern char __rw_start[], __rw_end[]; /* .data + .bss, page aligned (guest.ld) */
 
@@ -183,8 +185,12 @@ static void fold_words(u32 addr, u32 size)
 
 static void mark(u32 *rec, u32 addr, u32 size)
 {
-    u32 first = addr / PAGE, last = (addr + size - 1) / PAGE;
-    for (u32 p = first; p <= last; p++)
+    u32 p = addr / PAGE, last = (addr + size - 1) / PAGE;
+    for (; p <= last && (p & 31); p++)
+        rec[p >> 5] |= 1u << (p & 31);
+    for (; p + 31 <= last; p += 32) /* whole words: 32 pages at once */
+        rec[p >> 5] = ~0u;
+    for (; p <= last; p++)
         rec[p >> 5] |= 1u << (p & 31);
 }
 
@@ -280,10 +286,48 @@ static void make_command(u32 half, u32 slot)
         u32 n = size < 64 ? size : 8 + 4 * below(15);
         guest_store(addr + below((size - n) / 4 + 1) * 4, n, 4);
     }
-    /* a writer-heavy guest: `writer_heavy` more pages per command, one word every 256 B */
-    for (u32 i = 0; i < P->writer_heavy; i++)
-        guest_store(pick((enum area)below(A_COUNT), half, PAGE, PAGE), PAGE, 256);
     ring_put(write ? OP_WRITE : OP_READ, kind, addr, size, slot);
+}
+
+/* Store `stamp` to the first word of `pages` pages from addr, and log them. */
+static void sweep_run(u32 addr, u32 pages, u32 stamp)
+{
+#pragma GCC unroll 8 /* one store a page: the loop's own instructions would be most of it */
+    for (u32 i = 0; i < pages; i++)
+        *(volatile u32 *)(addr + i * PAGE) = stamp;
+    if (pages)
+        mark(vrec, addr, pages * PAGE);
+}
+
+/* A writer-heavy guest, before each doorbell: one word stored on each of the next
+ * `writer_heavy` * SWEEP_PAGES pages of this half of the batch area (the device only reads
+ * the batch area, and only the half of the batch in flight).  The window moves on every
+ * time, wrapping, so successive batches dirty distinct pages, faster than a migration's
+ * stream copies them.  The device reads these words, and at the end the guest folds the
+ * first word of every batch page into its checksum (sweep_fold): a page whose last store
+ * a migration lost changes the result. */
+static void sweep(u32 half)
+{
+    u32 half_pages = P->areas[A_BATCH].size / PAGE / 2;
+    u32 n = P->writer_heavy * SWEEP_PAGES;
+    if (n > half_pages)
+        n = half_pages;
+    if (n == 0)
+        return;
+    u32 base = P->areas[A_BATCH].base + half * half_pages * PAGE;
+    u32 pos = sweep_pos[half], stamp = rnd();
+    u32 first = n < half_pages - pos ? n : half_pages - pos; /* up to the end of the half */
+    sweep_run(base + pos * PAGE, first, stamp);
+    sweep_run(base, n - first, stamp); /* and on from its start */
+    sweep_pos[half] = (pos + n) % half_pages;
+}
+
+static void sweep_fold(void)
+{
+    if (P->writer_heavy == 0)
+        return;
+    for (u32 a = P->areas[A_BATCH].base; a < P->areas[A_BATCH].base + P->areas[A_BATCH].size; a += PAGE)
+        fold(*(const volatile u32 *)a);
 }
 
 static u32 fence_now(void) { return *(const volatile u32 *)P->hwsp_gpa; }
@@ -363,6 +407,7 @@ void guest_main(void)
         for (u32 i = 0; i < n; i++)
             make_command(half, issued + i);
         issued += n;
+        sweep(half);
         ring_put(OP_FENCE, 0, P->hwsp_gpa, 4, k + 1);
         u64 t0 = rdtsc();
         mmio_w(REG_RING_TAIL, ring_tail); /* the doorbell */
@@ -376,6 +421,7 @@ void guest_main(void)
     if (mmio_r(REG_STATUS) & STATUS_ERROR)
         fault(FAULT_DEVICE);
 
+    sweep_fold(); /* what a writer-heavy guest's sweeps left */
     /* and the record of pages the device was told to write */
     fold_words(P->drec_gpa, rec_bytes & ~3u);
 

@@ -25,6 +25,7 @@ from .params import (
     RING_GPA,
     STACK_BOTTOM,
     STACK_TOP,
+    SWEEP_PAGES,
     VREC_GPA,
     Params,
 )
@@ -61,6 +62,7 @@ class ModelGuest:
         self.vrec: set[int] = set()
         self.drec: set[int] = set()
         self.writes: list[list[tuple[int, int]]] = [[], []]
+        self.sweep_pos = [0, 0]
 
     # -- the guest's primitives, as in guest.c -------------------------------------------
     def rnd(self) -> int:
@@ -148,9 +150,33 @@ class ModelGuest:
         else:
             n = size if size < 64 else 8 + 4 * below(15)
             self.guest_store(addr + below((size - n) // 4 + 1) * 4, n, 4)
-        for _ in range(self.p.writer_heavy):
-            self.guest_store(self.pick(below(len(AREAS)), half, PAGE, PAGE), PAGE, 256)
         self.ring_put(gpu.OP_WRITE if write else gpu.OP_READ, kind, addr, size, slot)
+
+    def sweep_run(self, addr: int, pages: int, stamp: int) -> None:
+        word = stamp.to_bytes(4, "little")
+        for i in range(pages):
+            self.write(addr + i * PAGE, word)
+        if pages:
+            self._mark(self.vrec, addr, pages * PAGE)
+
+    def sweep(self, half: int) -> None:
+        """As guest.c's sweep(): the writer-heavy guest's rolling window of page stores."""
+        area = self.p.areas[A_BATCH]
+        half_pages = area.size // PAGE // 2
+        n = min(self.p.writer_heavy * SWEEP_PAGES, half_pages)
+        if n == 0:
+            return
+        base = area.base + half * half_pages * PAGE
+        pos, stamp = self.sweep_pos[half], self.rnd()
+        first = min(n, half_pages - pos)
+        self.sweep_run(base + pos * PAGE, first, stamp)
+        self.sweep_run(base, n - first, stamp)
+        self.sweep_pos[half] = (pos + n) % half_pages
+
+    def sweep_fold(self) -> None:
+        if self.p.writer_heavy:
+            area = self.p.areas[A_BATCH]
+            self.fold_data(b"".join(self.read(a, 4) for a in range(area.base, area.end, PAGE)))
 
     def wait_fence(self, seqno: int) -> None:
         while int.from_bytes(self.read(HWSP_GPA, 4), "little") < seqno:
@@ -191,6 +217,7 @@ class ModelGuest:
             for i in range(n):
                 self.make_command(half, issued + i)
             issued += n
+            self.sweep(half)
             self.ring_put(gpu.OP_FENCE, 0, HWSP_GPA, 4, k + 1)
             rw(gpu.REG_RING_TAIL, self.tail)
         for j in range(max(batches - 2, 0), batches):
@@ -198,6 +225,7 @@ class ModelGuest:
             self.harvest(j)
         if self.reg_read(gpu.REG_STATUS) & gpu.STATUS_ERROR:
             raise RuntimeError("model guest: device error at the end")
+        self.sweep_fold()
         drec = bytearray(rec_bytes)
         for page in self.drec:
             drec[page >> 3] |= 1 << (page & 7)

@@ -59,6 +59,7 @@ AREAS = ("page-tables", "rings", "contexts", "batches")
 AREA_SHARES = (25, 5, 15, 55)  # percent of the data region
 PARAMS_STRUCT = struct.Struct("<" + "I" * (len(PARAMS_FIELDS) + 2 * len(AREAS)))
 HOT_PAGES = 512
+SWEEP_PAGES = 4096  # as guest.c: pages per batch a writer-heavy guest rewrites, per unit
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class Params:
     commands: int = 2000
     ram_size: int = 16 << 20
     batch: int = 16
-    writer_heavy: int = 0  # extra pages the guest stores to per command (0: none)
+    writer_heavy: int = 0  # n: the guest rewrites n * SWEEP_PAGES pages per batch (0: none)
     spin: int = 16  # fence polls (with ``pause``) before the guest blocks in WAIT
     hot_pages: int = HOT_PAGES
     probes: int = 64  # ID-register reads the guest times with rdtsc (the MMIO round trip)

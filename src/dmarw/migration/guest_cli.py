@@ -83,7 +83,7 @@ def add_guest_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--replay", action="store_true", help="migrate RAM written by replay threads instead (no KVM needed)")
     g.add_argument("--commands", type=int, default=20_000, help="device commands the guest issues (default 20000)")
     g.add_argument("--batch", type=int, default=16, help="commands per doorbell (default 16)")
-    g.add_argument("--writer-heavy", action="store_true", help="the guest also stores a whole page and more per command")
+    g.add_argument("--writer-heavy", action="store_true", help="the guest also sweeps its batch area, one store a page, before each doorbell")
     g.add_argument("--dirty", choices=MODES, default=DEFAULT_DIRTY,
                    help=f"how the kernel's dirty log is read (default {DEFAULT_DIRTY})")
     g.add_argument("--no-kvm-log", action="store_true", help="negative control: ignore the kernel's dirty log")

@@ -142,6 +142,14 @@ class SourceMachine:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def wait_under_way(self, commands: int, timeout: float = 30.0) -> None:
+        """Return once the device has served ``commands`` of the guest's commands (what is
+        migrated is a guest at work), or the guest stopped, or ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        while self.running and self.m.device.regs.commands < commands and time.monotonic() < deadline:
+            assert self._thread is not None
+            self._thread.join(0.005)
+
     def set_throttle(self, share: float) -> None:
         self._share = min(max(share, 0.0), 0.99)
 

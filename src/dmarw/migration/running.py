@@ -202,6 +202,7 @@ def run_guest_migration(
                      use_kvm_log=not cfg.no_kvm_log, use_vfio_log=not cfg.no_vfio_log)
         conn = open_destination(cfg, src, spec, cfg.guest_timeout)  # its VM ready before the guest starts
         sm.start()
+        sm.wait_under_way(max(1, min(16, spec.commands // 50)))  # pre-copy of a guest at work
         o = attempt_guest(sm, src, cfg, conn, on_sent, on_round_start, on_round_end)
         o.plain, o.reference, o.reference_seconds = plain, ref, ref_s
         return o

@@ -77,7 +77,7 @@ def test_native_equals_python(data: bytes, offset: int, start: int, cut: int) ->
 
 @needs_native
 def test_large_buffer_lanes_and_mmap() -> None:
-    """Lengths around the 3-lane block (3 x 2048 bytes) and above the GIL threshold, read
+    """Lengths around the 3-lane blocks (3 x 32 KiB, 3 x 2 KiB) and above the GIL threshold, read
     straight from an mmap, as the sender reads guest RAM."""
     from dmarw import _native
 
@@ -85,7 +85,7 @@ def test_large_buffer_lanes_and_mmap() -> None:
     for i in range(0, 1 << 20, 4093):
         m[i] = (i * 7) & 0xFF
     view = memoryview(m)
-    for n in (6143, 6144, 6145, 12288 + 13, 65536, (1 << 20) - 3):
+    for n in (6143, 6144, 6145, 12288 + 13, 65536, 98303, 98304, 98305, 98304 + 6144 + 5, (1 << 20) - 3):
         for off in (0, 1, 7):
             part = view[off : off + n]
             assert _native.crc32c(part) == _native.crc32c_portable(part)

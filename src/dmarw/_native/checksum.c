@@ -4,8 +4,8 @@
  * the standard CRC32C (initial and final inversion), chainable like zlib.crc32 —
  * crc32c(b, crc32c(a)) == crc32c(a + b).  On x86 with SSE4.2 (checked once with cpuid)
  * the hardware crc32 instruction runs in three interleaved lanes (its latency is three
- * cycles, its throughput one per cycle); the lanes are joined with a precomputed "shift
- * by LANE zero bytes" table.  Elsewhere a portable table-driven loop (slicing by 8).
+ * cycles, its throughput one per cycle); the lanes are joined with precomputed "shift
+ * by a lane of zero bytes" tables.  Elsewhere a portable table-driven loop (slicing by 8).
  *
  * No lock: the function reads the caller's buffer only and touches no shared state (the
  * tables are written once at module set-up, before any call).  The GIL is released for
@@ -15,10 +15,15 @@
 #include "dmarw.h"
 
 #define POLY 0x82F63B78u
-#define LANE 2048 /* bytes per lane of the 3-way loop */
+/* bytes per lane of the 3-way loop: long lanes first (long streams keep the hardware
+ * prefetcher ahead: 2 KiB lanes ran at half the speed on 64 MiB), then short ones for
+ * the rest; measured by bench/migration_check.py */
+#define LANE_LONG 32768
+#define LANE_SHORT 2048
 
 static uint32_t table[8][256];     /* slicing-by-8 tables of the portable path */
-static uint32_t shift_lane[4][256]; /* raw state -> the state after LANE zero bytes */
+static uint32_t shift_long[4][256];  /* raw state -> the state after LANE_LONG zero bytes */
+static uint32_t shift_short[4][256]; /* ... after LANE_SHORT zero bytes */
 static int have_sse42;
 
 /* raw CRC (no inversions) of n bytes, the portable way */
@@ -45,15 +50,59 @@ crc_table(uint32_t c, const unsigned char *p, size_t n)
 }
 
 static inline uint32_t
-shift(uint32_t c)
+shift(const uint32_t (*t)[256], uint32_t c)
 {
-    return shift_lane[0][c & 0xff] ^ shift_lane[1][(c >> 8) & 0xff] ^ shift_lane[2][(c >> 16) & 0xff] ^
-           shift_lane[3][c >> 24];
+    return t[0][c & 0xff] ^ t[1][(c >> 8) & 0xff] ^ t[2][(c >> 16) & 0xff] ^ t[3][c >> 24];
+}
+
+static void
+shift_init(uint32_t (*t)[256], size_t lane)
+{
+    /* the shift is linear in the state: the image of each state bit, then per byte */
+    static const unsigned char zeros[LANE_LONG];
+    uint32_t basis[32];
+    for (int b = 0; b < 32; b++)
+        basis[b] = crc_table(1u << b, zeros, lane);
+    for (int k = 0; k < 4; k++)
+        for (int i = 0; i < 256; i++) {
+            uint32_t c = 0;
+            for (int j = 0; j < 8; j++)
+                if (i & (1 << j))
+                    c ^= basis[8 * k + j];
+            t[k][i] = c;
+        }
 }
 
 #if defined(__x86_64__)
 #include <cpuid.h>
 #include <nmmintrin.h>
+
+/* whole blocks of three lanes; returns the bytes done, *state updated */
+__attribute__((target("sse4.2"))) static inline size_t
+crc_hw_3way(uint64_t *state, const unsigned char *p, size_t n, size_t lane, const uint32_t (*t)[256])
+{
+    uint64_t a = *state;
+    size_t done = 0;
+    while (n - done >= 3 * lane) {
+        uint64_t b = 0, d = 0;
+        const unsigned char *q = p + done, *end = q + lane;
+        while (q < end) {
+            uint64_t w0, w1, w2;
+            memcpy(&w0, q, 8);
+            memcpy(&w1, q + lane, 8);
+            memcpy(&w2, q + 2 * lane, 8);
+            a = _mm_crc32_u64(a, w0);
+            b = _mm_crc32_u64(b, w1);
+            d = _mm_crc32_u64(d, w2);
+            q += 8;
+        }
+        /* state after lane 0 | lane 1 | lane 2 (the raw CRC is linear in its state) */
+        a = shift(t, shift(t, (uint32_t)a) ^ (uint32_t)b) ^ (uint32_t)d;
+        done += 3 * lane;
+    }
+    *state = a;
+    return done;
+}
 
 __attribute__((target("sse4.2"))) static uint32_t
 crc_hw(uint32_t c, const unsigned char *p, size_t n)
@@ -63,24 +112,12 @@ crc_hw(uint32_t c, const unsigned char *p, size_t n)
         n--;
     }
     uint64_t a = c;
-    while (n >= 3 * LANE) {
-        uint64_t b = 0, d = 0;
-        const unsigned char *end = p + LANE;
-        while (p < end) {
-            uint64_t w0, w1, w2;
-            memcpy(&w0, p, 8);
-            memcpy(&w1, p + LANE, 8);
-            memcpy(&w2, p + 2 * LANE, 8);
-            a = _mm_crc32_u64(a, w0);
-            b = _mm_crc32_u64(b, w1);
-            d = _mm_crc32_u64(d, w2);
-            p += 8;
-        }
-        /* state after lane 0 | lane 1 | lane 2 (linearity of the raw CRC) */
-        a = shift(shift((uint32_t)a) ^ (uint32_t)b) ^ (uint32_t)d;
-        p += 2 * LANE;
-        n -= 3 * LANE;
-    }
+    size_t done = crc_hw_3way(&a, p, n, LANE_LONG, (const uint32_t (*)[256])shift_long);
+    p += done;
+    n -= done;
+    done = crc_hw_3way(&a, p, n, LANE_SHORT, (const uint32_t (*)[256])shift_short);
+    p += done;
+    n -= done;
     while (n >= 8) {
         uint64_t w;
         memcpy(&w, p, 8);
@@ -121,19 +158,8 @@ checksum_init(void)
     unsigned int eax, ebx, ecx, edx;
     have_sse42 = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_SSE4_2);
 #endif
-    /* the shift is linear in the state: the image of each state bit, then per byte */
-    static const unsigned char zeros[LANE];
-    uint32_t basis[32];
-    for (int b = 0; b < 32; b++)
-        basis[b] = crc_table(1u << b, zeros, LANE);
-    for (int t = 0; t < 4; t++)
-        for (int i = 0; i < 256; i++) {
-            uint32_t c = 0;
-            for (int k = 0; k < 8; k++)
-                if (i & (1 << k))
-                    c ^= basis[8 * t + k];
-            shift_lane[t][i] = c;
-        }
+    shift_init(shift_long, LANE_LONG);
+    shift_init(shift_short, LANE_SHORT);
 }
 
 static PyObject *

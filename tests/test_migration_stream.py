@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import errno
 import struct
-import zlib
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dmarw.checksum import crc32c
 from dmarw.migration.dest import Destination
 from dmarw.migration.stream import (
     NEED_DATA,
@@ -183,7 +183,7 @@ def test_impossible_length_refused_before_waiting_for_it() -> None:
 
 def _frame(kind: int, seq: int, payload: bytes) -> bytes:
     head = struct.pack("<HHII", kind, 0, seq, len(payload))
-    return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
+    return head + struct.pack("<I", crc32c(payload, crc32c(head))) + payload
 
 
 def test_page_outside_the_layout_is_refused() -> None:
@@ -231,9 +231,13 @@ def test_magic_and_version_mismatch() -> None:
         dec.events()
     dec = Decoder()
     dec.receive_data(stream[:8] + struct.pack("<H", 7) + stream[10:])
-    with pytest.raises(StreamError, match="stream version 7 .* speaks version 1") as ei:
+    with pytest.raises(StreamError, match="stream version 7 .* speaks version 2") as ei:
         dec.events()
     assert ei.value.reason == "mismatch"
+    dec = Decoder()  # version 1 checked frames with zlib's CRC-32: refused, not misread
+    dec.receive_data(stream[:8] + struct.pack("<H", 1) + stream[10:])
+    with pytest.raises(StreamError, match="stream version 1 .* speaks version 2"):
+        dec.events()
 
 
 def test_destination_refuses_a_mismatched_stream_and_stays_incomplete() -> None:
@@ -300,7 +304,7 @@ def test_trailing_data_after_end_refused() -> None:
 
 def test_frames_before_header_refused() -> None:
     dec = Decoder()
-    dec.receive_data(b"DMARWMIG\x01\x00\x00\x00" + _frame(4, 0, struct.pack("<IIQ", 0, 0, 0)))
+    dec.receive_data(b"DMARWMIG\x02\x00\x00\x00" + _frame(4, 0, struct.pack("<IIQ", 0, 0, 0)))
     with pytest.raises(StreamError, match="before the HEADER frame"):
         dec.events()
 

@@ -329,6 +329,36 @@ def test_pages_views_stay_valid_while_more_data_arrives() -> None:
     assert all(bytes(e.data[:1]) * PS == bytes(e.data[:PS]) for e in held)
 
 
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 9000), min_size=1, max_size=40), hold=st.booleans())
+def test_receive_into_equals_receive_data(sizes: list[int], hold: bool) -> None:
+    """Input written straight into the decoder's buffer (as recv_into does, in pieces of
+    any size, short writes included) decodes to the same events, and PAGES views held
+    meanwhile keep their contents."""
+    stream, _ = build()
+    dec = Decoder(PS, LAYOUT)
+    got: list[object] = []
+    at = 0
+    i = 0
+    while at < len(stream):
+        want = sizes[i % len(sizes)]
+        i += 1
+
+        def recv(room: memoryview, at: int = at, want: int = want) -> int:
+            part = stream[at : at + min(want, len(room))]  # a short read may write less
+            room[: len(part)] = part
+            return len(part)
+
+        at += dec.receive_into(recv, max(want, dec.wanted()))
+        evs = dec.events()
+        got += [e for e in evs if hold or not isinstance(e, Pages)]
+        del evs
+    assert dec.receive_into(lambda room: 0, 16) == 0  # end of input
+    assert dec.events() == []
+    expect = [e for e in decode_all(stream) if hold or not isinstance(e, Pages)]
+    assert got == expect
+
+
 def test_feeding_exactly_what_the_decoder_wants_gives_one_event_per_feed() -> None:
     stream, _ = build()
     dec = Decoder(PS, LAYOUT)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import errno
 import hmac
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -253,9 +254,9 @@ class Decoder:
         self._tag = TAG_SIZE if mac_key is not None else 0
         self.expect_page_size = page_size
         self.expect_layout = tuple(layout) if layout is not None else None
-        self._buf = bytearray()
-        self._exported = False
+        self._buf = bytearray()  # input at _buf[_pos:_end]; the rest is room for more
         self._pos = 0
+        self._end = 0
         self.offset = 0  # stream offset of _buf[_pos]
         self._eof = False
         self._error: StreamError | None = None
@@ -275,29 +276,71 @@ class Decoder:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Append input; empty ``data`` marks the end of the stream."""
-        if self._error is not None:
-            raise self._error
+        self._check_open()
         if not data:
             self._eof = True
             return
+        n = len(data)
+        self._room(n)
+        self._buf[self._end : self._end + n] = data
+        self._end += n
+
+    def receive_into(self, recv: Callable[[memoryview], int], n: int) -> int:
+        """Let ``recv`` write up to ``n`` bytes of input straight into the decoder's buffer
+        (a socket's ``recv_into``: no copy through a buffer of the caller's); returns the
+        bytes it wrote, 0 meaning end of input (as ``receive_data(b"")``)."""
+        self._check_open()
+        self._room(n)
+        with memoryview(self._buf) as whole, whole[self._end : self._end + n] as tail:
+            got = recv(tail)
+        if not 0 <= got <= n:
+            raise DmaError(errno.EINVAL, f"receive_into: recv wrote {got} bytes into room for {n}")
+        self._end += got
+        if got == 0:
+            self._eof = True
+        return got
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise self._error
         if self._eof:
             raise self._fail("protocol", "data received after end of input")
-        try:  # in place: no new buffer, no fresh pages to fault in
-            if self._pos and self._pos >= len(self._buf) // 2:
-                del self._buf[: self._pos]
-                self._pos = 0
-            self._buf += data
-        except BufferError:  # a PAGES view of this buffer is still held: leave it as it is
-            self._buf = self._buf[self._pos :] + data
-            self._pos = 0
-        self._exported = False
+
+    def _room(self, n: int) -> None:
+        """Make room for ``n`` more bytes after ``_end``, reusing the buffer: consumed bytes
+        are dropped in place and it grows only when a frame needs more than it ever had.
+        While a PAGES view of it is held (Python then refuses to resize it), nothing before
+        ``_end`` is overwritten: the input goes after it, or the unconsumed bytes move to a
+        new buffer and the view keeps the old one, unchanged."""
+        try:
+            self._buf.append(0)  # BufferError while a PAGES view is held
+            del self._buf[-1]
+        except BufferError:  # only the bytes after _end are free
+            if len(self._buf) - self._end >= n:
+                return
+            live = self._end - self._pos
+            new = bytearray(live + n)
+            new[:live] = self._buf[self._pos : self._end]
+            self._buf = new
+            self._pos, self._end = 0, live
+            return
+        if self._pos == self._end:  # all consumed (the usual case): start over in place
+            self._pos = self._end = 0
+        if len(self._buf) - self._end >= n:
+            return
+        if self._pos:
+            live = self._end - self._pos
+            del self._buf[: self._pos]
+            self._pos, self._end = 0, live
+        del self._buf[self._end :]
+        self._buf += bytes(n)
 
     def _fail(self, reason: str, message: str) -> StreamError:
         self._error = StreamError(reason, message)
         return self._error
 
     def _avail(self) -> int:
-        return len(self._buf) - self._pos
+        return self._end - self._pos
 
     def _truncated(self, what: str) -> StreamError:
         return self._fail(
@@ -491,7 +534,6 @@ class Decoder:
         data_at = _PAGES.size + 8 * n
         self.round_pages += n
         self.pages += n
-        self._exported = True  # while its view lives, Python refuses to resize the buffer
         return Pages(rnd, gpas, p[data_at:].toreadonly())
 
     def events(self) -> list[Event]:

@@ -511,6 +511,16 @@ class Decoder:
         self.header = Header(VERSION, page_size, layout)
         return self.header
 
+    def _one_run(self, gpas: tuple[int, ...], ps: int) -> bool:
+        """True when ``gpas`` are aligned, consecutive and all inside one region (checked
+        at C speed: the first and the last page, and the tuple against a range)."""
+        first, last = gpas[0], gpas[-1]
+        if first % ps or last != first + (len(gpas) - 1) * ps:
+            return False
+        if not any(g <= first and last + ps <= g + s for g, s in self._regions):
+            return False
+        return gpas == tuple(range(first, last + 1, ps))
+
     def _inside(self, gpa: int, page_size: int) -> bool:
         for g, s in self._regions:
             if g <= gpa and gpa + page_size <= g + s:
@@ -528,9 +538,10 @@ class Decoder:
         if rnd != self.round:
             raise self._fail("protocol", f"{where}: PAGES of round {rnd} while round {self.round} is open")
         gpas = struct.unpack_from(f"<{n}Q", p, _PAGES.size)
-        for g in gpas:
-            if g % ps or not self._inside(g, ps):
-                raise self._fail("corrupt", f"{where}: page gpa {g:#x} is unaligned or outside the RAM layout")
+        if not self._one_run(gpas, ps):  # the usual frame is one run: no per-page loop
+            bad = next((g for g in gpas if g % ps or not self._inside(g, ps)), None)
+            if bad is not None:
+                raise self._fail("corrupt", f"{where}: page gpa {bad:#x} is unaligned or outside the RAM layout")
         data_at = _PAGES.size + 8 * n
         self.round_pages += n
         self.pages += n

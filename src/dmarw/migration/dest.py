@@ -132,7 +132,8 @@ class Destination:
             i = 0
             with memoryview(ev.data) as data:
                 hva, region_end = self._hva(gpas[0])
-                if gpas[-1] + ps <= region_end and gpas == tuple(range(gpas[0], gpas[-1] + 1, ps)):
+                last = gpas[0] + (len(gpas) - 1) * ps  # the range below has len(gpas) items at most
+                if gpas[-1] == last and last + ps <= region_end and gpas == tuple(range(gpas[0], last + 1, ps)):
                     self.space.write(hva, data)  # the usual frame: one run, one write
                     i = len(gpas)
                 while i < len(gpas):  # one write per run of consecutive pages in one region

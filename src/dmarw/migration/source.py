@@ -229,7 +229,8 @@ class Source:
         at = 0
         i = 0
         s = self._slot_of(gfns[0])
-        if gfns[-1] < (s.gpa + s.size) >> 12 and gfns == list(range(gfns[0], gfns[-1] + 1)):
+        last = gfns[0] + len(gfns) - 1  # the range below has len(gfns) items at most
+        if gfns[-1] == last < (s.gpa + s.size) >> 12 and gfns == list(range(gfns[0], last + 1)):
             i = len(gfns)  # the usual frame: one run, one copy
             region, off = self.space.region(s.hva + (gfns[0] << 12) - s.gpa, need)
             with memoryview(region.map) as ram:

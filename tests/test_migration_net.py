@@ -15,11 +15,11 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 
+from dmarw.checksum import crc32c
 from dmarw.errors import DmaError
 from dmarw.migration import control
 from dmarw.migration.channel import Channel, handshake_dest, handshake_source
@@ -135,7 +135,7 @@ def test_stream_altered_in_flight_with_a_fixed_crc_is_unauthenticated() -> None:
     kind, flags, seq, length, _crc = (int.from_bytes(s[head + o : head + o + n], "little") for o, n in ((0, 2), (2, 2), (4, 4), (8, 4), (12, 4)))
     assert (kind, seq) == (2, 1)
     s[head + 16 + 100] ^= 0xFF  # a page byte changed ...
-    crc = zlib.crc32(bytes(s[head + 16 : head + 16 + length]), zlib.crc32(bytes(s[head : head + 12])))
+    crc = crc32c(bytes(s[head + 16 : head + 16 + length]), crc32c(bytes(s[head : head + 12])))
     s[head + 12 : head + 16] = crc.to_bytes(4, "little")  # ... and the CRC recomputed, as an impostor would
     with pytest.raises(StreamError, match="tag of frame at offset 0x44 .seq 1. does not match") as ei:
         _decode(bytes(s), KEY)

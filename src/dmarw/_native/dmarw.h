@@ -461,5 +461,9 @@ PyObject *py_bitmap_peek(PyObject *self, PyObject *arg);
 PyObject *py_hva_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_hva_write(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_set_timing(PyObject *self, PyObject *arg);
+void checksum_init(void);
+PyObject *py_crc32c(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *py_crc32c_portable(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *py_crc32c_impl(PyObject *self, PyObject *unused);
 
 #endif

@@ -168,6 +168,11 @@ static PyMethodDef module_methods[] = {
     {"vfio_replay", vfio_replay, METH_VARARGS,
      "vfio_replay(device, writes, addrs, sizes, buf, deltas=None) -> (read_cycles, reads, "
      "write_cycles, writes): Type1.replay through the per-call path"},
+    {"crc32c", (PyCFunction)(void (*)(void))py_crc32c, METH_FASTCALL,
+     "crc32c(data, value=0) -> int: CRC32C of a contiguous buffer, chained from value"},
+    {"crc32c_portable", (PyCFunction)(void (*)(void))py_crc32c_portable, METH_FASTCALL,
+     "crc32c_portable(data, value=0) -> int: the same by the table-driven loop"},
+    {"crc32c_impl", py_crc32c_impl, METH_NOARGS, "'sse4.2' or 'table': how crc32c runs here"},
     {"set_gil_threshold", set_gil_threshold, METH_O,
      "copies of at least this many bytes release the GIL; returns the old value"},
     {NULL, NULL, 0, NULL},
@@ -195,6 +200,7 @@ PyMODINIT_FUNC
 PyInit__native(void)
 {
     use_tsc = cpu_has_invariant_tsc();
+    checksum_init();
     if (rcu_init() < 0) {
         PyErr_SetString(PyExc_OSError, "dmarw._native: pthread_key_create failed");
         return NULL;

@@ -105,6 +105,15 @@ class Destination:
         """Decode ``data`` (``b""``: end of input) and apply every complete, valid frame."""
         try:
             self.decoder.receive_data(data)
+        except StreamError as e:
+            self.error = e
+            self.complete = False
+            raise
+        self._drain()
+
+    def _drain(self) -> None:
+        """Apply every complete, valid frame the decoder holds."""
+        try:
             while True:
                 ev = self.decoder.next_event()
                 if ev is NEED_DATA:
@@ -122,6 +131,11 @@ class Destination:
             gpas = ev.gpas
             i = 0
             with memoryview(ev.data) as data:
+                hva, region_end = self._hva(gpas[0])
+                last = gpas[0] + (len(gpas) - 1) * ps  # the range below has len(gpas) items at most
+                if gpas[-1] == last and last + ps <= region_end and gpas == tuple(range(gpas[0], last + 1, ps)):
+                    self.space.write(hva, data)  # the usual frame: one run, one write
+                    i = len(gpas)
                 while i < len(gpas):  # one write per run of consecutive pages in one region
                     hva, region_end = self._hva(gpas[i])
                     j = i + 1
@@ -145,17 +159,23 @@ class Destination:
         ``first``: stream bytes already read with the control messages."""
         if first:
             self.feed(first)
-        buf = bytearray(RECV_CHUNK)
-        view = memoryview(buf)
         while not self.complete:
-            try:  # wait for the rest of the next frame at once: one feed per frame
-                n = sock.recv_into(view, min(RECV_CHUNK, self.decoder.wanted()), socket.MSG_WAITALL)
+            try:  # wait for the rest of the next frame at once, straight into the decoder
+                n = self.decoder.receive_into(
+                    lambda room: sock.recv_into(room, len(room), socket.MSG_WAITALL), min(RECV_CHUNK, self.decoder.wanted())
+                )
             except TimeoutError:
                 raise StreamError("truncated", f"the source sent nothing for {sock.gettimeout()} s at offset {self.decoder.offset:#x}") from None
+            except StreamError as e:
+                self.error = e
+                self.complete = False
+                raise
             except OSError as e:  # reset by a source that died: the same as a cut stream
                 n = 0
                 self.error = StreamError("truncated", f"connection lost at offset {self.decoder.offset:#x} ({e.strerror or e})")
-            self.feed(view[:n])
+                self.feed(b"")
+            else:
+                self._drain()  # n == 0: the decoder saw the end of input
             if n == 0:
                 break
         if not self.complete:  # EOF without END is refused by the decoder; be explicit anyway

@@ -228,6 +228,13 @@ class Source:
         out = memoryview(self._frame_buf)
         at = 0
         i = 0
+        s = self._slot_of(gfns[0])
+        last = gfns[0] + len(gfns) - 1  # the range below has len(gfns) items at most
+        if gfns[-1] == last < (s.gpa + s.size) >> 12 and gfns == list(range(gfns[0], last + 1)):
+            i = len(gfns)  # the usual frame: one run, one copy
+            region, off = self.space.region(s.hva + (gfns[0] << 12) - s.gpa, need)
+            with memoryview(region.map) as ram:
+                out[:need] = ram[off : off + need]
         while i < len(gfns):
             s = self._slot_of(gfns[i])
             end_gfn = (s.gpa + s.size) >> 12

@@ -8,12 +8,14 @@ The receiver validates everything; anything it cannot prove correct raises
 Layout (all integers little-endian)::
 
     preamble  8s magic b"DMARWMIG", u16 version, u16 options             12 bytes
-    frame     u16 kind, u16 flags (0), u32 seq, u32 length, u32 crc32      16 bytes
+    frame     u16 kind, u16 flags (0), u32 seq, u32 length, u32 crc32c     16 bytes
               then ``length`` payload bytes
               then, when options has MAC (bit 0), a 16-byte tag
 
-``seq`` counts frames from 0 with no gap; ``crc32`` (zlib) covers the frame's first 12
-bytes and its payload, so a flipped bit anywhere in a frame is caught.  The CRC catches
+``seq`` counts frames from 0 with no gap; ``crc32c`` (CRC32C, Castagnoli: :mod:`dmarw.checksum`,
+the native core's SSE4.2 loop when built, else the Python reference, same value) covers the
+frame's first 12 bytes and its payload, so a flipped bit anywhere in a frame is caught.
+Version 1 used zlib's CRC-32 there; a version-1 stream is refused as a mismatch.  The CRC catches
 accidents, not an impostor (anyone can recompute it).  A keyed stream therefore also
 carries a tag per frame: HMAC-SHA256, keyed with the session key both ends derived in the
 handshake (:mod:`.control`), over the frame's 16-byte head and its payload, truncated to
@@ -44,14 +46,15 @@ from __future__ import annotations
 import errno
 import hmac
 import struct
-import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
+from ..checksum import crc32c
 from ..errors import DmaError
 
 MAGIC = b"DMARWMIG"
-VERSION = 1
+VERSION = 2  # 2: the frame check is CRC32C (1: zlib CRC-32)
 MAX_PAGES = 512  # pages per PAGES frame
 _PREAMBLE = struct.Struct("<8sHH")
 _FRAME = struct.Struct("<HHIII")
@@ -183,9 +186,9 @@ class Encoder:
             raise DmaError(errno.EPROTO, f"encode {kind.name}: the stream has ended")
         length = sum(len(p) for p in payload_parts)
         head = struct.pack("<HHII", kind, 0, self.seq, length)
-        crc = zlib.crc32(head)
+        crc = crc32c(head)
         for p in payload_parts:
-            crc = zlib.crc32(p, crc)
+            crc = crc32c(p, crc)
         head += struct.pack("<I", crc)
         self.seq += 1
         self.bytes += _FRAME.size + length
@@ -251,9 +254,9 @@ class Decoder:
         self._tag = TAG_SIZE if mac_key is not None else 0
         self.expect_page_size = page_size
         self.expect_layout = tuple(layout) if layout is not None else None
-        self._buf = bytearray()
-        self._exported = False
+        self._buf = bytearray()  # input at _buf[_pos:_end]; the rest is room for more
         self._pos = 0
+        self._end = 0
         self.offset = 0  # stream offset of _buf[_pos]
         self._eof = False
         self._error: StreamError | None = None
@@ -273,29 +276,71 @@ class Decoder:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Append input; empty ``data`` marks the end of the stream."""
-        if self._error is not None:
-            raise self._error
+        self._check_open()
         if not data:
             self._eof = True
             return
+        n = len(data)
+        self._room(n)
+        self._buf[self._end : self._end + n] = data
+        self._end += n
+
+    def receive_into(self, recv: Callable[[memoryview], int], n: int) -> int:
+        """Let ``recv`` write up to ``n`` bytes of input straight into the decoder's buffer
+        (a socket's ``recv_into``: no copy through a buffer of the caller's); returns the
+        bytes it wrote, 0 meaning end of input (as ``receive_data(b"")``)."""
+        self._check_open()
+        self._room(n)
+        with memoryview(self._buf) as whole, whole[self._end : self._end + n] as tail:
+            got = recv(tail)
+        if not 0 <= got <= n:
+            raise DmaError(errno.EINVAL, f"receive_into: recv wrote {got} bytes into room for {n}")
+        self._end += got
+        if got == 0:
+            self._eof = True
+        return got
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise self._error
         if self._eof:
             raise self._fail("protocol", "data received after end of input")
-        try:  # in place: no new buffer, no fresh pages to fault in
-            if self._pos and self._pos >= len(self._buf) // 2:
-                del self._buf[: self._pos]
-                self._pos = 0
-            self._buf += data
-        except BufferError:  # a PAGES view of this buffer is still held: leave it as it is
-            self._buf = self._buf[self._pos :] + data
-            self._pos = 0
-        self._exported = False
+
+    def _room(self, n: int) -> None:
+        """Make room for ``n`` more bytes after ``_end``, reusing the buffer: consumed bytes
+        are dropped in place and it grows only when a frame needs more than it ever had.
+        While a PAGES view of it is held (Python then refuses to resize it), nothing before
+        ``_end`` is overwritten: the input goes after it, or the unconsumed bytes move to a
+        new buffer and the view keeps the old one, unchanged."""
+        try:
+            self._buf.append(0)  # BufferError while a PAGES view is held
+            del self._buf[-1]
+        except BufferError:  # only the bytes after _end are free
+            if len(self._buf) - self._end >= n:
+                return
+            live = self._end - self._pos
+            new = bytearray(live + n)
+            new[:live] = self._buf[self._pos : self._end]
+            self._buf = new
+            self._pos, self._end = 0, live
+            return
+        if self._pos == self._end:  # all consumed (the usual case): start over in place
+            self._pos = self._end = 0
+        if len(self._buf) - self._end >= n:
+            return
+        if self._pos:
+            live = self._end - self._pos
+            del self._buf[: self._pos]
+            self._pos, self._end = 0, live
+        del self._buf[self._end :]
+        self._buf += bytes(n)
 
     def _fail(self, reason: str, message: str) -> StreamError:
         self._error = StreamError(reason, message)
         return self._error
 
     def _avail(self) -> int:
-        return len(self._buf) - self._pos
+        return self._end - self._pos
 
     def _truncated(self, what: str) -> StreamError:
         return self._fail(
@@ -360,7 +405,7 @@ class Decoder:
             return NEED_DATA
         start = self._pos + _FRAME.size
         mv = memoryview(self._buf)
-        got = zlib.crc32(mv[start : start + length], zlib.crc32(mv[self._pos : self._pos + _CRC_SPAN]))
+        got = crc32c(mv[start : start + length], crc32c(mv[self._pos : self._pos + _CRC_SPAN]))
         if got != crc:
             raise self._fail("corrupt", f"checksum of frame at offset {at:#x} (seq {self.seq}) is {got:#010x}, frame says {crc:#010x}")
         if self._mac is not None:
@@ -466,6 +511,16 @@ class Decoder:
         self.header = Header(VERSION, page_size, layout)
         return self.header
 
+    def _one_run(self, gpas: tuple[int, ...], ps: int) -> bool:
+        """True when ``gpas`` are aligned, consecutive and all inside one region (checked
+        at C speed: the first and the last page, and the tuple against a range)."""
+        first, last = gpas[0], gpas[-1]
+        if first % ps or last != first + (len(gpas) - 1) * ps:
+            return False
+        if not any(g <= first and last + ps <= g + s for g, s in self._regions):
+            return False
+        return gpas == tuple(range(first, last + 1, ps))
+
     def _inside(self, gpa: int, page_size: int) -> bool:
         for g, s in self._regions:
             if g <= gpa and gpa + page_size <= g + s:
@@ -483,13 +538,13 @@ class Decoder:
         if rnd != self.round:
             raise self._fail("protocol", f"{where}: PAGES of round {rnd} while round {self.round} is open")
         gpas = struct.unpack_from(f"<{n}Q", p, _PAGES.size)
-        for g in gpas:
-            if g % ps or not self._inside(g, ps):
-                raise self._fail("corrupt", f"{where}: page gpa {g:#x} is unaligned or outside the RAM layout")
+        if not self._one_run(gpas, ps):  # the usual frame is one run: no per-page loop
+            bad = next((g for g in gpas if g % ps or not self._inside(g, ps)), None)
+            if bad is not None:
+                raise self._fail("corrupt", f"{where}: page gpa {bad:#x} is unaligned or outside the RAM layout")
         data_at = _PAGES.size + 8 * n
         self.round_pages += n
         self.pages += n
-        self._exported = True  # while its view lives, Python refuses to resize the buffer
         return Pages(rnd, gpas, p[data_at:].toreadonly())
 
     def events(self) -> list[Event]:

@@ -75,9 +75,13 @@ class ServerProcess:
         if p is not None:
             try:
                 rc = p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                rc = p.wait()
+            except subprocess.TimeoutExpired:  # SIGTERM: it removes its socket; then SIGKILL
+                p.terminate()
+                try:
+                    rc = p.wait(2.0)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    rc = p.wait()
             except KeyboardInterrupt:
                 p.kill()
                 p.wait()
@@ -155,13 +159,15 @@ class RemoteGpu:
         if self._closed:
             return
         self._closed = True
+        detached = False
         try:
             if self.remote.client.connected:
                 self.remote.close()
+                detached = True
         except OSError:
             pass
         finally:
-            self.server_rc = self.server.close()
+            self.server_rc = self.server.close(EXIT_S if detached else 0.5)
 
 
 def attach(m: Any) -> RemoteGpu:

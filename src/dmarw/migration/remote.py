@@ -12,20 +12,24 @@ MIG_DATA_WRITE (:meth:`RemoteGpu.restore`).  The pages the device wrote come fro
 server's DMA logging report (:meth:`RemoteGpu.dirty_pages`), not from this process's logs.
 
 The server is a child process (its own session: a Ctrl-C reaches this process, which ends
-it); :meth:`RemoteGpu.stop` detaches, waits for it to exit and removes the socket's
-directory, on every path.  Attach only after any ``fork`` of this process: the client has a
+it); :meth:`RemoteGpu.stop` detaches, waits for it to exit and makes sure its socket is
+gone, on every path.  Attach only after any ``fork`` of this process: the client has a
 thread and a socket a forked child must not share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-import shutil
+import secrets
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from ..devices.gpu import REG_COMMANDS, REG_STATUS
@@ -40,11 +44,12 @@ SERVE = "import sys; from dmarw.cli import main; sys.exit(main())"
 
 
 class ServerProcess:
-    """``dmarw serve --device gpu --once`` on a socket in a fresh temporary directory."""
+    """``dmarw serve --device gpu --once`` on a fresh socket in the temporary directory."""
 
     def __init__(self, timeout: float = START_S) -> None:
-        self.dir = tempfile.mkdtemp(prefix="dmarw-gpu-")
-        self.socket = os.path.join(self.dir, "gpu.sock")
+        # the server binds under a temporary name and renames it, and removes it when it
+        # exits, even when its client was killed: no directory of ours to leave behind
+        self.socket = os.path.join(tempfile.gettempdir(), f"dmarw-gpu-{os.getpid()}-{secrets.token_hex(6)}.sock")
         self.proc: subprocess.Popen[bytes] | None = None
         try:
             self.proc = subprocess.Popen(
@@ -69,9 +74,15 @@ class ServerProcess:
 
     def close(self, timeout: float = EXIT_S) -> int | None:
         """Wait for the server to exit (kill it after ``timeout``), remove the socket; its
-        exit status (negative: killed by that signal)."""
-        rc = None
+        exit status (negative: killed by that signal).  Ctrl-C and SIGTERM wait until it
+        is done (a second signal would otherwise cut the cleanup short)."""
         p = self.proc
+        self.proc = None
+        with signals_deferred():
+            return self._end(p, timeout)
+
+    def _end(self, p: subprocess.Popen[bytes] | None, timeout: float) -> int | None:
+        rc = None
         if p is not None:
             try:
                 rc = p.wait(timeout)
@@ -82,15 +93,29 @@ class ServerProcess:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     rc = p.wait()
-            except KeyboardInterrupt:
-                p.kill()
-                p.wait()
-                raise
             finally:
                 if p.stderr is not None:
                     p.stderr.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            os.unlink(self.socket)  # only when the server could not remove it (SIGKILL)
+        except FileNotFoundError:
+            pass
         return rc
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM blocked in the calling thread while the body runs (Python runs
+    handlers in the main thread only, so elsewhere this changes nothing); a signal that
+    came meanwhile is handled on leaving."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class _Regs:
@@ -160,14 +185,15 @@ class RemoteGpu:
             return
         self._closed = True
         detached = False
-        try:
-            if self.remote.client.connected:
-                self.remote.close()
-                detached = True
-        except OSError:
-            pass
-        finally:
-            self.server_rc = self.server.close(EXIT_S if detached else 0.5)
+        with signals_deferred():  # a Ctrl-C, or the SIGTERM that follows it, waits for this
+            try:
+                if self.remote.client.connected:
+                    self.remote.close()
+                    detached = True
+            except OSError:
+                pass
+            finally:
+                self.server_rc = self.server.close(EXIT_S if detached else 0.5)
 
 
 def attach(m: Any) -> RemoteGpu:

@@ -53,6 +53,7 @@ class GuestSpec:
     writer_heavy: bool = False
     dirty: str = DEFAULT_DIRTY
     path: str = PATH
+    device_process: bool = False  # the device in a ``dmarw serve`` process (:mod:`.remote`)
 
     def params(self) -> Params:
         return Params(seed=self.seed, commands=self.commands, ram_size=self.ram, batch=self.batch,
@@ -66,7 +67,8 @@ class GuestSpec:
         try:
             return cls(ram=int(d["ram"]), seed=int(d["seed"]), commands=int(d["commands"]),
                        batch=int(d["batch"]), writer_heavy=bool(d["writer_heavy"]),
-                       dirty=str(d["dirty"]), path=str(d["path"]))
+                       dirty=str(d["dirty"]), path=str(d["path"]),
+                       device_process=bool(d.get("device_process", False)))
         except (KeyError, TypeError, ValueError) as e:
             raise DmaError(errno.EBADMSG, f"guest spec {d!r}: {e}") from None
 
@@ -99,6 +101,19 @@ class SourceMachine:
         self.error: BaseException | None = None
         self.throttled_s = 0.0
         self.commands_at_stop = 0
+        self.remote: Any = None  # the RemoteGpu once attached
+
+    def attach_device(self) -> None:
+        """With ``spec.device_process``: the device moves to its own server process (call
+        after any fork: the client has a thread)."""
+        if self.spec.device_process and self.remote is None:
+            from .remote import attach
+
+            self.remote = attach(self.m)
+
+    def device_log(self) -> set[int]:
+        """The pages the device in its own process wrote since the last call."""
+        return set() if self.remote is None else self.remote.dirty_pages()
 
     # -- the vCPU thread -------------------------------------------------------------------
     def start(self) -> None:
@@ -218,6 +233,14 @@ class DestMachine:
         self.spec = spec
         # the dirty mode is the source's choice for its harvests; nothing here is harvested
         self.m = GuestMachine(spec.path, spec.params(), dirty="bitmap", load_image=False)
+        if spec.device_process:
+            from .remote import attach
+
+            try:
+                attach(self.m)  # restore() loads its state with RESUMING + MIG_DATA_WRITE
+            except BaseException:
+                self.m.close()
+                raise
         self.ram = (self.m.env.space, [self.m.env.hva])
         self.halted = False
         self.m.device.pause()

@@ -71,7 +71,7 @@ def want_guest(args: argparse.Namespace) -> bool:
 
 GUEST_ONLY = (("--commands", "commands", 20_000), ("--batch", "batch", 16), ("--writer-heavy", "writer_heavy", False),
               ("--dirty", "dirty", DEFAULT_DIRTY), ("--no-kvm-log", "no_kvm_log", False),
-              ("--no-auto-converge", "no_auto_converge", False))
+              ("--no-auto-converge", "no_auto_converge", False), ("--device-process", "device_process", False))
 # flags of the replay mode only: (flag, attribute, default)
 REPLAY_ONLY = (("--vcpu-rate", "vcpu_rate", 64.0), ("--dma-rate", "dma_rate", 32.0), ("--pinned", "pinned", 16),
                ("--ops", "ops", 20_000), ("--core", "core", None))
@@ -88,6 +88,9 @@ def add_guest_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"how the kernel's dirty log is read (default {DEFAULT_DIRTY})")
     g.add_argument("--no-kvm-log", action="store_true", help="negative control: ignore the kernel's dirty log")
     g.add_argument("--no-auto-converge", action="store_true", help="never throttle the vCPU")
+    g.add_argument("--device-process", action="store_true",
+                   help="the device runs in a 'dmarw serve' process on each side, attached over vfio-user; "
+                   "its DMA-logging report joins the dirty set (--no-vfio-log leaves it out)")
 
 
 def _ms(s: float) -> str:
@@ -145,15 +148,16 @@ def run_guest_cli(args: argparse.Namespace, key: bytes | None, con: Console, bar
         ram=args.ram, seed=args.seed, commands=args.commands, batch=args.batch, writer_heavy=args.writer_heavy,
         dirty=args.dirty, threshold=args.threshold, max_rounds=args.max_rounds,
         auto_converge=not args.no_auto_converge, device_bypass=args.device_bypass, no_vfio_log=args.no_vfio_log,
-        no_kvm_log=args.no_kvm_log, to=args.to, key=key, timeout=args.timeout,
+        no_kvm_log=args.no_kvm_log, device_process=args.device_process, to=args.to, key=key, timeout=args.timeout,
     )
     cfg.check()  # a user's mistake: raised before any work, main prints one line
     controls = [n for n, on in (("device writes bypass dma_rw", cfg.device_bypass),
-                                ("the container's bitmap ignored", cfg.no_vfio_log),
+                                ("the container's bitmap" + (" and the device server's report" if cfg.device_process
+                                                              else "") + " ignored", cfg.no_vfio_log),
                                 ("the kernel's dirty log ignored", cfg.no_kvm_log)) if on]
     con.print(f"dmarw migrate --guest: {_mib(cfg.ram)} guest RAM ({cfg.ram >> 12:,} pages), seed {cfg.seed}, "
               f"{cfg.commands:,} commands{' (writer-heavy)' if cfg.writer_heavy else ''}; dirty log {cfg.dirty}; "
-              f"to {cfg.to or 'a local process'}" + (f"; negative control: {', '.join(controls)}" if controls else ""))
+              f"to {cfg.to or 'a local process'}" + ("; device in its own process (vfio-user)" if cfg.device_process else "") + (f"; negative control: {', '.join(controls)}" if controls else ""))
     try:
         with bar.progress:
             o = run_guest_migration(cfg, on_sent=bar.sent, on_round_start=bar.round_start, on_round_end=bar.round_end)

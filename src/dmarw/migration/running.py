@@ -59,6 +59,7 @@ class GuestConfig:
     device_bypass: bool = False
     no_vfio_log: bool = False
     no_kvm_log: bool = False
+    device_process: bool = False  # the device in a ``dmarw serve`` process, attached over vfio-user
     plain_copy: bool = True
     to: str | None = None
     key: bytes | None = None
@@ -69,7 +70,7 @@ class GuestConfig:
 
     def spec(self) -> GuestSpec:
         return GuestSpec(ram=self.ram, seed=self.seed, commands=self.commands, batch=self.batch,
-                         writer_heavy=self.writer_heavy, dirty=self.dirty)
+                         writer_heavy=self.writer_heavy, dirty=self.dirty, device_process=self.device_process)
 
     def check(self) -> None:
         if not RAM_MIN <= self.ram <= RAM_MAX or self.ram % (1 << 20):
@@ -79,6 +80,9 @@ class GuestConfig:
             raise DmaError(errno.EINVAL, f"--dirty {self.dirty!r} is one of {', '.join(MODES)}")
         if self.threshold < 0 or self.max_rounds < 1:
             raise DmaError(errno.EINVAL, f"--threshold {self.threshold} must be >= 0 and --max-rounds {self.max_rounds} >= 1")
+        if self.device_process and self.device_bypass:
+            raise DmaError(errno.EINVAL, "--device-bypass and --device-process exclude each other "
+                           "(the device in its own process writes guest RAM only through its server)")
         if self.to is not None:
             parse_hostport(self.to, "--to")
             if self.key is None:
@@ -199,8 +203,15 @@ def run_guest_migration(
     try:
         plain = plain_copy(sm.m.env.space, sm.m.env.hva, cfg.ram, tcp=cfg.to is not None) if cfg.plain_copy else None
         src = Source(sm.vm, sm.container, threshold=cfg.threshold, max_rounds=cfg.max_rounds,
-                     use_kvm_log=not cfg.no_kvm_log, use_vfio_log=not cfg.no_vfio_log)
+                     use_kvm_log=not cfg.no_kvm_log, use_vfio_log=not cfg.no_vfio_log, device_log=sm.device_log)
         conn = open_destination(cfg, src, spec, cfg.guest_timeout)  # its VM ready before the guest starts
+        try:
+            sm.attach_device()  # after the fork: the device's server and client are this process's
+        except BaseException:
+            conn[1].sock.close()
+            if conn[0] is not None:
+                conn[0].join(cfg.timeout)
+            raise
         sm.start()
         sm.wait_under_way(max(1, min(16, spec.commands // 50)))  # pre-copy of a guest at work
         o = attempt_guest(sm, src, cfg, conn, on_sent, on_round_start, on_round_end)

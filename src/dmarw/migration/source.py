@@ -129,7 +129,9 @@ class Source:
 
     ``use_kvm_log``/``use_vfio_log`` exist for the negative controls: with
     ``use_vfio_log=False`` the container is never asked (neither its bitmap nor its pins —
-    in the kernel, pinned pages are reported only through that bitmap).
+    in the kernel, pinned pages are reported only through that bitmap).  ``device_log()``:
+    the guest pages a device in another process wrote since its last call (a vfio-user
+    server's DMA-logging report), counted with the container's and left out with it.
     """
 
     def __init__(
@@ -141,6 +143,7 @@ class Source:
         max_rounds: int = 16,
         use_kvm_log: bool = True,
         use_vfio_log: bool = True,
+        device_log: Callable[[], set[int]] | None = None,
     ) -> None:
         if threshold < 0 or max_rounds < 1:
             raise DmaError(errno.EINVAL, f"threshold {threshold} must be >= 0 and max_rounds {max_rounds} >= 1")
@@ -159,6 +162,7 @@ class Source:
         self.max_rounds = max_rounds
         self.use_kvm_log = use_kvm_log
         self.use_vfio_log = use_vfio_log
+        self.device_log = device_log  # a device in another process: its DMA-logging report, gfns
         self.page_size = PAGE_SIZE
         self.slots = [_Slot(s.slot, s.gpa, s.size, s.hva) for s in slots]
         self.layout: Layout = tuple((s.gpa, s.size) for s in self.slots)
@@ -209,6 +213,8 @@ class Source:
                 for iova, size, hva, _prot in maps:
                     if iova <= piova < iova + size:
                         h.pinned.update(self._gfns_of_hva(hva + piova - iova, ps))
+            if self.device_log is not None:
+                h.vfio.update(self.device_log())
         return h
 
     def clear_logs(self) -> None:

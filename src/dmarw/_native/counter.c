@@ -189,6 +189,25 @@ replay_records(Records *r, ReplayOne one, PyObject *target)
     return Py_BuildValue("(KKKK)", rc, rn, wc, wn);
 }
 
+/* A core's replay(writes, addrs, sizes, buf, deltas=None) -> (read_cycles, reads,
+ * write_cycles, writes): the records through one(target, ...), each call timed; refused
+ * while the core's table is not installed (ready == 0). */
+PyObject *
+replay_method(PyObject *target, int ready, PyObject *args, ReplayOne one)
+{
+    PyObject *ow, *oa, *os, *ob, *od = NULL;
+    if (!PyArg_ParseTuple(args, "OOOO|O:replay", &ow, &oa, &os, &ob, &od))
+        return NULL;
+    if (!ready)
+        return core_not_ready();
+    Records r;
+    if (records_get(&r, ow, oa, os, ob, od) < 0)
+        return NULL;
+    PyObject *ret = replay_records(&r, one, target);
+    records_release(&r);
+    return ret;
+}
+
 /* timer_overhead(samples) -> median cycles of one back-to-back counter pair. */
 PyObject *
 py_timer_overhead(PyObject *self, PyObject *arg)

@@ -419,6 +419,7 @@ typedef PyObject *(*ReplayOne)(PyObject *target, uint64_t addr, Py_buffer *one, 
 int records_get(Records *r, PyObject *ow, PyObject *oa, PyObject *os, PyObject *ob, PyObject *od);
 void records_release(Records *r);
 PyObject *replay_records(Records *r, ReplayOne one, PyObject *target);
+PyObject *replay_method(PyObject *target, int ready, PyObject *args, ReplayOne one);
 
 /* ---- type1.c, kvm.c, vfio.c --------------------------------------------------------- */
 typedef struct {

@@ -243,17 +243,7 @@ type1_replay_one(PyObject *target, uint64_t addr, Py_buffer *v, int write)
 static PyObject *
 Type1_replay(Type1Object *self, PyObject *args)
 {
-    PyObject *ow, *oa, *os, *ob, *od = NULL;
-    if (!PyArg_ParseTuple(args, "OOOO|O:replay", &ow, &oa, &os, &ob, &od))
-        return NULL;
-    if (!self->base.ready)
-        return core_not_ready();
-    Records r;
-    if (records_get(&r, ow, oa, os, ob, od) < 0)
-        return NULL;
-    PyObject *ret = replay_records(&r, type1_replay_one, (PyObject *)self);
-    records_release(&r);
-    return ret;
+    return replay_method((PyObject *)self, self->base.ready, args, type1_replay_one);
 }
 
 static PyMethodDef Type1_methods[] = {

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -27,6 +26,7 @@ from dmarw.migration.harness import Config, SourceGuest, attempt, build_writers,
 from dmarw.migration.source import MigrationFailed
 from dmarw.migration.stream import Decoder, Encoder, StreamError
 from dmarw.mm import PAGE_SIZE
+from incoming_proc import Incoming
 
 KEY = bytes(range(32))
 PS = PAGE_SIZE
@@ -157,32 +157,9 @@ def test_frames_of_another_session_are_refused() -> None:
 
 
 # -- TCP with `dmarw incoming` as its own process ------------------------------------------
-class Incoming:
-    """``dmarw incoming --listen 127.0.0.1:0`` in a subprocess; ``addr`` once it listens."""
 
-    def __init__(self, key_file: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dmarw.cli", "incoming", "--listen", "127.0.0.1:0", "--key-file", str(key_file), "--timeout", "30"],
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-        )
-        assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()
-        m = re.search(r"listening on (\S+)", line)
-        assert m, line
-        self.addr = m.group(1)
-
-    def finish(self) -> tuple[int, str]:
-        assert self.proc.stderr is not None
-        try:
-            err = self.proc.stderr.read()
-            rc = self.proc.wait(WAIT)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-        return rc, err
+def incoming(key_file: Path) -> Incoming:
+    return Incoming(key_file, timeout=30, wait=WAIT)
 
 
 @pytest.fixture
@@ -199,7 +176,7 @@ def small(to: str, **kw: object) -> Config:
 
 
 def test_migration_over_tcp_to_a_separate_incoming_process(key_file: Path) -> None:
-    inc = Incoming(key_file)
+    inc = incoming(key_file)
     o = run(small(inc.addr, plain_copy=True))
     rc, err = inc.finish()
     assert o.ok and o.report.dest_pages == o.report.pages_sent
@@ -209,7 +186,7 @@ def test_migration_over_tcp_to_a_separate_incoming_process(key_file: Path) -> No
 
 
 def test_wrong_key_is_refused_before_any_ram_byte(key_file: Path) -> None:
-    inc = Incoming(key_file)
+    inc = incoming(key_file)
     with pytest.raises(MigrationFailed, match="does not hold the shared key") as ei:
         run(small(inc.addr, key=bytes(32)))
     assert ei.value.errno == errno.EACCES
@@ -234,7 +211,7 @@ def test_destination_killed_mid_stream_cancels_and_the_guest_runs_on_then_a_seco
     writers = build_writers(guest, cfg)
     writers.start()
     try:
-        inc = Incoming(key_file)
+        inc = incoming(key_file)
         frames = [0]
 
         def kill_after_a_few_frames(_n: int, _pages: int) -> None:
@@ -251,7 +228,7 @@ def test_destination_killed_mid_stream_cancels_and_the_guest_runs_on_then_a_seco
         before = sum(writers.done().values())
         writers.force(8)
         assert sum(writers.done().values()) >= before + 16
-        inc2 = Incoming(key_file)
+        inc2 = incoming(key_file)
         cfg.to = inc2.addr
         o = attempt(guest, writers, cfg)
         rc2, err2 = inc2.finish()
@@ -267,7 +244,7 @@ def test_destination_killed_in_the_final_round_resumes_the_source_guest(key_file
     writers = build_writers(guest, cfg)
     writers.start()
     try:
-        inc = Incoming(key_file)
+        inc = incoming(key_file)
         cfg.to = inc.addr
 
         def on_start(rnd: int, _pages: int) -> None:
@@ -335,7 +312,7 @@ def _build(session: bytes, what: list[bytes]) -> list[bytes]:
 def test_incoming_refuses_bad_streams_and_resumes_nothing(
     key_file: Path, case: str, frames: list[bytes], layout: tuple[tuple[int, int], ...], expect: str
 ) -> None:
-    inc = Incoming(key_file)
+    inc = incoming(key_file)
     # mismatch: the SPEC says 2 MiB, the stream's HEADER 1 MiB
     _fake_source(inc.addr, KEY, frames, layout)
     rc, err = inc.finish()
@@ -345,7 +322,7 @@ def test_incoming_refuses_bad_streams_and_resumes_nothing(
 
 
 def test_source_killed_mid_stream_the_destination_says_so(key_file: Path) -> None:
-    inc = Incoming(key_file)
+    inc = incoming(key_file)
     pid = os.fork()
     if pid == 0:  # the source process: a few frames, then it dies
         try:

@@ -6,10 +6,7 @@ second attempt then succeeds.  Every wait is bounded."""
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from dmarw.migration.running import (
     run_guest_migration,
 )
 from dmarw.migration.source import MigrationFailed, Source
+from incoming_proc import Incoming
 
 KEY = b"0123456789abcdef-shared-key"
 RAM = 64 << 20
@@ -29,29 +27,9 @@ COMMANDS = 2500  # long enough to be mid-run after a TCP plain copy and a busy m
 WAIT = 90.0
 
 
-class Incoming:
-    def __init__(self, key_file: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dmarw", "incoming", "--listen", "127.0.0.1:0", "--key-file", str(key_file),
-             "--timeout", "60"],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-        )
-        assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()
-        m = re.search(r"listening on (\S+)", line)
-        assert m, line
-        self.addr = m.group(1)
 
-    def finish(self) -> tuple[int, str]:
-        assert self.proc.stderr is not None
-        try:
-            err = self.proc.stderr.read()
-            rc = self.proc.wait(WAIT)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-        return rc, err
+def incoming(key_file: Path) -> Incoming:
+    return Incoming(key_file, timeout=60, wait=WAIT)
 
 
 @pytest.fixture
@@ -69,7 +47,7 @@ def cfg(to: str, **kw: object) -> GuestConfig:
 
 
 def test_running_guest_over_tcp_verifies_both_ways(key_file: Path) -> None:
-    inc = Incoming(key_file)
+    inc = incoming(key_file)
     o = run_guest_migration(cfg(inc.addr, plain_copy=True))
     rc, err = inc.finish()
     assert rc == 0, err
@@ -80,7 +58,7 @@ def test_running_guest_over_tcp_verifies_both_ways(key_file: Path) -> None:
 
 
 def test_running_guest_wrong_key_is_refused(key_file: Path) -> None:
-    inc = Incoming(key_file)
+    inc = incoming(key_file)
     with pytest.raises(MigrationFailed, match="does not hold the shared key"):
         run_guest_migration(cfg(inc.addr, key=b"another key, 16+ bytes"), reference=0)
     rc, err = inc.finish()
@@ -94,7 +72,7 @@ def test_destination_killed_mid_stream_the_guest_runs_on_and_a_second_attempt_su
     sm = SourceMachine(spec)
     try:
         src = Source(sm.vm, sm.container, threshold=c.threshold, max_rounds=c.max_rounds)
-        inc = Incoming(key_file)
+        inc = incoming(key_file)
         c.to = inc.addr
         conn = open_destination(c, src, spec)  # its VM built before the guest starts
         sm.start()
@@ -109,7 +87,7 @@ def test_destination_killed_mid_stream_the_guest_runs_on_and_a_second_attempt_su
             attempt_guest(sm, src, c, conn, on_sent=kill)
         assert inc.finish()[0] == -signal.SIGKILL
         assert sm.running and sm.m.port.result.checksum is None  # mid-run, and not stopped by the failure
-        inc2 = Incoming(key_file)
+        inc2 = incoming(key_file)
         c.to = inc2.addr
         o = attempt_guest(sm, src, c)
         rc, err = inc2.finish()
@@ -127,7 +105,7 @@ def test_destination_killed_the_source_guest_finishes_unharmed(key_file: Path) -
     sm = SourceMachine(spec)
     try:
         src = Source(sm.vm, sm.container)
-        inc = Incoming(key_file)
+        inc = incoming(key_file)
         c.to = inc.addr
         conn = open_destination(c, src, spec)
         sm.start()

@@ -5,7 +5,9 @@ and final inversion), chainable like ``zlib.crc32``: ``crc32c(b, crc32c(a)) ==
 crc32c(a + b)``.  It is the native core's ``_native.crc32c`` (SSE4.2, memory speed, GIL
 released for large buffers) when that is built, else :func:`crc32c_python`, a table-driven
 reference that is correct and slow (a few MB/s).  Both give the same value for the same
-bytes, so a stream written by one core is read by the other.  No lock: pure functions.
+bytes, so a stream written by one core is read by the other.  ``crc32c_pages(data,
+page_size)`` gives one CRC32C per page as little-endian u32s (the stream's per-page check;
+natively three pages at once).  No lock: pure functions.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ def crc32c_python(data: Any, value: int = 0) -> int:
     return c ^ 0xFFFFFFFF
 
 
+def crc32c_pages_python(data: Any, page_size: int) -> bytes:
+    """The CRC32C of each ``page_size`` page of ``data``, as little-endian u32s."""
+    mv = memoryview(data).cast("B")
+    if page_size <= 0 or len(mv) % page_size:
+        raise ValueError(f"crc32c_pages: {len(mv)} bytes are not a whole number of {page_size}-byte pages")
+    return b"".join(crc32c_python(mv[o : o + page_size]).to_bytes(4, "little") for o in range(0, len(mv), page_size))
+
+
 def _pick() -> tuple[Callable[..., int], str]:
     if native_available():
         from . import _native
@@ -51,5 +61,10 @@ def _pick() -> tuple[Callable[..., int], str]:
 
 
 crc32c, IMPL = _pick()
+crc32c_pages: Callable[[Any, int], bytes] = crc32c_pages_python
+if native_available():
+    from . import _native
+
+    crc32c_pages = _native.crc32c_pages
 """``crc32c(data, value=0) -> int``; ``IMPL`` says which one runs ("native sse4.2", "native
 table" or "python")."""

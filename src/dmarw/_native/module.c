@@ -172,6 +172,8 @@ static PyMethodDef module_methods[] = {
      "crc32c(data, value=0) -> int: CRC32C of a contiguous buffer, chained from value"},
     {"crc32c_portable", (PyCFunction)(void (*)(void))py_crc32c_portable, METH_FASTCALL,
      "crc32c_portable(data, value=0) -> int: the same by the table-driven loop"},
+    {"crc32c_pages", (PyCFunction)(void (*)(void))py_crc32c_pages, METH_FASTCALL,
+     "crc32c_pages(data, page_size) -> bytes: the CRC32C of each page, little-endian u32s"},
     {"crc32c_impl", py_crc32c_impl, METH_NOARGS, "'sse4.2' or 'table': how crc32c runs here"},
     {"set_gil_threshold", set_gil_threshold, METH_O,
      "copies of at least this many bytes release the GIL; returns the old value"},

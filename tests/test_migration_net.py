@@ -134,9 +134,13 @@ def test_stream_altered_in_flight_with_a_fixed_crc_is_unauthenticated() -> None:
     head = 12 + 16 + 8 + 16 + 16
     kind, flags, seq, length, _crc = (int.from_bytes(s[head + o : head + o + n], "little") for o, n in ((0, 2), (2, 2), (4, 4), (8, 4), (12, 4)))
     assert (kind, seq) == (2, 1)
-    s[head + 16 + 100] ^= 0xFF  # a page byte changed ...
-    crc = crc32c(bytes(s[head + 16 : head + 16 + length]), crc32c(bytes(s[head : head + 12])))
-    s[head + 12 : head + 16] = crc.to_bytes(4, "little")  # ... and the CRC recomputed, as an impostor would
+    table = 8 + 12 * 2  # round, count, 2 gpas, 2 page CRCs
+    data = head + 16 + table
+    s[data + 100] ^= 0xFF  # a byte of page 0 changed ...
+    # ... and its page CRC and the frame CRC recomputed, as an impostor would
+    s[head + 16 + 24 : head + 16 + 28] = crc32c(bytes(s[data : data + PS])).to_bytes(4, "little")
+    crc = crc32c(bytes(s[head + 16 : head + 16 + table]), crc32c(bytes(s[head : head + 12])))
+    s[head + 12 : head + 16] = crc.to_bytes(4, "little")
     with pytest.raises(StreamError, match="tag of frame at offset 0x44 .seq 1. does not match") as ei:
         _decode(bytes(s), KEY)
     assert ei.value.reason == "unauthenticated" and ei.value.errno == errno.EACCES
@@ -292,7 +296,7 @@ def _build(session: bytes, what: list[bytes]) -> list[bytes]:
             out.append(b"".join(bytes(p) for p in enc.pages_frame([0], bytes(PS))))
         elif w == b"flip":  # one bit flipped in flight: the CRC catches it
             f = bytearray(b"".join(bytes(p) for p in enc.pages_frame([PS], bytes(PS))))
-            f[40] ^= 1
+            f[28] ^= 1  # in the page table (a gpa byte)
             out.append(bytes(f))
         elif w == b"round":
             out.append(b"".join(bytes(p) for p in enc.end_round()))

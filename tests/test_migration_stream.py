@@ -121,7 +121,7 @@ def test_truncated_inside_a_frame_names_the_frame_and_bytes() -> None:
     dec.receive_data(stream[:200])
     dec.events()
     dec.receive_data(b"")
-    with pytest.raises(StreamError, match=r"inside frame seq 1 at offset 0x44: 116 of 20528 payload bytes"):
+    with pytest.raises(StreamError, match=r"inside frame seq 1 at offset 0x44: 48 of 20480 bytes of page contents"):
         dec.next_event()
 
 
@@ -160,7 +160,7 @@ def test_any_flipped_byte_is_refused(data: st.DataObject) -> None:
 def test_flipped_payload_byte_is_a_checksum_error_naming_the_frame() -> None:
     stream, _ = build()
     bad = bytearray(stream)
-    bad[12 + 16 + 40 + 16 + 100] ^= 0x01  # inside the first PAGES frame's payload
+    bad[12 + 16 + 40 + 16 + 30] ^= 0x01  # inside the first PAGES frame's page table
     dec = Decoder(PS, LAYOUT)
     dec.receive_data(bytes(bad))
     with pytest.raises(StreamError, match=r"checksum of frame at offset 0x44 \(seq 1\)") as ei:
@@ -168,6 +168,18 @@ def test_flipped_payload_byte_is_a_checksum_error_naming_the_frame() -> None:
     assert ei.value.reason == "corrupt" and ei.value.errno == errno.EBADMSG
     with pytest.raises(StreamError):  # stays failed
         dec.next_event()
+
+
+def test_flipped_page_byte_fails_that_pages_check_naming_its_gpa() -> None:
+    stream, _ = build()
+    bad = bytearray(stream)
+    table = 8 + 12 * 5  # the first PAGES frame carries 5 pages
+    bad[12 + 16 + 40 + 16 + table + 2 * PS + 7] ^= 0x80  # a byte of its third page
+    dec = Decoder(PS, LAYOUT)
+    dec.receive_data(bytes(bad))
+    with pytest.raises(StreamError, match=r"frame seq 1 at offset 0x44: 1 page\(s\) fail their check, first gpa 0x2000") as ei:
+        dec.events()
+    assert ei.value.reason == "corrupt"
 
 
 def test_impossible_length_refused_before_waiting_for_it() -> None:
@@ -231,13 +243,14 @@ def test_magic_and_version_mismatch() -> None:
         dec.events()
     dec = Decoder()
     dec.receive_data(stream[:8] + struct.pack("<H", 7) + stream[10:])
-    with pytest.raises(StreamError, match="stream version 7 .* speaks version 2") as ei:
+    with pytest.raises(StreamError, match="stream version 7 .* speaks version 3") as ei:
         dec.events()
     assert ei.value.reason == "mismatch"
-    dec = Decoder()  # version 1 checked frames with zlib's CRC-32: refused, not misread
-    dec.receive_data(stream[:8] + struct.pack("<H", 1) + stream[10:])
-    with pytest.raises(StreamError, match="stream version 1 .* speaks version 2"):
-        dec.events()
+    for old in (1, 2):  # 1: zlib's CRC-32; 2: one CRC over a whole PAGES frame: refused, not misread
+        dec = Decoder()
+        dec.receive_data(stream[:8] + struct.pack("<H", old) + stream[10:])
+        with pytest.raises(StreamError, match=f"stream version {old} .* speaks version 3"):
+            dec.events()
 
 
 def test_destination_refuses_a_mismatched_stream_and_stays_incomplete() -> None:
@@ -304,7 +317,7 @@ def test_trailing_data_after_end_refused() -> None:
 
 def test_frames_before_header_refused() -> None:
     dec = Decoder()
-    dec.receive_data(b"DMARWMIG\x02\x00\x00\x00" + _frame(4, 0, struct.pack("<IIQ", 0, 0, 0)))
+    dec.receive_data(b"DMARWMIG\x03\x00\x00\x00" + _frame(4, 0, struct.pack("<IIQ", 0, 0, 0)))
     with pytest.raises(StreamError, match="before the HEADER frame"):
         dec.events()
 

@@ -12,7 +12,9 @@ two ends say to each other is a control message, on the same connection:
 | ``PROV`` | source      | 32-byte proof ``P(key, "source", ns, nd)``                     |
 | ``SPEC`` | source      | JSON: page size, RAM layout, and what the destination runs     |
 | ``REDY`` | destination | empty: RAM allocated, send the stream                          |
-| ``RACK`` | destination | u32 round: that round's pages are all in its RAM               |
+| ``RACK`` | destination | u32 round: that round is applied; then, if any, a bitmap (u64  |
+|        |             | words) over the layout's pages: those whose copy failed its    |
+|        |             | check (a LIVE frame) and that are still to be sent again       |
 | ``DONE`` | destination | u64 pages applied, u32 rounds: the stream was complete         |
 | ``FAIL`` | either      | UTF-8 text: why the migration is refused or cancelled          |
 | ``HASH`` | destination | every page's digest, in layout order                           |
@@ -65,7 +67,7 @@ LIMITS = {
     PROV: PROOF,
     SPEC: 1 << 16,
     REDY: 0,
-    RACK: 4,
+    RACK: 4 + (64 << 30 >> 12) // 8,
     DONE: 12,
     FAIL: 1 << 16,
     HASH: 20 * (64 << 30 >> 12),
@@ -99,14 +101,15 @@ def parse_done(payload: bytes) -> tuple[int, int]:
     return int(pages), int(rounds)
 
 
-def rack(rnd: int) -> bytes:
-    return encode(RACK, _RACK.pack(rnd))
+def rack(rnd: int, resend: bytes = b"") -> bytes:
+    """Round ``rnd`` applied; ``resend``: the bitmap of pages to send again (empty: none)."""
+    return encode(RACK, _RACK.pack(rnd) + resend)
 
 
-def parse_rack(payload: bytes) -> int:
-    if len(payload) != _RACK.size:
-        raise ControlError(errno.EBADMSG, f"RACK payload of {len(payload)} bytes, expected {_RACK.size}")
-    return int(_RACK.unpack(payload)[0])
+def parse_rack(payload: bytes) -> tuple[int, bytes]:
+    if len(payload) < _RACK.size or (len(payload) - _RACK.size) % 8:
+        raise ControlError(errno.EBADMSG, f"RACK payload of {len(payload)} bytes: a u32 round and whole u64 bitmap words")
+    return int(_RACK.unpack_from(payload)[0]), payload[_RACK.size :]
 
 
 def fail(text: str) -> bytes:

@@ -1,9 +1,13 @@
 """The destination: its own guest RAM, filled from a validated stream, then verified.
 
 :class:`Destination` owns an :class:`~dmarw.mm.AddressSpace` with one memfd mapping per RAM
-region of the expected layout.  It applies only events the :class:`~.stream.Decoder` has
-validated, so a refused frame writes nothing; but pages of earlier frames are in, so the
-memory stays marked incomplete (``complete`` False, ``error`` set) unless END arrived.
+region of the expected layout (or uses a VM's).  An unkeyed stream's page contents are
+received straight into that RAM (the decoder's sink), then checked there; a keyed stream's
+land in the decoder's buffer first and reach RAM only once their tag has proved them sent
+by the key holder.  A page whose check failed in a ``LIVE`` frame is *outstanding*: named in
+the next round acknowledgement, cleared when a good copy comes, and an error at END if it
+is still outstanding then.  Memory stays marked incomplete (``complete`` False, ``error``
+set) unless a valid END arrived; nothing that reads it runs before.
 
 :func:`serve` is the destination process's main: receive from a socket, then answer on the
 same socket with a reply message (``DONE`` + pages, or ``FAIL`` + the error) and, after
@@ -24,7 +28,7 @@ from multiprocessing.process import BaseProcess
 from ..errors import DmaError
 from ..mm import AddressSpace
 from . import control
-from .channel import Channel
+from .channel import Channel, tune
 from .stream import NEED_DATA, Decoder, End, Header, Layout, Pages, RoundEnd, State, StreamError
 
 RECV_CHUNK = 4 << 20
@@ -82,7 +86,8 @@ class Destination:
             else:
                 hva = ram[1][i]
             self._hvas.append((gpa, size, hva))
-        self.decoder = Decoder(page_size, self.layout, mac_key)
+        self.decoder = Decoder(page_size, self.layout, mac_key, sink=None if mac_key is not None else self._sink)
+        self.outstanding: set[int] = set()  # gpas whose LIVE copy failed its check
         self.complete = False
         self.error: StreamError | None = None
         self.pages_applied = 0
@@ -100,6 +105,29 @@ class Destination:
             if g <= gpa < g + s:
                 return h + gpa - g, g + s
         raise DmaError(errno.EFAULT, f"destination: gpa {gpa:#x} outside the layout")
+
+    def _sink(self, gpa: int, n: int) -> memoryview:
+        """Where ``n`` bytes of page contents at ``gpa`` go: this RAM (one region)."""
+        hva, region_end = self._hva(gpa)
+        if gpa + n > region_end:
+            raise DmaError(errno.EFAULT, f"destination: gpa {gpa:#x}+{n:#x} crosses the end of its region")
+        region, off = self.space.region(hva, n)
+        with memoryview(region.map) as whole:
+            return whole[off : off + n]
+
+    def resend_bitmap(self) -> bytes:
+        """The outstanding pages as a bitmap over the layout's pages (u64 words; empty if none)."""
+        if not self.outstanding:
+            return b""
+        bits = bytearray((self.npages + 63) // 64 * 8)
+        at = 0
+        for g, s in self.layout:
+            for gpa in self.outstanding:
+                if g <= gpa < g + s:
+                    k = at + (gpa - g) // self.page_size
+                    bits[k >> 3] |= 1 << (k & 7)
+            at += s // self.page_size
+        return bytes(bits)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Decode ``data`` (``b""``: end of input) and apply every complete, valid frame."""
@@ -127,24 +155,12 @@ class Destination:
 
     def _apply(self, ev: Header | Pages | RoundEnd | End | State) -> None:
         if isinstance(ev, Pages):
-            ps = self.page_size
-            gpas = ev.gpas
-            i = 0
-            with memoryview(ev.data) as data:
-                hva, region_end = self._hva(gpas[0])
-                last = gpas[0] + (len(gpas) - 1) * ps  # the range below has len(gpas) items at most
-                if gpas[-1] == last and last + ps <= region_end and gpas == tuple(range(gpas[0], last + 1, ps)):
-                    self.space.write(hva, data)  # the usual frame: one run, one write
-                    i = len(gpas)
-                while i < len(gpas):  # one write per run of consecutive pages in one region
-                    hva, region_end = self._hva(gpas[i])
-                    j = i + 1
-                    while j < len(gpas) and gpas[j] == gpas[j - 1] + ps and gpas[j] < region_end:
-                        j += 1
-                    with data[i * ps : j * ps] as run:
-                        self.space.write(hva, run)
-                    i = j
-            self.pages_applied += len(gpas)
+            if ev.data is not None:
+                self._write(ev.gpas, ev.data)
+            if ev.bad or self.outstanding:
+                self.outstanding.difference_update(ev.gpas)
+                self.outstanding.update(ev.bad)
+            self.pages_applied += len(ev.gpas)
         elif isinstance(ev, RoundEnd):
             self.rounds += 1
             if self.on_round is not None:
@@ -152,7 +168,33 @@ class Destination:
         elif isinstance(ev, State):
             self.states[ev.name] = ev.blob
         elif isinstance(ev, End):
+            if self.outstanding:
+                bad = sorted(self.outstanding)
+                raise StreamError(
+                    "corrupt",
+                    f"{len(bad)} page(s) failed their check while the guest ran and were not sent again: "
+                    + ", ".join(f"{g:#x}" for g in bad[:8]) + (", ..." if len(bad) > 8 else ""),
+                )
             self.complete = True
+
+    def _write(self, gpas: tuple[int, ...], contents: memoryview) -> None:
+        """Copy checked page contents (a keyed stream's) into RAM, one write per run."""
+        ps = self.page_size
+        i = 0
+        with memoryview(contents) as data:
+            hva, region_end = self._hva(gpas[0])
+            last = gpas[0] + (len(gpas) - 1) * ps  # the range below has len(gpas) items at most
+            if gpas[-1] == last and last + ps <= region_end and gpas == tuple(range(gpas[0], last + 1, ps)):
+                self.space.write(hva, data)  # the usual frame: one run, one write
+                i = len(gpas)
+            while i < len(gpas):  # one write per run of consecutive pages in one region
+                hva, region_end = self._hva(gpas[i])
+                j = i + 1
+                while j < len(gpas) and gpas[j] == gpas[j - 1] + ps and gpas[j] < region_end:
+                    j += 1
+                with data[i * ps : j * ps] as run:
+                    self.space.write(hva, run)
+                i = j
 
     def receive(self, sock: socket.socket, first: bytes = b"") -> None:
         """Read the whole stream from ``sock`` (until END, or EOF which must follow END);
@@ -188,6 +230,7 @@ class Destination:
         return self.space.read(self._hva(gpa)[0], n)
 
     def close(self) -> None:
+        self.decoder.release()  # views of the RAM a cut frame was filling
         if self._owns:
             self.space.close()
 
@@ -198,7 +241,7 @@ def serve(sock: socket.socket, page_size: int, layout: Layout, mac_key: bytes | 
     then send every page's digest (``HASH``)."""
     ch = ch or Channel(sock, "source")
     dest = Destination(page_size, layout, mac_key)
-    dest.on_round = lambda rnd: ch.send(control.rack(rnd))
+    dest.on_round = lambda rnd: ch.send(control.rack(rnd, dest.resend_bitmap()))
     try:
         ch.send(control.encode(control.REDY))
         dest.receive(sock, ch.reader.take_rest())
@@ -235,6 +278,8 @@ def start(
     thread, and a lock held by another thread would stay held).
     """
     ours, theirs = socket.socketpair()
+    for sock in (ours, theirs):
+        tune(sock)
     ctx = multiprocessing.get_context("fork")
     proc = ctx.Process(target=target, args=(theirs, ours, page_size, layout), name="dmarw-migrate-dest", daemon=True)
     proc.start()

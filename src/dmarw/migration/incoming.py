@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import DmaError
 from . import control
-from .channel import Channel, handshake_dest
+from .channel import Channel, handshake_dest, tune
 from .dest import Destination
 from .stream import Layout, StreamError, check_layout
 
@@ -120,7 +120,7 @@ def serve_connection(
             machine.close()
         return 1
     dest = Destination(page_size, layout, mac_key, ram=machine.ram if machine is not None else None)
-    dest.on_round = lambda rnd: ch.send(control.rack(rnd))  # the source stops the guest after the last
+    dest.on_round = lambda rnd: ch.send(control.rack(rnd, dest.resend_bitmap()))  # the source stops the guest after the last
     try:
         try:
             ch.send(control.encode(control.REDY))
@@ -185,6 +185,7 @@ def serve(listen_on: str, key: bytes, *, timeout: float, log: Callable[[str], No
         except TimeoutError:
             raise DmaError(errno.ETIMEDOUT, f"no source connected to {h}:{p} within {timeout:g} s") from None
     with sock:
+        tune(sock)
         sock.settimeout(timeout)
         log(f"connection from {peer[0]}:{peer[1]}")
         return serve_connection(sock, key, log=log)

@@ -6,8 +6,17 @@ per mapping for device writes, and every pinned page, which a device may write a
 through its host address without any log seeing it); only then are those pages read and
 sent.  A write that lands after a page's harvest either is seen by the copy or sets the
 bit again for the next harvest, because both paths store the bytes before they mark the
-page.  Contents are copied out of guest RAM before the checksum is computed, so a racing
-write can never make a frame inconsistent.
+page.
+
+Sending: an unkeyed stream reads the pages straight from guest RAM: each page's CRC32C is
+computed there, and the contents go to the socket with ``sendfile`` from the RAM's memfd
+(zero-copy: the socket holds references to the pages) or, for scattered pages or anonymous
+RAM, with one scatter-gather ``sendmsg``.  While the guest runs (pre-copy, frames flagged
+``LIVE``) a page may change after its CRC was taken; the destination then finds its check
+failed, keeps it as not yet received, and names it in its acknowledgement of the last
+pre-copy round: the final round sends it again with the guest stopped (such a page was
+also written after its harvest, so its log holds it too).  A keyed stream copies the pages
+out first, so its tag covers exactly the bytes that were checked.
 
 Round 0 sends every page (the logs are cleared first).  Each next round sends what was
 dirtied during the previous one, until the harvested set has at most ``threshold`` pages
@@ -23,6 +32,8 @@ container's read side through their public calls.  One thread drives a :class:`S
 from __future__ import annotations
 
 import errno
+import os
+import select
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -31,16 +42,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..bitmap import from_bytes
+from ..checksum import crc32c_pages
 from ..errors import DmaError
 from ..kvm import Vm
-from ..mm import PAGE_SIZE
+from ..mm import PAGE_SIZE, Region
 from ..type1 import Container
 from . import control
 from .channel import Channel
 from .dest import page_digests
 from .stream import MAX_PAGES, Encoder, Layout
 
-PAGES_PER_FRAME = 256  # 1 MiB of 4 KiB pages per PAGES frame
+PAGES_PER_FRAME = 1024  # 4 MiB of 4 KiB pages per PAGES frame
 
 
 @dataclass
@@ -59,6 +71,7 @@ class RoundStats:
     throttle: float = 0.0  # share of vCPU time taken away during this round (auto-converge)
     user: int = 0  # pages of a KvmVm's user-space log
     harvest_seconds: float = 0.0  # the harvest that chose this round's pages
+    resent: int = 0  # pages the destination asked for again (their LIVE copy failed its check)
 
 
 @dataclass
@@ -105,14 +118,16 @@ class Harvest:
     vfio: set[int] = field(default_factory=set)
     pinned: set[int] = field(default_factory=set)
     user: set[int] = field(default_factory=set)  # a KvmVm's user-space log (its own writes)
+    resend: set[int] = field(default_factory=set)  # the destination's word: their copy failed
 
     @property
     def pages(self) -> set[int]:
-        return self.kvm | self.vfio | self.pinned | self.user
+        return self.kvm | self.vfio | self.pinned | self.user | self.resend
 
     def __or__(self, other: Harvest) -> Harvest:
         return Harvest(
-            self.kvm | other.kvm, self.vfio | other.vfio, self.pinned | other.pinned, self.user | other.user
+            self.kvm | other.kvm, self.vfio | other.vfio, self.pinned | other.pinned, self.user | other.user,
+            self.resend | other.resend,
         )
 
 
@@ -168,6 +183,7 @@ class Source:
         self.layout: Layout = tuple((s.gpa, s.size) for s in self.slots)
         self.npages = sum(s.size for s in self.slots) // PAGE_SIZE
         self._frame_buf = bytearray(PAGES_PER_FRAME * PAGE_SIZE)
+        self.zero_copy = True  # sendfile from a memfd where it can (False: sendmsg, one copy)
 
     # -- address translation ---------------------------------------------------------------
     def _gfns_of_hva(self, hva: int, size: int) -> Iterable[int]:
@@ -178,6 +194,19 @@ class Source:
                 first = (s.gpa + lo - s.hva) >> 12
                 last = (s.gpa + hi - 1 - s.hva) >> 12
                 yield from range(first, last + 1)
+
+    def _gfns_of_pages(self, idx: Iterable[int]) -> Iterable[int]:
+        """Gfns of page indices in layout order (a destination's bitmap over the layout)."""
+        bases = []
+        at = 0
+        for s in self.slots:
+            bases.append((at, s.size >> 12, s.gpa >> 12))
+            at += s.size >> 12
+        for k in idx:
+            for first, n, gfn0 in bases:
+                if first <= k < first + n:
+                    yield gfn0 + k - first
+                    break
 
     def _slot_of(self, gfn: int) -> _Slot:
         gpa = gfn << 12
@@ -258,20 +287,58 @@ class Source:
     def _send(self, sock: socket.socket, parts: list[bytes | memoryview]) -> int:
         return send_parts(sock, parts)
 
+    def _runs(self, gfns: list[int]) -> list[tuple[Region, int, int]]:
+        """``gfns`` (sorted) as runs of consecutive pages in one memslot: (region, offset, bytes)."""
+        out: list[tuple[Region, int, int]] = []
+        i = 0
+        while i < len(gfns):
+            s = self._slot_of(gfns[i])
+            end_gfn = (s.gpa + s.size) >> 12
+            j = i + 1
+            if gfns[-1] == gfns[i] + len(gfns) - 1 - i and gfns[-1] < end_gfn:
+                j = len(gfns)  # the usual frame: the rest is one run (sorted, no repeats)
+            while j < len(gfns) and gfns[j] == gfns[j - 1] + 1 and gfns[j] < end_gfn:
+                j += 1
+            n = (j - i) << 12
+            region, off = self.space.region(s.hva + (gfns[i] << 12) - s.gpa, n)
+            out.append((region, off, n))
+            i = j
+        return out
+
+    def _send_pages(self, sock: socket.socket, enc: Encoder, gfns: list[int], live: bool) -> int:
+        """One PAGES frame of ``gfns``, read straight from guest RAM (see the module rule)."""
+        gpas = [g << 12 for g in gfns]
+        if enc.keyed:
+            return self._send(sock, enc.pages_frame(gpas, self._read_pages(gfns)))
+        runs = self._runs(gfns)
+        views = [memoryview(r.map)[off : off + n] for r, off, n in runs]
+        try:
+            crcs = b"".join(crc32c_pages(v, PAGE_SIZE) for v in views)
+            parts = enc.pages_frame(gpas, views, crcs=crcs, live=live)
+            region, off, n = runs[0]
+            if len(runs) > 1 or region.fd is None or not self.zero_copy:
+                return self._send(sock, parts)
+            head = self._send(sock, parts[:-1])
+            send_file(sock, region.fd, off, n)
+            return head + n
+        finally:
+            for v in views:
+                v.release()
+
     def _send_round(
         self,
         sock: socket.socket,
         enc: Encoder,
         gfns: list[int],
         on_sent: Callable[[int, int], None] | None,
+        live: bool,
     ) -> int:
         """Send ``gfns`` (sorted) as PAGES frames and a ROUND frame; returns bytes written."""
         total = 0
         step = min(PAGES_PER_FRAME, MAX_PAGES)
         for i in range(0, len(gfns), step):
             batch = gfns[i : i + step]
-            data = self._read_pages(batch)
-            n = self._send(sock, enc.pages_frame([g << 12 for g in batch], data))
+            n = self._send_pages(sock, enc, batch, live)
             total += n
             if on_sent is not None:
                 on_sent(n, len(batch))
@@ -323,7 +390,7 @@ class Source:
                 if on_round_start is not None:
                     on_round_start(rnd, len(gfns))
                 t0 = clock()
-                nbytes = self._send_round(sock, enc, gfns, on_sent)
+                nbytes = self._send_round(sock, enc, gfns, on_sent, live=True)
                 st = RoundStats(
                     rnd, len(gfns), len(h.kvm), len(h.vfio), len(h.pinned), len(gfns), nbytes, clock() - t0,
                     throttle=share, user=len(h.user), harvest_seconds=harvest_s,
@@ -345,22 +412,24 @@ class Source:
             # the destination has applied every pre-copy round: nothing of them is left to
             # drain once the guest is stopped
             acked = -1
+            bad = b""
             while acked < rnd - 1:
                 _tag, payload = ch.recv(control.RACK)
-                acked = control.parse_rack(payload)
+                acked, bad = control.parse_rack(payload)
+            resend = Harvest(resend=set(self._gfns_of_pages(dirty_indices(bad)))) if bad else Harvest()
             # stop-and-copy: what the last harvest found, what came since, the pinned pages
             t_pause = clock()
             paused = True
             pause()
             t_stopped = clock()
             t1 = clock()
-            h = h | self.harvest()
+            h = h | self.harvest() | resend
             harvest_s = clock() - t1
             final = sorted(h.pages)
             if on_round_start is not None:
                 on_round_start(rnd, len(final))
             t0 = clock()
-            nbytes = self._send_round(sock, enc, final, on_sent)
+            nbytes = self._send_round(sock, enc, final, on_sent, live=False)
             t_pages = clock()
             if state is not None:
                 for name, blob in state():
@@ -373,7 +442,7 @@ class Source:
             t_done = clock()
             st = RoundStats(
                 rnd, len(final), len(h.kvm), len(h.vfio), len(h.pinned), len(final), nbytes, t_done - t0, True,
-                throttle=share, user=len(h.user), harvest_seconds=harvest_s,
+                throttle=share, user=len(h.user), harvest_seconds=harvest_s, resent=len(h.resend),
             )
             rep.rounds.append(st)
             if on_round_end is not None:
@@ -413,6 +482,24 @@ class Source:
     def digests(self) -> bytes:
         """Every page's digest, in layout order (call with the writers paused)."""
         return page_digests(self.space, [(s.hva, s.size) for s in self.slots], self.page_size)
+
+
+def send_file(sock: socket.socket, fd: int, offset: int, count: int) -> None:
+    """``count`` bytes of file ``fd`` from ``offset`` to ``sock`` by ``sendfile`` (the kernel
+    takes references to the pages, no copy here); honours the socket's timeout."""
+    timeout = sock.gettimeout()
+    done = 0
+    while done < count:
+        try:
+            k = os.sendfile(sock.fileno(), fd, offset + done, count - done)
+        except BlockingIOError:  # a socket with a timeout is non-blocking underneath
+            _, w, _ = select.select([], [sock], [], timeout)
+            if not w:
+                raise TimeoutError(f"sendfile: the peer took no data for {timeout} s") from None
+            continue
+        if k == 0:
+            raise DmaError(errno.EFAULT, f"sendfile: file ends at offset {offset + done:#x} ({count - done:#x} bytes short)")
+        done += k
 
 
 def send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> int:

@@ -8,31 +8,43 @@ The receiver validates everything; anything it cannot prove correct raises
 Layout (all integers little-endian)::
 
     preamble  8s magic b"DMARWMIG", u16 version, u16 options             12 bytes
-    frame     u16 kind, u16 flags (0), u32 seq, u32 length, u32 crc32c     16 bytes
+    frame     u16 kind, u16 flags, u32 seq, u32 length, u32 crc32c       16 bytes
               then ``length`` payload bytes
               then, when options has MAC (bit 0), a 16-byte tag
 
 ``seq`` counts frames from 0 with no gap; ``crc32c`` (CRC32C, Castagnoli: :mod:`dmarw.checksum`,
 the native core's SSE4.2 loop when built, else the Python reference, same value) covers the
-frame's first 12 bytes and its payload, so a flipped bit anywhere in a frame is caught.
-Version 1 used zlib's CRC-32 there; a version-1 stream is refused as a mismatch.  The CRC catches
-accidents, not an impostor (anyone can recompute it).  A keyed stream therefore also
+frame's first 12 bytes and its payload — for a PAGES frame, its payload up to the page
+contents, which carry a CRC32C each.  Version 2 checked a PAGES frame's contents with the
+frame's own CRC; version 1 used zlib's CRC-32: either is refused as a mismatch.  The CRC
+catches accidents, not an impostor (anyone can recompute it).  A keyed stream therefore also
 carries a tag per frame: HMAC-SHA256, keyed with the session key both ends derived in the
-handshake (:mod:`.control`), over the frame's 16-byte head and its payload, truncated to
-16 bytes.  The head holds ``seq``, so a frame replayed, moved or taken from another
-session fails its tag.  A receiver that holds a key refuses a stream without tags, and one
-without a key refuses a stream with them.  Frames:
+handshake (:mod:`.control`), over the frame's 16-byte head and its whole payload (page
+contents included), truncated to 16 bytes.  The head holds ``seq``, so a frame replayed,
+moved or taken from another session fails its tag.  A receiver that holds a key refuses a
+stream without tags, and one without a key refuses a stream with them.  Frames:
 
 * ``HEADER`` (first frame, exactly once): u32 page size, u32 region count, then per
   region u64 gpa, u64 size — the guest RAM layout.
 * ``PAGES``: u32 round, u32 count (1..MAX_PAGES), count × u64 gpa (page aligned, inside
-  the layout), then count × page-size bytes of page contents, in the same order.
+  the layout), count × u32 CRC32C of each page's contents, then count × page-size bytes of
+  page contents, in the same order.  Flag ``LIVE`` (bit 0): the pages were read from RAM
+  the guest kept writing (pre-copy, zero-copy), so a page whose check fails may have been
+  written while the kernel copied it; it is reported in the event (``bad``) instead of
+  refused, and the source sends it again (the destination names it in its round
+  acknowledgement).  Without ``LIVE``, and in any keyed stream, a failed check refuses the
+  stream.
 * ``ROUND``: u32 round, u32 pages — closes a round; ``pages`` must equal the pages of the
   round's PAGES frames.  Rounds are numbered 0, 1, 2, … with no gap.
 * ``STATE``: u16 name length, the name (UTF-8, 1..64 bytes), then the blob (at most
   ``MAX_STATE`` bytes): the saved state of a vCPU or a device, sent after the last pages;
   each name at most once.
 * ``END``: u32 rounds, u32 frames (before END), u64 pages — totals; nothing may follow.
+
+Page contents go where the receiver says: a decoder built with a ``sink`` (gpa, bytes →
+a writable view of its RAM) receives them straight into that memory (``receive_into`` lets
+a socket's ``recv_into`` write there), then checks each page in place; without one they land
+in a buffer of the frame's own, handed out with the event.
 
 Errors name what is wrong and where (stream offset, frame seq): ``truncated`` (the bytes
 stop before END), ``corrupt`` (checksum, impossible length or field), ``mismatch``
@@ -49,13 +61,14 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
-from ..checksum import crc32c
+from ..checksum import crc32c, crc32c_pages
 from ..errors import DmaError
 
 MAGIC = b"DMARWMIG"
-VERSION = 2  # 2: the frame check is CRC32C (1: zlib CRC-32)
-MAX_PAGES = 512  # pages per PAGES frame
+VERSION = 3  # 3: a CRC32C per page (2: one CRC32C over a whole frame; 1: zlib CRC-32)
+MAX_PAGES = 1024  # pages per PAGES frame
 _PREAMBLE = struct.Struct("<8sHH")
 _FRAME = struct.Struct("<HHIII")
 _CRC_SPAN = 12  # kind, flags, seq, length
@@ -70,9 +83,12 @@ MAX_STATE = 1 << 20
 MAX_NAME = 64
 _NAME = struct.Struct("<H")
 OPT_MAC = 1  # preamble option: every frame carries a tag
+LIVE = 1  # PAGES flag: read from RAM while the guest ran; a failed page check is reported
+_CRC = struct.Struct("<I")
 TAG_SIZE = 16
 
 Layout = tuple[tuple[int, int], ...]  # ((gpa, size), ...)
+Sink = Callable[[int, int], memoryview]  # (gpa, nbytes) -> writable view of that RAM
 
 
 class Kind(IntEnum):
@@ -111,8 +127,11 @@ class Header:
 class Pages:
     round: int
     gpas: tuple[int, ...]
-    data: memoryview  # len(gpas) * page_size bytes, page i at data[i*page_size:]; read-only,
-    # a view of the decoder's buffer, valid for as long as it is referenced
+    # without a sink: len(gpas) * page_size bytes, page i at data[i*page_size:] (read-only,
+    # the frame's own buffer); with a sink: None, the contents are in the sink's memory
+    data: memoryview | None
+    bad: tuple[int, ...] = ()  # gpas whose check failed (LIVE frames only)
+    live: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,25 +200,33 @@ class Encoder:
         self.bytes = 0
         self.ended = False
 
-    def _frame(self, kind: Kind, payload_parts: tuple[bytes | memoryview, ...]) -> list[bytes | memoryview]:
+    @property
+    def keyed(self) -> bool:
+        return self._mac is not None
+
+    def _frame(
+        self, kind: Kind, checked: tuple[bytes | memoryview, ...], rest: tuple[bytes | memoryview, ...] = (), flags: int = 0
+    ) -> list[bytes | memoryview]:
+        """Head + ``checked`` (the payload the frame CRC covers) + ``rest`` (page contents,
+        checked per page) + the tag of a keyed stream, over all of it."""
         if self.ended:
             raise DmaError(errno.EPROTO, f"encode {kind.name}: the stream has ended")
-        length = sum(len(p) for p in payload_parts)
-        head = struct.pack("<HHII", kind, 0, self.seq, length)
+        length = sum(len(p) for p in checked) + sum(len(p) for p in rest)
+        head = struct.pack("<HHII", kind, flags, self.seq, length)
         crc = crc32c(head)
-        for p in payload_parts:
+        for p in checked:
             crc = crc32c(p, crc)
         head += struct.pack("<I", crc)
         self.seq += 1
         self.bytes += _FRAME.size + length
         if self._mac is None:
-            return [head, *payload_parts]
+            return [head, *checked, *rest]
         m = self._mac.copy()
         m.update(head)
-        for p in payload_parts:
+        for p in (*checked, *rest):
             m.update(p)
         self.bytes += TAG_SIZE
-        return [head, *payload_parts, m.digest()[:TAG_SIZE]]
+        return [head, *checked, *rest, m.digest()[:TAG_SIZE]]
 
     def start(self) -> list[bytes | memoryview]:
         """The preamble and the HEADER frame."""
@@ -210,15 +237,33 @@ class Encoder:
         )
         return [pre, *self._frame(Kind.HEADER, (body,))]
 
-    def pages_frame(self, gpas: list[int] | tuple[int, ...], data: bytes | memoryview) -> list[bytes | memoryview]:
-        """A PAGES frame of the current round (``data``: the pages' contents, in order)."""
+    def pages_frame(
+        self,
+        gpas: list[int] | tuple[int, ...],
+        data: bytes | memoryview | list[memoryview],
+        *,
+        crcs: bytes | None = None,
+        live: bool = False,
+    ) -> list[bytes | memoryview]:
+        """A PAGES frame of the current round.  ``data``: the pages' contents in order, one
+        buffer or a list of them (runs); ``crcs``: their per-page CRC32Cs when the caller has
+        them (:func:`dmarw.checksum.crc32c_pages`), else computed here.  ``live``: read
+        from RAM the guest may be writing (flag ``LIVE``; never in a keyed stream)."""
+        runs = data if isinstance(data, list) else [memoryview(data)]
         n = len(gpas)
-        if not 1 <= n <= MAX_PAGES or len(data) != n * self.page_size:
-            raise DmaError(errno.EINVAL, f"encode PAGES: {n} pages with {len(data)} bytes of data")
-        head = _PAGES.pack(self.round, n) + struct.pack(f"<{n}Q", *gpas)
+        nbytes = sum(len(r) for r in runs)
+        if not 1 <= n <= MAX_PAGES or nbytes != n * self.page_size:
+            raise DmaError(errno.EINVAL, f"encode PAGES: {n} pages with {nbytes} bytes of data")
+        if crcs is None:
+            crcs = b"".join(crc32c_pages(r, self.page_size) for r in runs)
+        if len(crcs) != 4 * n:
+            raise DmaError(errno.EINVAL, f"encode PAGES: {len(crcs)} bytes of page checks for {n} pages")
+        if live and self._mac is not None:
+            raise DmaError(errno.EINVAL, "encode PAGES: a keyed stream sends no LIVE frame (its tag covers the contents)")
+        head = _PAGES.pack(self.round, n) + struct.pack(f"<{n}Q", *gpas) + crcs
         self.round_pages += n
         self.pages += n
-        return self._frame(Kind.PAGES, (head, data))
+        return self._frame(Kind.PAGES, (head,), tuple(runs), LIVE if live else 0)
 
     def end_round(self) -> list[bytes | memoryview]:
         """Close the current round and start the next."""
@@ -249,8 +294,16 @@ class Decoder:
     :data:`NEED_DATA`, or raises :class:`StreamError`.
     """
 
-    def __init__(self, page_size: int | None = None, layout: Layout | None = None, mac_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        page_size: int | None = None,
+        layout: Layout | None = None,
+        mac_key: bytes | None = None,
+        sink: Sink | None = None,
+    ) -> None:
         self._mac = hmac.new(mac_key, digestmod="sha256") if mac_key is not None else None
+        self._sink = sink
+        self._fill: _Fill | None = None  # the PAGES frame whose contents are arriving
         self._tag = TAG_SIZE if mac_key is not None else 0
         self.expect_page_size = page_size
         self.expect_layout = tuple(layout) if layout is not None else None
@@ -280,22 +333,36 @@ class Decoder:
         if not data:
             self._eof = True
             return
-        n = len(data)
-        self._room(n)
-        self._buf[self._end : self._end + n] = data
-        self._end += n
+        mv = memoryview(data).cast("B")
+        if self._fill is not None and self._fill.remaining and not self._avail():
+            k = min(len(mv), self._fill.remaining)
+            self._fill_from(mv[:k])
+            mv = mv[k:]
+        n = len(mv)
+        if n:
+            self._room(n)
+            self._buf[self._end : self._end + n] = mv
+            self._end += n
 
     def receive_into(self, recv: Callable[[memoryview], int], n: int) -> int:
         """Let ``recv`` write up to ``n`` bytes of input straight into the decoder's buffer
         (a socket's ``recv_into``: no copy through a buffer of the caller's); returns the
         bytes it wrote, 0 meaning end of input (as ``receive_data(b"")``)."""
         self._check_open()
-        self._room(n)
-        with memoryview(self._buf) as whole, whole[self._end : self._end + n] as tail:
-            got = recv(tail)
-        if not 0 <= got <= n:
-            raise DmaError(errno.EINVAL, f"receive_into: recv wrote {got} bytes into room for {n}")
-        self._end += got
+        f = self._fill
+        if f is not None and f.remaining and not self._avail():  # page contents: into the sink
+            with f.view()[f.run_filled :] as room, room[: min(n, len(room))] as target:
+                got = recv(target)
+                if not 0 <= got <= len(target):
+                    raise DmaError(errno.EINVAL, f"receive_into: recv wrote {got} bytes into room for {len(target)}")
+            self._advance(got)
+        else:
+            self._room(n)
+            with memoryview(self._buf) as whole, whole[self._end : self._end + n] as tail:
+                got = recv(tail)
+            if not 0 <= got <= n:
+                raise DmaError(errno.EINVAL, f"receive_into: recv wrote {got} bytes into room for {n}")
+            self._end += got
         if got == 0:
             self._eof = True
         return got
@@ -354,11 +421,18 @@ class Decoder:
         avail = self._avail()
         if not self._preamble_done:
             return max(1, _PREAMBLE.size - avail)
+        if self._fill is not None:
+            return self._fill.remaining or max(1, self._tag - avail)
         if avail < _FRAME.size:
             return _FRAME.size - avail
         length = int.from_bytes(self._buf[self._pos + 8 : self._pos + 12], "little")
         if length > self._max_length():
             return 1  # next_event refuses it; do not wait for it
+        if self.header is not None and int.from_bytes(self._buf[self._pos : self._pos + 2], "little") == Kind.PAGES:
+            if avail < _FRAME.size + _PAGES.size:  # up to the table: the contents go elsewhere
+                return _FRAME.size + _PAGES.size - avail
+            n = int.from_bytes(self._buf[self._pos + 20 : self._pos + 24], "little")
+            return max(1, _FRAME.size + _PAGES.size + 12 * min(n, MAX_PAGES) - avail)
         return max(1, _FRAME.size + length + self._tag - avail)
 
     def next_event(self) -> Event | _NeedData:
@@ -382,6 +456,8 @@ class Decoder:
                 raise self._fail("mismatch", "the stream carries tags, and this receiver has no key to check them")
             self._consume(_PREAMBLE.size)
             self._preamble_done = True
+        if self._fill is not None:
+            return self._finish_pages()
         if self.ended:
             if self._avail():
                 raise self._fail("protocol", f"{self._avail()} bytes of trailing data at offset {self.offset:#x} after the END frame")
@@ -395,6 +471,8 @@ class Decoder:
         limit = self._max_length()
         if length > limit:
             raise self._fail("corrupt", f"frame at offset {at:#x} (seq {self.seq}) claims {length:#x} payload bytes, more than {limit:#x}")
+        if kind == Kind.PAGES and self.header is not None:
+            return self._start_pages(flags, seq, length, crc, at)
         if self._avail() < _FRAME.size + length + self._tag:
             if self._eof:
                 raise self._truncated(
@@ -432,7 +510,7 @@ class Decoder:
     def _max_length(self) -> int:
         if self.header is None:
             return _HEADER.size + MAX_REGIONS * _REGION.size
-        return max(_PAGES.size + MAX_PAGES * (8 + self.header.page_size), _NAME.size + MAX_NAME + MAX_STATE)
+        return max(_PAGES.size + MAX_PAGES * (12 + self.header.page_size), _NAME.size + MAX_NAME + MAX_STATE)
 
     def _parse(self, kind: int, p: memoryview, at: int) -> Event:
         where = f"frame seq {self.seq} at offset {at:#x}"
@@ -440,8 +518,6 @@ class Decoder:
             raise self._fail("protocol", f"{where}: kind {kind} before the HEADER frame")
         if kind == Kind.HEADER:
             return self._parse_header(p, where)
-        if kind == Kind.PAGES:
-            return self._parse_pages(p, where)
         if kind == Kind.ROUND:
             if len(p) != _ROUND.size:
                 raise self._fail("corrupt", f"{where}: ROUND payload of {len(p)} bytes")
@@ -521,31 +597,137 @@ class Decoder:
             return False
         return gpas == tuple(range(first, last + 1, ps))
 
-    def _inside(self, gpa: int, page_size: int) -> bool:
-        for g, s in self._regions:
-            if g <= gpa and gpa + page_size <= g + s:
-                return True
-        return False
-
-    def _parse_pages(self, p: memoryview, where: str) -> Pages:
+    # -- PAGES: head and table from the buffer, contents into the sink --------------------
+    def _start_pages(self, flags: int, seq: int, length: int, crc: int, at: int) -> Pages | _NeedData:
         assert self.header is not None
         ps = self.header.page_size
-        if len(p) < _PAGES.size:
-            raise self._fail("corrupt", f"{where}: PAGES payload of {len(p)} bytes")
-        rnd, n = _PAGES.unpack_from(p)
-        if not 1 <= n <= MAX_PAGES or len(p) != _PAGES.size + n * (8 + ps):
-            raise self._fail("corrupt", f"{where}: PAGES of {n} pages has {len(p)} payload bytes")
-        if rnd != self.round:
-            raise self._fail("protocol", f"{where}: PAGES of round {rnd} while round {self.round} is open")
-        gpas = struct.unpack_from(f"<{n}Q", p, _PAGES.size)
-        if not self._one_run(gpas, ps):  # the usual frame is one run: no per-page loop
-            bad = next((g for g in gpas if g % ps or not self._inside(g, ps)), None)
-            if bad is not None:
-                raise self._fail("corrupt", f"{where}: page gpa {bad:#x} is unaligned or outside the RAM layout")
-        data_at = _PAGES.size + 8 * n
-        self.round_pages += n
-        self.pages += n
-        return Pages(rnd, gpas, p[data_at:].toreadonly())
+        where = f"frame seq {self.seq} at offset {at:#x}"
+        avail = self._avail()
+        if avail < _FRAME.size + _PAGES.size:
+            if self._eof:
+                raise self._truncated(f"inside the head of frame seq {self.seq}")
+            return NEED_DATA
+        top = self._pos + _FRAME.size
+        rnd, n = _PAGES.unpack_from(self._buf, top)
+        if not 1 <= n <= MAX_PAGES or length != _PAGES.size + n * (12 + ps):
+            raise self._fail("corrupt", f"{where}: PAGES of {n} pages has {length} payload bytes")
+        table = _PAGES.size + 12 * n
+        if avail < _FRAME.size + table:
+            if self._eof:
+                raise self._truncated(f"inside the page table of frame seq {self.seq} at offset {at:#x}")
+            return NEED_DATA
+        with memoryview(self._buf) as mv:
+            got = crc32c(mv[top : top + table], crc32c(mv[self._pos : self._pos + _CRC_SPAN]))
+            if got != crc:
+                raise self._fail("corrupt", f"checksum of frame at offset {at:#x} (seq {self.seq}) is {got:#010x}, frame says {crc:#010x}")
+            if flags & ~LIVE:
+                raise self._fail("corrupt", f"frame at offset {at:#x} has flags {flags:#x}")
+            if seq != self.seq:
+                raise self._fail("protocol", f"frame at offset {at:#x} has seq {seq}, expected {self.seq} (frame lost or reordered)")
+            if rnd != self.round:
+                raise self._fail("protocol", f"{where}: PAGES of round {rnd} while round {self.round} is open")
+            gpas = struct.unpack_from(f"<{n}Q", self._buf, top + _PAGES.size)
+            runs = self._runs(gpas, ps, where)
+            mac = None
+            if self._mac is not None:
+                mac = self._mac.copy()
+                mac.update(mv[self._pos : top + table])
+            crcs = bytes(mv[top + _PAGES.size + 8 * n : top + table])
+        self._consume(_FRAME.size + table)
+        scratch = bytearray(n * ps) if self._sink is None else None
+        self._fill = _Fill(rnd, gpas, crcs, bool(flags & LIVE), where, runs, n * ps, mac, self._sink, scratch)
+        self._fill.at = at
+        if self._avail():  # contents already buffered with the head: into the sink
+            k = min(self._avail(), self._fill.remaining)
+            with memoryview(self._buf) as mv, mv[self._pos : self._pos + k] as part:
+                self._fill_from(part, consumed=True)
+        return self._finish_pages()
+
+    def _runs(self, gpas: tuple[int, ...], ps: int, where: str) -> list[tuple[int, int]]:
+        """``gpas`` as (gpa, bytes) runs of consecutive pages inside one region."""
+        if self._one_run(gpas, ps):  # the usual frame is one run: no per-page loop
+            return [(gpas[0], len(gpas) * ps)]
+        runs: list[tuple[int, int]] = []
+        end = -1
+        for g in gpas:
+            region = next(((rg, rs) for rg, rs in self._regions if rg <= g and g + ps <= rg + rs), None)
+            if g % ps or region is None:
+                raise self._fail("corrupt", f"{where}: page gpa {g:#x} is unaligned or outside the RAM layout")
+            if g == end and g < region[0] + region[1] and runs[-1][0] >= region[0]:
+                runs[-1] = (runs[-1][0], runs[-1][1] + ps)
+            else:
+                runs.append((g, ps))
+            end = g + ps
+        return runs
+
+    def _fill_from(self, data: memoryview, consumed: bool = False) -> None:
+        """Copy ``data`` (at most what the frame still needs) into the sink, run by run;
+        ``consumed``: it is the decoder's own buffered input, dropped as it goes."""
+        f = self._fill
+        assert f is not None
+        at = 0
+        while at < len(data):
+            with f.view()[f.run_filled :] as room:
+                k = min(len(room), len(data) - at)
+                room[:k] = data[at : at + k]
+            at += k
+            self._advance(k, consumed)
+
+    def _advance(self, k: int, consumed: bool = False) -> None:
+        f = self._fill
+        assert f is not None
+        f.advance(k)
+        if consumed:
+            self._pos += k
+        self.offset += k
+
+    def _finish_pages(self) -> Pages | _NeedData:
+        f = self._fill
+        assert f is not None and self.header is not None
+        ps = self.header.page_size
+        if f.remaining:
+            if self._eof:
+                raise self._truncated(f"inside {f.where}: {f.total - f.remaining} of {f.total} bytes of page contents")
+            return NEED_DATA
+        if f.mac is not None:
+            if self._avail() < TAG_SIZE:
+                if self._eof:
+                    raise self._truncated(f"inside {f.where}: {self._avail()} of {TAG_SIZE} tag bytes")
+                return NEED_DATA
+            for v in f.views:
+                f.mac.update(v)
+            tag = bytes(self._buf[self._pos : self._pos + TAG_SIZE])
+            if not hmac.compare_digest(f.mac.digest()[:TAG_SIZE], tag):
+                raise self._fail(
+                    "unauthenticated",
+                    f"tag of frame at offset {f.at:#x} (seq {self.seq}) does not match: altered in flight or not sent by the key holder",
+                )
+            self._consume(TAG_SIZE)
+        got = b"".join(crc32c_pages(v, ps) for v in f.views)
+        bad: tuple[int, ...] = ()
+        if got != f.crcs:
+            bad = tuple(g for i, g in enumerate(f.gpas) if got[4 * i : 4 * i + 4] != f.crcs[4 * i : 4 * i + 4])
+            if not f.live or self._mac is not None:
+                i = f.gpas.index(bad[0])
+                (want,), (have,) = _CRC.unpack_from(f.crcs, 4 * i), _CRC.unpack_from(got, 4 * i)
+                raise self._fail(
+                    "corrupt",
+                    f"{f.where}: {len(bad)} page(s) fail their check, first gpa {bad[0]:#x} "
+                    f"(contents {have:#010x}, frame says {want:#010x})",
+                )
+        self._fill = None
+        self.seq += 1
+        self.round_pages += len(f.gpas)
+        self.pages += len(f.gpas)
+        data = memoryview(f.scratch).toreadonly() if f.scratch is not None else None
+        return Pages(f.round, f.gpas, data, bad, f.live)
+
+    def release(self) -> None:
+        """Drop a frame cut short: its views of the sink's memory are released."""
+        f, self._fill = self._fill, None
+        if f is not None:
+            for v in f.views:
+                v.release()
 
     def events(self) -> list[Event]:
         """Every event available now (stops at NEED_DATA)."""
@@ -555,3 +737,49 @@ class Decoder:
             if isinstance(ev, _NeedData):
                 return out
             out.append(ev)
+
+
+class _Fill:
+    """A PAGES frame whose contents are arriving: where each run goes, how far it got."""
+
+    def __init__(
+        self,
+        rnd: int,
+        gpas: tuple[int, ...],
+        crcs: bytes,
+        live: bool,
+        where: str,
+        runs: list[tuple[int, int]],
+        total: int,
+        mac: Any,
+        sink: Sink | None,
+        scratch: bytearray | None,
+    ) -> None:
+        self.round, self.gpas, self.crcs, self.live, self.where = rnd, gpas, crcs, live, where
+        self.runs, self.total, self.remaining, self.mac = runs, total, total, mac
+        self._sink, self.scratch = sink, scratch
+        self.views: list[memoryview] = []  # one per run begun, in order
+        self.run_filled = 0
+        self.at = 0  # stream offset of the frame
+
+    def view(self) -> memoryview:
+        """The current run's memory (got from the sink when the run begins)."""
+        i = len(self.views)
+        if self.views and self.run_filled < len(self.views[-1]):
+            return self.views[-1]
+        gpa, n = self.runs[i]
+        if self._sink is None:
+            assert self.scratch is not None
+            at = self.total - self.remaining
+            v = memoryview(self.scratch)[at : at + n]
+        else:
+            v = self._sink(gpa, n)
+            if len(v) != n or v.readonly:
+                raise DmaError(errno.EINVAL, f"stream sink for gpa {gpa:#x}+{n:#x} gave {len(v)} bytes, readonly {v.readonly}")
+        self.views.append(v)
+        self.run_filled = 0
+        return v
+
+    def advance(self, k: int) -> None:
+        self.run_filled += k
+        self.remaining -= k

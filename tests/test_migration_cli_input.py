@@ -94,12 +94,12 @@ def test_a_signal_to_the_process_group_is_one_line(sig: int, code: int, word: st
 
 
 def test_plain_copy_receiver_whose_sender_left_exits_quietly(capfd: pytest.CaptureFixture[str]) -> None:
-    from dmarw.migration import harness
+    from dmarw.migration import baseline
 
     ours, theirs = socket.socketpair()
     ours.close()  # the sender is gone before the receiver says it is ready
     ctx = multiprocessing.get_context("fork")
-    p = ctx.Process(target=harness._plain_receiver, args=(theirs, ours, 1 << 20))
+    p = ctx.Process(target=baseline._receiver, args=(theirs, ours, 1 << 20))
     p.start()
     theirs.close()
     p.join(30)

@@ -120,11 +120,15 @@ def report(o: GuestOutcome, con: Console) -> int:
     total = o.stat.get("commands") or o.config.commands
     con.print(f"guest at switchover: {o.commands_at_stop:,} of {total:,} device commands done; "
               f"vCPU throttled for {o.throttled_seconds * 1e3:,.0f} ms in all")
+    resent = sum(st.resent for st in r.rounds)
+    con.print(f"pages sent again because their live copy failed its check on the destination: {resent:,}")
     if o.plain is not None and r.total_seconds > 0:
         mig = r.bytes_sent / r.total_seconds
-        con.print(f"plain copy of the same RAM over the same kind of socket: {_mib(o.plain.bytes)} in "
-                  f"{o.plain.seconds:.3f} s = {_mib(o.plain.rate)}/s; migration {_mib(mig)}/s = "
-                  f"{mig / o.plain.rate:.2f}x")
+        con.print(f"throughput: migration {_mib(mig)}/s (every byte sent over the total time); plain copies of "
+                  f"the same {_mib(o.plain.bytes)} over the same kind of socket (no framing, no check, no log):")
+        for p in (o.plain, *o.plain_others):
+            if p.rate:
+                con.print(f"  {p.api:8s} {p.when:24s} {p.seconds:.3f} s = {_mib(p.rate)}/s; migration = {mig / p.rate:.2f}x")
     n = r.npages
     if o.pages_ok:
         con.print(f"verification: OK, {n} pages identical")
@@ -171,6 +175,7 @@ def run_guest_cli(args: argparse.Namespace, key: bytes | None, con: Console, bar
         out: dict[str, Any] = {
             "config": {k: v for k, v in asdict(cfg).items() if k != "key"},
             "report": asdict(o.report), "plain_copy": asdict(o.plain) if o.plain else None,
+            "plain_copy_others": [asdict(p) for p in o.plain_others],
             "reference_checksum": o.reference, "checksum": o.checksum, "destination": o.stat,
             "differing_gpas": o.differing, "commands_at_stop": o.commands_at_stop,
             "pages_ok": o.pages_ok, "checksum_ok": o.checksum_ok, "ok": o.ok,

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import errno
 import itertools
-import multiprocessing
 import os
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -39,7 +37,8 @@ from ..mm import PAGE_SIZE, AddressSpace
 from ..type1 import Container, Prot
 from ..vfio import ExternalUser, Group
 from . import control, dest
-from .channel import Channel, handshake_source
+from .baseline import PlainCopy, plain_copy
+from .channel import Channel, handshake_source, tune
 from .incoming import check_ram, parse_hostport
 from .source import MigrationFailed, MigrationReport, RoundStats, Source, differing_pages
 from .writers import Writer, Writers, fill, place
@@ -90,16 +89,6 @@ class Config:
         # two copies of guest RAM exist at once on this machine: the source's, and the plain
         # copy's receiver or the local destination's
         check_ram(self.ram, f"--ram {self.ram:#x}", copies=2)
-
-
-@dataclass
-class PlainCopy:
-    bytes: int
-    seconds: float
-
-    @property
-    def rate(self) -> float:
-        return self.bytes / self.seconds if self.seconds else 0.0
 
 
 @dataclass
@@ -195,64 +184,6 @@ def build_writers(guest: SourceGuest, cfg: Config) -> Writers:
     return Writers([Writer("vcpu", cfg.vcpu_rate, vops), Writer("device", cfg.dma_rate, dops)])
 
 
-# -- plain copy --------------------------------------------------------------------------
-def _plain_receiver(sock: socket.socket, other: socket.socket, size: int) -> None:
-    other.close()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it closes the socket
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    space = AddressSpace()
-    hva = space.mmap(size, backing="memfd")
-    dest.prefault(space, hva, size)  # prepared like the destination's RAM, before timing
-    region, off = space.region(hva, size)
-    got = 0
-    try:
-        sock.sendall(b"R")
-        with memoryview(region.map) as mv:
-            while got < size:
-                n = sock.recv_into(mv[off + got : off + min(size, got + dest.RECV_CHUNK)])
-                if n == 0:
-                    break
-                got += n
-        sock.sendall(b"K" if got == size else b"E")
-    except OSError:  # the sender went away (interrupted): nothing to report to
-        raise SystemExit(1) from None
-    sock.close()
-    raise SystemExit(0 if got == size else 1)
-
-
-def _tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """A connected pair over TCP on 127.0.0.1 (the kind of socket a remote migration uses)."""
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        a = socket.create_connection(srv.getsockname()[:2])
-        b, _ = srv.accept()
-    return a, b
-
-
-def plain_copy(space: AddressSpace, hva: int, size: int, chunk: int = 1 << 20, tcp: bool = False) -> PlainCopy:
-    """Time a plain copy of ``size`` bytes of RAM to a forked receiver's RAM (no framing),
-    over a socketpair or (``tcp``) a TCP connection on 127.0.0.1."""
-    ours, theirs = _tcp_pair() if tcp else socket.socketpair()
-    proc = multiprocessing.get_context("fork").Process(
-        target=_plain_receiver, args=(theirs, ours, size), name="dmarw-plain-copy", daemon=True
-    )
-    proc.start()
-    theirs.close()
-    try:
-        if ours.recv(1) != b"R":
-            raise DmaError(errno.EPIPE, f"plain copy of {size:#x} bytes: receiver did not start")
-        t0 = time.perf_counter()
-        for off in range(0, size, chunk):
-            ours.sendall(space.read(hva + off, min(chunk, size - off)))
-        ack = ours.recv(1)
-        t1 = time.perf_counter()
-    finally:
-        ours.close()
-        proc.join()
-    if ack != b"K":
-        raise DmaError(errno.EPIPE, f"plain copy of {size:#x} bytes: receiver failed")
-    return PlainCopy(size, t1 - t0)
-
-
 # -- one run -----------------------------------------------------------------------------
 def open_destination(cfg: Config, src: Source, spec_extra: dict[str, object] | None = None) -> tuple[
     BaseProcess | None, Channel, bytes | None
@@ -267,6 +198,7 @@ def open_destination(cfg: Config, src: Source, spec_extra: dict[str, object] | N
     host, port = parse_hostport(cfg.to, "--to")
     try:
         sock = socket.create_connection((host, port), timeout=cfg.timeout)
+        tune(sock)
     except OSError as e:
         raise MigrationFailed(e.errno or errno.ECONNREFUSED, f"destination {cfg.to} unreachable: {e.strerror or e}") from None
     ch = Channel(sock, f"destination {cfg.to}")

@@ -5,7 +5,8 @@ Order of work (one command does it all, so the comparison is within one run):
 1. the **unmigrated run**: the same guest and seed on a ``KvmVm`` of this process, run to its
    end: the reference checksum;
 2. the source guest is built (:class:`~.guest.SourceMachine`) and a **plain copy** of its
-   RAM is timed over the same kind of socket (the throughput baseline);
+   RAM is timed over the same kind of socket (the throughput baseline,
+   :mod:`.baseline`): once now, and once more while the guest runs, just before pre-copy;
 3. the destination: a forked process (``incoming``'s code on a socketpair) or ``--to`` a
    ``dmarw incoming`` after the key handshake; either builds its VM before ``REDY``;
 4. the guest starts (vCPU thread, device engine thread) and pre-copy runs while it does;
@@ -34,9 +35,9 @@ from ..guest.params import RAM_MAX, RAM_MIN
 from ..vmm import DEFAULT_DIRTY
 from ..vmm.dirty import MODES
 from . import control, dest
-from .channel import Channel, handshake_source
+from .baseline import PlainCopier, PlainCopy
+from .channel import Channel, handshake_source, tune
 from .guest import GuestSpec, SourceMachine, reference_checksum
-from .harness import PlainCopy, plain_copy
 from .incoming import check_ram, parse_hostport, serve_connection
 from .source import MigrationFailed, MigrationReport, RoundStats, Source, differing_pages
 
@@ -98,7 +99,7 @@ class GuestOutcome:
     config: GuestConfig
     report: MigrationReport
     differing: list[int]
-    plain: PlainCopy | None
+    plain: PlainCopy | None  # the plain way (write), with the guest running: the baseline
     reference: int
     checksum: int | None
     stat: dict[str, Any] = field(default_factory=dict)  # what the destination measured
@@ -106,6 +107,7 @@ class GuestOutcome:
     commands_at_stop: int = 0
     throttled_seconds: float = 0.0
     reference_seconds: float = 0.0
+    plain_others: list[PlainCopy] = field(default_factory=list)  # sendfile; before the guest started
 
     @property
     def pages_ok(self) -> bool:
@@ -152,6 +154,8 @@ def open_destination(
         import multiprocessing
 
         ours, theirs = socket.socketpair()
+        for sock in (ours, theirs):
+            tune(sock)
         proc = multiprocessing.get_context("fork").Process(
             target=_local_child, args=(theirs, ours), name="dmarw-migrate-dest", daemon=True
         )
@@ -165,6 +169,7 @@ def open_destination(
             sock = socket.create_connection((host, port), timeout=cfg.timeout)
         except OSError as e:
             raise MigrationFailed(e.errno or errno.ECONNREFUSED, f"destination {cfg.to} unreachable: {e.strerror or e}") from None
+        tune(sock)
         ch = Channel(sock, f"destination {cfg.to}")
     try:
         if cfg.key is not None and cfg.to is not None:
@@ -200,8 +205,13 @@ def run_guest_migration(
     if cfg.guest_timeout is None:
         cfg.guest_timeout = 4 * ref_s + 10.0 if reference is None else 120.0
     sm = SourceMachine(spec, device_bypass=cfg.device_bypass)
+    copier: PlainCopier | None = None
     try:
-        plain = plain_copy(sm.m.env.space, sm.m.env.hva, cfg.ram, tcp=cfg.to is not None) if cfg.plain_copy else None
+        space, hva = sm.m.env.space, sm.m.env.hva
+        plains: list[PlainCopy] = []
+        if cfg.plain_copy:
+            copier = PlainCopier(cfg.ram, tcp=cfg.to is not None)
+            plains.append(copier.copy(space, hva, "before the guest started"))
         src = Source(sm.vm, sm.container, threshold=cfg.threshold, max_rounds=cfg.max_rounds,
                      use_kvm_log=not cfg.no_kvm_log, use_vfio_log=not cfg.no_vfio_log, device_log=sm.device_log)
         conn = open_destination(cfg, src, spec, cfg.guest_timeout)  # its VM ready before the guest starts
@@ -214,10 +224,16 @@ def run_guest_migration(
             raise
         sm.start()
         sm.wait_under_way(max(1, min(16, spec.commands // 50)))  # pre-copy of a guest at work
+        if copier is not None:  # the same conditions as the migration's: the guest at work
+            plains[:0] = [copier.copy(space, hva, "with the guest running", api) for api in ("write", "sendfile")]
+            copier.close()
         o = attempt_guest(sm, src, cfg, conn, on_sent, on_round_start, on_round_end)
-        o.plain, o.reference, o.reference_seconds = plain, ref, ref_s
+        o.plain, o.plain_others = (plains[0], plains[1:]) if plains else (None, [])
+        o.reference, o.reference_seconds = ref, ref_s
         return o
     finally:
+        if copier is not None:
+            copier.close()
         sm.close()
 
 

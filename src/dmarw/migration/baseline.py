@@ -1,0 +1,144 @@
+"""The throughput baseline: a plain copy of the same guest RAM over the same kind of socket.
+
+A plain copy is what a migration would cost with nothing but the bytes: no framing, no
+check, no dirty log.  The sender writes straight from the RAM mapping, either the plain way
+(``write``: ``sendmsg`` of the mapping, 1 MiB a call, the kernel copies) or the way the
+migration sends its pages (``sendfile`` from the RAM's memfd: the socket takes references,
+no copy); the receiver reads straight into RAM of its own (a memfd, prefaulted as the
+destination's is), and both sockets get the same buffer sizes as the migration's
+(:func:`.channel.tune`).
+
+:class:`PlainCopier` forks its receiver once, before the caller starts any thread, and
+then times as many copies as asked (before the guest starts, while it runs, either API),
+so the migration is compared with each in one run.  One thread drives a copier; no locks.
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+
+from ..errors import DmaError
+from ..mm import AddressSpace
+from . import dest
+from .channel import tune
+
+
+@dataclass
+class PlainCopy:
+    bytes: int
+    seconds: float
+    api: str = "write"  # how the sender wrote: "write" (sendmsg of the mapping) or "sendfile"
+    when: str = "before the guest started"
+
+    @property
+    def rate(self) -> float:
+        return self.bytes / self.seconds if self.seconds else 0.0
+
+
+def _receiver(sock: socket.socket, other: socket.socket, size: int) -> None:
+    """The receiving process: for each ``C`` read ``size`` bytes into RAM, answer ``K``."""
+    other.close()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it closes the socket
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    space = AddressSpace()
+    hva = space.mmap(size, backing="memfd")
+    dest.prefault(space, hva, size)  # prepared like the destination's RAM, before timing
+    region, off = space.region(hva, size)
+    try:
+        sock.sendall(b"R")
+        with memoryview(region.map) as mv:
+            while sock.recv(1) == b"C":
+                got = 0
+                while got < size:
+                    n = sock.recv_into(mv[off + got : off + min(size, got + dest.RECV_CHUNK)], 0, socket.MSG_WAITALL)
+                    if n == 0:
+                        break
+                    got += n
+                sock.sendall(b"K" if got == size else b"E")
+                if got != size:
+                    break
+    except OSError:  # the sender went away (interrupted): nothing to report to
+        raise SystemExit(1) from None
+    sock.close()
+    raise SystemExit(0)
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair over TCP on 127.0.0.1 (the kind of socket a remote migration uses)."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname()[:2])
+        b, _ = srv.accept()
+    return a, b
+
+
+class PlainCopier:
+    """A forked receiver of ``size`` bytes at a time (fork before any thread starts)."""
+
+    def __init__(self, size: int, tcp: bool = False) -> None:
+        self.size = size
+        ours, theirs = _tcp_pair() if tcp else socket.socketpair()
+        for s in (ours, theirs):
+            tune(s)
+        self.proc: BaseProcess = multiprocessing.get_context("fork").Process(
+            target=_receiver, args=(theirs, ours, size), name="dmarw-plain-copy", daemon=True
+        )
+        self.proc.start()
+        theirs.close()
+        self.sock = ours
+        try:
+            if ours.recv(1) != b"R":
+                raise DmaError(errno.EPIPE, f"plain copy of {size:#x} bytes: receiver did not start")
+        except BaseException:
+            self.close()
+            raise
+
+    def copy(self, space: AddressSpace, hva: int, when: str, api: str = "write", chunk: int = 1 << 20) -> PlainCopy:
+        """Time one copy of ``[hva, hva+size)`` by ``api``: ``"write"`` (``sendmsg`` of the
+        mapping, ``chunk`` bytes a call) or ``"sendfile"`` (the RAM must be a memfd)."""
+        from .source import send_file
+
+        size = self.size
+        region, off = space.region(hva, size)
+        if api not in ("write", "sendfile") or (api == "sendfile" and region.fd is None):
+            raise DmaError(errno.EINVAL, f"plain copy by {api!r}: 'write', or 'sendfile' from a memfd")
+        sock = self.sock
+        sock.sendall(b"C")
+        t0 = time.perf_counter()
+        if api == "sendfile":
+            assert region.fd is not None
+            send_file(sock, region.fd, off, size)
+        else:
+            with memoryview(region.map) as mv:
+                for at in range(off, off + size, chunk):
+                    sock.sendall(mv[at : min(off + size, at + chunk)])
+        ack = sock.recv(1)
+        t1 = time.perf_counter()
+        if ack != b"K":
+            raise DmaError(errno.EPIPE, f"plain copy of {size:#x} bytes: receiver failed")
+        return PlainCopy(size, t1 - t0, api, when)
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(b"Q")
+        except OSError:
+            pass
+        self.sock.close()
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+
+def plain_copy(space: AddressSpace, hva: int, size: int, tcp: bool = False) -> PlainCopy:
+    """One plain copy (``write``) of ``size`` bytes of RAM to a forked receiver's RAM."""
+    c = PlainCopier(size, tcp)
+    try:
+        return c.copy(space, hva, "before the writers started")
+    finally:
+        c.close()

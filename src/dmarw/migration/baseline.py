@@ -19,6 +19,7 @@ import errno
 import multiprocessing
 import signal
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
@@ -35,6 +36,8 @@ class PlainCopy:
     seconds: float
     api: str = "write"  # how the sender wrote: "write" (sendmsg of the mapping) or "sendfile"
     when: str = "before the guest started"
+    sender_cpu: float = 0.0  # CPU seconds of the sending thread during the copy
+    receiver_cpu: float = 0.0  # CPU seconds of the receiving process during the copy
 
     @property
     def rate(self) -> float:
@@ -54,13 +57,14 @@ def _receiver(sock: socket.socket, other: socket.socket, size: int) -> None:
         sock.sendall(b"R")
         with memoryview(region.map) as mv:
             while sock.recv(1) == b"C":
+                c0 = time.process_time()
                 got = 0
                 while got < size:
                     n = sock.recv_into(mv[off + got : off + min(size, got + dest.RECV_CHUNK)], 0, socket.MSG_WAITALL)
                     if n == 0:
                         break
                     got += n
-                sock.sendall(b"K" if got == size else b"E")
+                sock.sendall((b"K" if got == size else b"E") + struct.pack("<d", time.process_time() - c0))
                 if got != size:
                     break
     except OSError:  # the sender went away (interrupted): nothing to report to
@@ -110,6 +114,7 @@ class PlainCopier:
         sock = self.sock
         sock.sendall(b"C")
         t0 = time.perf_counter()
+        c0 = time.thread_time()
         if api == "sendfile":
             assert region.fd is not None
             send_file(sock, region.fd, off, size)
@@ -117,11 +122,12 @@ class PlainCopier:
             with memoryview(region.map) as mv:
                 for at in range(off, off + size, chunk):
                     sock.sendall(mv[at : min(off + size, at + chunk)])
-        ack = sock.recv(1)
+        ack = sock.recv(9, socket.MSG_WAITALL)
         t1 = time.perf_counter()
-        if ack != b"K":
+        c1 = time.thread_time()
+        if ack[:1] != b"K" or len(ack) != 9:
             raise DmaError(errno.EPIPE, f"plain copy of {size:#x} bytes: receiver failed")
-        return PlainCopy(size, t1 - t0, api, when)
+        return PlainCopy(size, t1 - t0, api, when, c1 - c0, struct.unpack("<d", ack[1:])[0])
 
     def close(self) -> None:
         try:

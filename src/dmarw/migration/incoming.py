@@ -124,9 +124,9 @@ def serve_connection(
     try:
         try:
             ch.send(control.encode(control.REDY))
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             dest.receive(sock, ch.reader.take_rest())
-            recv_s = time.perf_counter() - t0
+            recv_s, recv_cpu = time.perf_counter() - t0, time.process_time() - c0
         except (StreamError, OSError) as e:
             log(f"migration failed, nothing resumed: {e}")
             try:
@@ -135,7 +135,7 @@ def serve_connection(
                 pass
             return 1
         try:
-            stat: dict[str, Any] = {"receive_seconds": recv_s}
+            stat: dict[str, Any] = {"receive_seconds": recv_s, "receive_cpu_seconds": recv_cpu}
             if machine is not None:
                 stat.update(machine.restore(dest.states))
             ch.send(control.done(dest.pages_applied, dest.rounds))

@@ -87,6 +87,8 @@ class MigrationReport:
     dest_pages: int = 0
     dest_rounds: int = 0
     downtime_parts: dict[str, float] = field(default_factory=dict)
+    sender_cpu_seconds: float = 0.0  # CPU of the thread that ran the migration, start to DONE
+    send_api: str = ""  # how page contents went out: sendfile, sendmsg (from RAM) or staged
 
 
 class MigrationFailed(DmaError):
@@ -377,6 +379,7 @@ class Source:
         ch = ch or Channel(sock, "destination")
         clock = time.perf_counter
         paused = False
+        cpu0 = time.thread_time()
         try:
             t_start = clock()
             self._send(sock, enc.start())
@@ -452,6 +455,8 @@ class Source:
             if paused and resume is not None:
                 resume()
             raise self._refusal(ch, e) from e
+        rep.sender_cpu_seconds = time.thread_time() - cpu0
+        rep.send_api = "staged copy, sendmsg" if enc.keyed else "sendfile (whole runs), sendmsg from RAM (scattered pages)" if self.zero_copy else "sendmsg from RAM"
         rep.bytes_sent = enc.bytes
         rep.pages_sent = enc.pages
         rep.total_seconds = t_done - t_start

@@ -28,7 +28,7 @@ from ..errors import DmaError
 from ..mm import PAGE_SIZE
 from .guest_cli import add_guest_arguments, run_guest_cli, want_guest
 from .harness import Config, Outcome, run
-from .incoming import read_key, serve
+from .incoming import parse_hostport, read_key, resolve, serve
 from .source import RoundStats
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -206,6 +206,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     con = console()
     cfg.check()  # a user's mistake: raised before any work, main prints one line
+    if cfg.to is not None:  # and a destination whose name does not resolve
+        resolve(*parse_hostport(cfg.to, "--to"), f"--to {cfg.to}")
     mode = "device writes bypass dma_rw (raw hva)" if cfg.device_bypass else "device writes via dma_rw"
     if cfg.no_vfio_log:
         mode += "; the container's dirty bitmap is ignored"

@@ -131,7 +131,7 @@ def test_rounds_table_fits_80_columns(mode: str) -> None:
 def test_an_unreachable_destination_is_one_line(key: str) -> None:
     p, _ = dmarw("migrate", "--replay", "--ram", "16M", "--to", "127.0.0.1:1", "--key-file", key)
     lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unreachable" in lines[0], p.stderr
+    assert p.returncode == 3 and p.stderr.count("\n") == 1 and "unreachable" in lines[0], p.stderr
 
 
 @pytest.mark.parametrize(("argv", "needle"), [

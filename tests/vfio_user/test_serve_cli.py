@@ -126,3 +126,57 @@ def test_unknown_device_is_a_usage_error(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "dmarw.cli", "serve", "--device", "nosuch", str(tmp_path / "s")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def _one_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def test_a_live_servers_socket_is_refused_and_left_serving(tmp_path: Path) -> None:
+    # the second server unlinked the first one's socket and bound its own in its place
+    path = tmp_path / "vu.sock"
+    first = _serve("--device", "sample", "--once", str(path))
+    try:
+        _wait_socket(path, first)
+        inode = path.stat().st_ino
+        second = subprocess.run([sys.executable, "-m", "dmarw.cli", "serve", "--device", "gpu", str(path)],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        line = _one_line(second)
+        assert line.startswith("dmarw: error: [Errno 98] Address already in use: ") and str(path) in line, line
+        assert path.stat().st_ino == inode  # the first server's socket, untouched
+        s = socket.socket(socket.AF_UNIX)  # ... and its --once client is still to come: the check was no client
+        s.connect(str(path))
+        conn = p.Connection()
+        assert isinstance(_call(s, conn, p.Version(0, 2, {"max_msg_fds": 8}), 1), p.Version)
+        info = _call(s, conn, p.DeviceInfo(), 2)
+        assert isinstance(info, p.DeviceInfo) and info.num_regions == 9  # the sample device, not the gpu
+        s.close()
+        _, err = first.communicate(timeout=20)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err
+
+
+def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "vu.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens: a server that died
+    with pytest.raises(ConnectionRefusedError):
+        socket.socket(socket.AF_UNIX).connect(str(path))
+    proc = _serve("--device", "sample", str(path))
+    try:
+        assert proc.stderr is not None
+        assert proc.stderr.readline().startswith(f"dmarw serve: sample device on {path}")
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(path))  # the new server's socket in its place
+        s.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert not path.exists()

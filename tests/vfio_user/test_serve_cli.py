@@ -38,12 +38,9 @@ def _call(s: socket.socket, conn: p.Connection, payload: p.Payload, msg_id: int)
     return p.decode_reply(m)
 
 
-def test_serve_once_exits_zero_after_a_good_client(tmp_path: Path) -> None:
-    path = tmp_path / "vu.sock"
-    proc = _serve("--device", "sample", "--once", str(path))
-    try:
-        _wait_socket(path, proc)
-        s = socket.socket(socket.AF_UNIX)
+def _sample_client(path: Path) -> None:
+    """A good client of the sample device: version, device info, its config IDs; then it goes."""
+    with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(path))
         conn = p.Connection()
         v = _call(s, conn, p.Version(0, 2, {"max_msg_fds": 8, "max_data_xfer_size": 1024}), 1)
@@ -52,7 +49,14 @@ def test_serve_once_exits_zero_after_a_good_client(tmp_path: Path) -> None:
         assert isinstance(info, p.DeviceInfo) and info.num_regions == 9
         cfg = _call(s, conn, p.RegionRead(p.CONFIG_REGION, 0, 4), 3)
         assert isinstance(cfg, p.RegionAccess) and struct.unpack("<HH", cfg.data) == (0xDEAD, 0xBEEF)
-        s.close()
+
+
+def test_serve_once_exits_zero_after_a_good_client(tmp_path: Path) -> None:
+    path = tmp_path / "vu.sock"
+    proc = _serve("--device", "sample", "--once", str(path))
+    try:
+        _wait_socket(path, proc)
+        _sample_client(path)
         out, err = proc.communicate(timeout=20)
     finally:
         proc.kill()
@@ -140,20 +144,12 @@ def test_a_live_servers_socket_is_refused_and_left_serving(tmp_path: Path) -> No
     first = _serve("--device", "sample", "--once", str(path))
     try:
         _wait_socket(path, first)
-        inode = path.stat().st_ino
         second = subprocess.run([sys.executable, "-m", "dmarw.cli", "serve", "--device", "gpu", str(path)],
                                 capture_output=True, text=True, timeout=60)
         assert second.returncode == 1
         line = _one_line(second)
         assert line.startswith("dmarw: error: [Errno 98] Address already in use: ") and str(path) in line, line
-        assert path.stat().st_ino == inode  # the first server's socket, untouched
-        s = socket.socket(socket.AF_UNIX)  # ... and its --once client is still to come: the check was no client
-        s.connect(str(path))
-        conn = p.Connection()
-        assert isinstance(_call(s, conn, p.Version(0, 2, {"max_msg_fds": 8}), 1), p.Version)
-        info = _call(s, conn, p.DeviceInfo(), 2)
-        assert isinstance(info, p.DeviceInfo) and info.num_regions == 9  # the sample device, not the gpu
-        s.close()
+        _sample_client(path)  # the first server's socket still (sample, not gpu), its --once client yet to come
         _, err = first.communicate(timeout=20)
     finally:
         first.kill()

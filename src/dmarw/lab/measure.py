@@ -106,10 +106,9 @@ class Options:
         return QUICK_OPS if self.quick else DEFAULT_OPS
 
     def to_json(self, replayed: str | None = None) -> dict[str, Any]:
-        """``replayed``: the profile of the records that ran (a trace's, ``guest``), when
-        they were not generated from :attr:`profile`; ``ops`` is what was asked per VM, None
-        when a trace or another source gave its own records uncut (their count is the
-        workload's)."""
+        """What ran.  ``replayed``: the profile of the records replayed (a trace's own,
+        ``guest``; default :attr:`profile`); ``ops`` is what was asked per VM, None when a
+        trace or another source gave its own records uncut (their count is the workload's)."""
         generated = self.source_name() == "profile"
         return {
             "quick": self.quick,
@@ -118,7 +117,7 @@ class Options:
             "seed": self.seed,
             "paths": list(self.paths),
             "vms": list(self.vms),
-            "profile": self.profile if generated or replayed is None else replayed,
+            "profile": self.profile if replayed is None else replayed,
             "trace": self.trace,
             "sweep": self.sweep,
             "sweep_reps": self.reps(),

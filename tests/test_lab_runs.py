@@ -128,6 +128,7 @@ def test_reproduce_json_schema(tmp_path: Path) -> None:
     assert back["workload"]["ops"] == 200 and back["workload"]["seed"] == 3
     assert back["repeat"]["seeds"] == [4]
     assert back["options"]["rounds"] == 4
+    assert (back["options"]["source"], back["options"]["profile"], back["options"]["ops"]) == ("profile", "glmark2", 200)
     run = back["runs"]["vfio-mutex/2vm"]
     assert run["vms"] == 2 and len(run["per_vm"]) == 8 and {v["round"] for v in run["per_vm"]} == {0, 1, 2, 3}
     assert len(run["rounds"]) == 4 and all(r["avg_ns"] > 0 for r in run["rounds"])
@@ -159,6 +160,21 @@ def test_reproduce_subset_marks_missing_verdicts(tmp_path: Path) -> None:
     assert R.validate(doc) == []
     states = {c["id"]: c["verdict"] for c in doc["conclusions"]}
     assert states["C4"] == states["C13"] == "not measured"  # and said so
+
+
+def test_reproduce_json_options_say_a_trace_ran_uncut(tmp_path: Path) -> None:
+    # they said the default profile and 1,000,000 ops per VM whatever the trace held
+    trace, out = tmp_path / "t.trace", tmp_path / "r.json"
+    assert main(["workload", "--ops", "300", "--seed", "2", "--ram-size", str(RAM), "-o", str(trace)]) == 0
+    assert main(["reproduce", "--trace", str(trace), "--vms", "1", "--paths", "kvm,vfio-mutex", "--no-sweep",
+                 "--rounds", "4", "--core", "python", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert R.validate(doc) == []
+    o = doc["options"]
+    assert (o["source"], o["trace"], o["ops"], o["profile"]) == ("trace", str(trace), None, "glmark2")
+    assert doc["workload"]["ops"] == doc["runs"]["kvm/1vm"]["ops_per_vm"] == 300
+    del o["source"]
+    assert R.validate(doc) == ["options.source missing"]
 
 
 def test_cli_workload_and_bench(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -195,7 +195,7 @@ def test_wrong_key_is_refused_before_any_ram_byte(key_file: Path) -> None:
         run(small(inc.addr, key=bytes(32)))
     assert ei.value.errno == errno.EACCES
     rc, err = inc.finish()
-    assert rc == 1 and "refused" in err and "stream complete" not in err
+    assert rc == 3 and "refused" in err and "stream complete" not in err
 
 
 def test_unreachable_destination_is_reported_quickly() -> None:
@@ -320,7 +320,7 @@ def test_incoming_refuses_bad_streams_and_resumes_nothing(
     # mismatch: the SPEC says 2 MiB, the stream's HEADER 1 MiB
     _fake_source(inc.addr, KEY, frames, layout)
     rc, err = inc.finish()
-    assert rc == 1, err
+    assert rc == 3, err
     assert expect in err and "nothing resumed" in err
     assert "stream complete" not in err
 
@@ -336,7 +336,7 @@ def test_source_killed_mid_stream_the_destination_says_so(key_file: Path) -> Non
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     rc, err = inc.finish()
-    assert rc == 1 and "truncated" in err and "nothing resumed" in err
+    assert rc == 3 and "truncated" in err and "nothing resumed" in err
 
 
 def test_cli_bad_input_is_one_line_and_fast(tmp_path: Path) -> None:

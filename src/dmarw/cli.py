@@ -10,10 +10,11 @@ Convention for every subcommand (registered in :data:`REGISTRARS`):
   ``SystemExit("message")``.  ``argparse.ArgumentTypeError`` from a flag's ``type=`` is a
   usage error.
 * :func:`main` turns them into one line on stderr, ``dmarw: error: <message>``, and the
-  exit code: 1 for ``OSError``/``DmaError``/``SystemExit(message)``, 2 for usage errors
-  (argparse), 130 for Ctrl-C (``KeyboardInterrupt``: one line ``dmarw: interrupted``);
-  SIGTERM prints ``dmarw: terminated`` and exits 143 the same way; a closed stdout
-  (``dmarw ... | head``) ends quietly with 1.
+  exit code (:mod:`dmarw.exitcodes`): 1 for ``OSError``/``DmaError``/``SystemExit(message)``,
+  2 for usage errors (argparse), 130 for Ctrl-C (``KeyboardInterrupt``: one line
+  ``dmarw: interrupted``); SIGTERM prints ``dmarw: terminated`` and exits 143 the same way;
+  a closed stdout (``dmarw ... | head``) ends quietly with 1.  A subcommand returns 0, 1
+  when its own check fails, or 3 when a migration was refused or cancelled.
   No traceback is shown for any of them.  Work that starts processes or shared memory
   cleans them up in ``finally`` blocks, so an interrupted run leaves nothing behind.
 """
@@ -28,7 +29,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from . import __version__, demo
+from . import __version__, demo, exitcodes
 from .errors import DmaError
 from .guest import cli as guest_cli
 from .lab import cli as lab_cli
@@ -38,9 +39,9 @@ from .vfio_user import cli as vfio_user_cli
 from .vmm import cli as vmm_cli
 
 PROG = "dmarw"
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
+EXIT_ERROR = exitcodes.FAILED
+EXIT_USAGE = exitcodes.USAGE
+EXIT_INTERRUPTED = exitcodes.INTERRUPTED
 
 # Each entry: a module function ``register(subparsers)`` that adds one subcommand and sets
 # ``func`` (taking the parsed args, returning the exit code) as its default.
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Device-model DMA to guest memory: a user-space VFIO type1 / KVM lab.",
+        epilog=exitcodes.EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)

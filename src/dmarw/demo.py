@@ -71,11 +71,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tour", help="a short tour of the core API")
+    p = sub.add_parser("tour", help="a short tour of the core API",
+                       description="Map 16 MiB of guest RAM, write it through the KVM path and by device "
+                       "DMA through a VFIO container, and show which pages each dirty log saw.")
     p.set_defaults(func=_run)
     d = sub.add_parser(
         "demo",
         help="the main job: dmarw reproduce --quick --json dmarw-results.json --plot dmarw-results.png",
+        description="The main job: re-measure the 2020 thread's tables and verdicts quickly (dmarw "
+        "reproduce --quick) and write dmarw-results.json and dmarw-results.png here; every reproduce "
+        "flag applies.",
     )
     from .lab import cli as lab_cli
 

@@ -5,6 +5,10 @@ lab on it.  About 15 s."""
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from guest_skip import MARKS
@@ -62,3 +66,18 @@ def test_reproduce_on_guest_traffic() -> None:
     assert doc["workload"]["profile"] == "guest"
     assert doc["runs"]["vfio-mutex/2vm"]["dirty_pages"][0] > 0
     assert {c["holds"] for c in doc["conclusions"]} <= {True, False, None}
+
+
+def test_reproduce_guest_json_says_the_guest_ran(tmp_path: Path) -> None:
+    # the options said profile glmark2 and 1,000,000 ops per VM: neither ran
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, "-m", "dmarw", "reproduce", "--guest", "--guest-commands", "300", "--vms", "1",
+                        "--paths", "kvm,vfio-mutex", "--no-sweep", "--rounds", "4", "--json", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(out.read_text())
+    assert R.validate(doc) == []
+    o = doc["options"]
+    assert (o["source"], o["profile"], o["ops"], o["guest_commands"]) == ("guest", "guest", None, 300)
+    assert doc["workload"]["profile"] == "guest"
+    assert doc["runs"]["kvm/1vm"]["ops_per_vm"] == doc["workload"]["ops"] > 300  # ring fetches and fences too

@@ -62,7 +62,7 @@ def test_running_guest_wrong_key_is_refused(key_file: Path) -> None:
     with pytest.raises(MigrationFailed, match="does not hold the shared key"):
         run_guest_migration(cfg(inc.addr, key=b"another key, 16+ bytes"), reference=0)
     rc, err = inc.finish()
-    assert rc == 1 and "refused" in err and "guest VM ready" not in err
+    assert rc == 3 and "refused" in err and "guest VM ready" not in err
 
 
 def test_destination_killed_mid_stream_the_guest_runs_on_and_a_second_attempt_succeeds(key_file: Path) -> None:

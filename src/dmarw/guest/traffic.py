@@ -202,12 +202,17 @@ DEFAULT_COMMANDS = 100_000
 MAX_TOTAL_COMMANDS = 16_000_000  # ~300 bytes each while recorded and sent: ~5 GB at most
 
 
+def lab_commands(args: Any) -> int:
+    """The commands each guest of ``dmarw reproduce --guest`` issues."""
+    return int(args.guest_commands or (QUICK_COMMANDS if args.quick else DEFAULT_COMMANDS))
+
+
 def lab_source(args: Any) -> Callable[[int, int], Workload]:
     """``dmarw reproduce --guest``: the access source from the parsed arguments (``--trace``
     with ``--guest`` is refused; ``--guest-commands``, ``--ops``, ``--vms``, ``--core``)."""
     if getattr(args, "trace", None):
         raise SystemExit("--guest and --trace are two access sources: choose one")
-    commands = args.guest_commands or (QUICK_COMMANDS if args.quick else DEFAULT_COMMANDS)
+    commands = lab_commands(args)
     if commands * max(args.vms) > MAX_TOTAL_COMMANDS:  # all guests' records are held at once
         raise SystemExit(f"--guest-commands {commands:,} on {max(args.vms)} VMs is {commands * max(args.vms):,} "
                          f"commands; at most {MAX_TOTAL_COMMANDS:,} over all guests (each is recorded in memory)")

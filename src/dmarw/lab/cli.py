@@ -150,16 +150,16 @@ def options_from(args: argparse.Namespace) -> R.Options:
     check_output(args.plot, "--plot")
     check_core(args.core)
     check_size(args.ops, args.vms)
-    access = None
-    if args.trace:
-        access = trace_source(load_trace(args.trace), args.ops)
+    access, params = None, {}
     if getattr(args, "guest", False):
-        from ..guest.traffic import lab_source
+        from ..guest.traffic import lab_commands, lab_source
 
-        access = lab_source(args)
+        access, params = lab_source(args), {"source": "guest", "guest_commands": lab_commands(args)}
+    elif args.trace:
+        access, params = trace_source(load_trace(args.trace), args.ops), {"source": "trace"}
     return R.Options(quick=args.quick, ops=args.ops, seed=args.seed, paths=args.paths, vms=args.vms,
                      profile=args.profile, trace=args.trace, sweep=args.sweep, core=args.core,
-                     rounds=args.rounds, access=access)
+                     rounds=args.rounds, access=access, access_params=params)
 
 
 def run_reproduce(args: argparse.Namespace) -> int:

@@ -58,15 +58,27 @@ class Options:
     core: str | None = None  # python / native; None: native when built ($DMARW_CORE overrides)
     rounds: int | None = None  # each configuration's ops split over this many round-robin rounds
     access: AccessSource | None = None  # where each VM's records come from (default: profile or trace)
+    # what ``access`` is, for the JSON's options: its ``source`` name ("trace", "guest"; else
+    # "custom") and its own parameters (``guest_commands``)
+    access_params: dict[str, Any] = field(default_factory=dict)
+    _drawn: AccessSource | None = field(default=None, init=False, repr=False, compare=False)
 
     def source(self) -> AccessSource:
         """The run's access source: :attr:`access`, else the trace, else the profile."""
-        if self.access is None:
+        if self.access is not None:
+            return self.access
+        if self._drawn is None:
             if self.trace is not None:
-                self.access = trace_source(Workload.load(self.trace, max_size=runner.MAX_ACCESS), self.ops)
+                self._drawn = trace_source(Workload.load(self.trace, max_size=runner.MAX_ACCESS), self.ops)
             else:
-                self.access = profile_source(self.profile, self.n_ops)
-        return self.access
+                self._drawn = profile_source(self.profile, self.n_ops)
+        return self._drawn
+
+    def source_name(self) -> str:
+        """``profile`` (records generated here), ``trace``, or what :attr:`access_params` names."""
+        if self.access is None:
+            return "profile" if self.trace is None else "trace"
+        return str(self.access_params.get("source", "custom"))
 
     def check(self) -> None:
         """Refuse what cannot run (``DmaError(EINVAL)``), before anything is measured."""
@@ -93,19 +105,25 @@ class Options:
             return NATIVE_QUICK_OPS if self.quick else NATIVE_DEFAULT_OPS
         return QUICK_OPS if self.quick else DEFAULT_OPS
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, replayed: str | None = None) -> dict[str, Any]:
+        """What ran.  ``replayed``: the profile of the records replayed (a trace's own,
+        ``guest``; default :attr:`profile`); ``ops`` is what was asked per VM, None when a
+        trace or another source gave its own records uncut (their count is the workload's)."""
+        generated = self.source_name() == "profile"
         return {
             "quick": self.quick,
-            "ops": self.n_ops,
+            "source": self.source_name(),
+            "ops": self.n_ops if generated else self.ops,
             "seed": self.seed,
             "paths": list(self.paths),
             "vms": list(self.vms),
-            "profile": self.profile,
+            "profile": self.profile if replayed is None else replayed,
             "trace": self.trace,
             "sweep": self.sweep,
             "sweep_reps": self.reps(),
             "core": resolve_core(self.core),
             "rounds": self.n_rounds(),
+            **{k: v for k, v in self.access_params.items() if k != "source"},
         }
 
     def reps(self) -> int:

@@ -61,7 +61,7 @@ def to_json(res: Results, tabs: list[Tab], verdicts: list[Verdict]) -> dict[str,
     return {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "options": res.options.to_json(),
+        "options": res.options.to_json(replayed=res.workload["profile"]),
         "machine": res.machine,
         "workload": res.workload,
         "paths": {p: {"kind": PATHS[p].kind, "lock": PATHS[p].lock, "mm_ref": PATHS[p].mm_ref,
@@ -80,6 +80,8 @@ REQUIRED: dict[str, type | tuple[type, ...]] = {
     "schema": str, "created": str, "options": dict, "machine": dict, "workload": dict, "paths": dict,
     "runs": dict, "tables": list, "conclusions": list, "reference": dict,
 }
+OPTION_KEYS = ("quick", "source", "ops", "seed", "paths", "vms", "profile", "trace", "sweep", "sweep_reps", "core",
+               "rounds")
 RUN_KEYS = ("path", "vms", "ops_per_vm", "seeds", "reads", "writes", "read_ns", "write_ns", "avg_ns",
             "read_cycles", "write_cycles", "avg_cycles", "timer_overhead_ns", "uncontended_mutex_ns",
             "uncontended_mutex_cycles", "locks", "dirty_pages", "per_vm", "rounds")
@@ -101,6 +103,12 @@ def validate(doc: dict[str, Any]) -> list[str]:
             for k in ("name", "count", "per_op", "avg_ns", "avg_cycles"):
                 if k not in lk:
                     errs.append(f"runs[{name}].locks[].{k} missing")
+    opts = doc.get("options") or {}
+    for k in OPTION_KEYS:
+        if k not in opts:
+            errs.append(f"options.{k} missing")
+    if opts.get("source") == "profile" and not isinstance(opts.get("ops"), int):
+        errs.append("options.ops: a generated profile's records per VM must be given")
     for k in ("cpu_model", "ncpu", "cpu_hz", "cycles_source", "timer_overhead_ns", "python"):
         if k not in (doc.get("machine") or {}):
             errs.append(f"machine.{k} missing")

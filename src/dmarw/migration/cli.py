@@ -1,7 +1,8 @@
 """``dmarw migrate``: migrate a guest while its vCPUs and a device write, then verify it.
 
-Exit status: 0 only when every page of the destination equals the source's; 1 when the
-verification names differing pages; 2 when the migration itself failed.
+Exit status (:mod:`dmarw.exitcodes`): 0 only when every page of the destination equals the
+source's; 1 when the verification names differing pages; 3 when the migration itself was
+refused or cancelled (the source kept running).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from .. import exitcodes
 from ..errors import DmaError
 from ..mm import PAGE_SIZE
 from .guest_cli import add_guest_arguments, run_guest_cli, want_guest
 from .harness import Config, Outcome, run
-from .incoming import read_key, serve
+from .incoming import parse_hostport, read_key, resolve, serve
 from .source import RoundStats
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -119,7 +121,7 @@ def report(o: Outcome, con: Console) -> int:
     n = r.npages
     if o.ok:
         con.print(f"verification: OK, {n} pages identical")
-        return 0
+        return exitcodes.OK
     areas: dict[str, int] = {}
     for g in o.differing:
         areas[_area(o, g)] = areas.get(_area(o, g), 0) + 1
@@ -127,7 +129,7 @@ def report(o: Outcome, con: Console) -> int:
     more = f" (first 16 of {len(o.differing)})" if len(o.differing) > 16 else ""
     by = ", ".join(f"{k} area {v}" for k, v in sorted(areas.items()))
     con.print(f"verification: FAILED, {len(o.differing)} of {n} pages differ ({by}): gpa {shown}{more}")
-    return 1
+    return exitcodes.FAILED
 
 
 class RoundProgress:
@@ -206,6 +208,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     con = console()
     cfg.check()  # a user's mistake: raised before any work, main prints one line
+    if cfg.to is not None:  # and a destination whose name does not resolve
+        resolve(*parse_hostport(cfg.to, "--to"), f"--to {cfg.to}")
     mode = "device writes bypass dma_rw (raw hva)" if cfg.device_bypass else "device writes via dma_rw"
     if cfg.no_vfio_log:
         mode += "; the container's dirty bitmap is ignored"
@@ -222,7 +226,7 @@ def _run(args: argparse.Namespace) -> int:
         Console(stderr=True, soft_wrap=True).print(
             f"dmarw migrate: migration failed, the source guest kept running: {e}", markup=False, highlight=False
         )
-        return 2
+        return exitcodes.MIGRATION_FAILED
     con.print(f"core: {outcome.core}")
     rc = report(outcome, con)
     if args.json:
@@ -251,6 +255,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(--to) a `dmarw incoming` on another host. With KVM usable it migrates the guest program "
         "running on a KvmVm with the GPU-like device (--guest); --replay migrates RAM written by "
         "threads replaying the lab's workload instead.",
+        epilog=exitcodes.EPILOG,
     )
     p.add_argument("--ram", type=parse_size, default=1 << 30, help="guest RAM size (default 1G)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the guest's choices (default 0)")
@@ -283,7 +288,7 @@ def _incoming(args: argparse.Namespace) -> int:
 
     rc = serve(args.listen, key, timeout=args.timeout, log=log)
     log("done" if rc == 0 else "failed: nothing resumed")
-    return rc
+    return exitcodes.OK if rc == 0 else exitcodes.MIGRATION_FAILED
 
 
 def register_incoming(sub: argparse._SubParsersAction) -> None:
@@ -291,6 +296,7 @@ def register_incoming(sub: argparse._SubParsersAction) -> None:
         "incoming",
         help="receive one migration on a TCP port (the destination of `dmarw migrate --to`)",
         description="Listen, authenticate the source with the shared key, receive and verify one migration.",
+        epilog=exitcodes.EPILOG,
     )
     p.add_argument("--listen", metavar="HOST:PORT", required=True, help="address to listen on (port 0: any free port)")
     p.add_argument("--key-file", metavar="FILE", required=True, help="shared key (>= 16 bytes, used as they are)")

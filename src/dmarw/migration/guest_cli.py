@@ -1,7 +1,7 @@
 """``dmarw migrate --guest``: migrate the running guest program and let it prove the result.
 
 Exit status: 0 only when every page at switchover is identical and the guest's checksum on
-the destination equals the unmigrated run's; 1 when a verification fails; 2 when the
+the destination equals the unmigrated run's; 1 when a verification fails; 3 when the
 migration itself failed (the source guest kept running).
 """
 
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from .. import exitcodes
 from ..errors import DmaError
 from ..lab.cli import MAX_OPS
 from ..vmm import DEFAULT_DIRTY
@@ -144,7 +145,7 @@ def report(o: GuestOutcome, con: Console) -> int:
     else:
         con.print(f"verification: FAILED, the guest did not finish on the destination ({o.guest_error}); "
                   f"the unmigrated run's checksum is {o.reference:#018x}")
-    return 0 if o.ok else 1
+    return exitcodes.OK if o.ok else exitcodes.FAILED
 
 
 def run_guest_cli(args: argparse.Namespace, key: bytes | None, con: Console, bar: RoundProgress) -> int:
@@ -168,7 +169,7 @@ def run_guest_cli(args: argparse.Namespace, key: bytes | None, con: Console, bar
     except DmaError as e:
         Console(stderr=True, soft_wrap=True).print(
             f"dmarw migrate: migration failed, the source guest kept running: {e}", markup=False, highlight=False)
-        return 2
+        return exitcodes.MIGRATION_FAILED
     con.print(f"unmigrated run of the same guest: checksum {o.reference:#018x} in {o.reference_seconds:.2f} s")
     rc = report(o, con)
     if args.json:

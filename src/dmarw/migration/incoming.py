@@ -37,6 +37,17 @@ def parse_hostport(text: str, what: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def resolve(host: str, port: int, what: str) -> None:
+    """Look ``host`` up now, so that a name that does not resolve is refused before any work:
+    ``DmaError`` naming it (getaddrinfo's codes are not errnos: a temporary failure is
+    ``EAGAIN``, any other ``ENXIO``)."""
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        err = errno.EAGAIN if e.errno == socket.EAI_AGAIN else errno.ENXIO
+        raise DmaError(err, f"{what}: cannot resolve host {host} ({e.strerror})") from None
+
+
 def mem_available() -> int:
     """Bytes the machine can still give without swapping (``MemAvailable``)."""
     try:
@@ -73,6 +84,7 @@ def read_key(path: str) -> bytes:
 
 
 def listen(host: str, port: int) -> socket.socket:
+    resolve(host, port, f"--listen {host}:{port}")
     try:
         srv = socket.create_server((host, port), reuse_port=False)
     except OSError as e:

@@ -38,7 +38,7 @@ from . import control, dest
 from .baseline import PlainCopier, PlainCopy
 from .channel import Channel, handshake_source, tune
 from .guest import GuestSpec, SourceMachine, reference_checksum
-from .incoming import check_ram, parse_hostport, serve_connection
+from .incoming import check_ram, parse_hostport, resolve, serve_connection
 from .source import MigrationFailed, MigrationReport, RoundStats, Source, differing_pages
 
 AUTO_CONVERGE = (0.2, 0.1, 0.99)  # initial share, step, ceiling (QEMU's cpu-throttle defaults)
@@ -85,7 +85,7 @@ class GuestConfig:
             raise DmaError(errno.EINVAL, "--device-bypass and --device-process exclude each other "
                            "(the device in its own process writes guest RAM only through its server)")
         if self.to is not None:
-            parse_hostport(self.to, "--to")
+            resolve(*parse_hostport(self.to, "--to"), f"--to {self.to}")
             if self.key is None:
                 raise DmaError(errno.EINVAL, "--to needs --key-file: a migration between hosts is authenticated")
         if self.key is not None:

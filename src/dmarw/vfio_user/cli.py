@@ -8,6 +8,7 @@ import sys
 import threading
 from collections.abc import Callable
 
+from .. import exitcodes
 from ..errors import DmaError
 from .device import Device
 from .server import Server, stderr_log
@@ -69,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
             server.serve_forever()
     except KeyboardInterrupt:
         print("dmarw serve: interrupted", file=sys.stderr)
-        return 130
+        return exitcodes.INTERRUPTED
     except _Terminated:
         print("dmarw serve: terminated", file=sys.stderr)
-        return 143
+        return exitcodes.TERMINATED
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)

@@ -1,7 +1,7 @@
 """The vfio-user server: a :class:`~.device.Device` on a UNIX socket, one client at a time.
 
-``Server(path, device)`` binds ``path`` (a stale socket file there is replaced; anything
-else is ``EEXIST``); :meth:`Server.serve_one` accepts a client and serves it until it goes
+``Server(path, device)`` binds ``path`` (a stale socket file there, one nobody listens on,
+is replaced; a live server's is ``EADDRINUSE``, anything else ``EEXIST``); :meth:`Server.serve_one` accepts a client and serves it until it goes
 (:class:`~.session.Session`), :meth:`Server.serve_forever` does that again and again.  The
 socket file is removed on :meth:`Server.close` (also on Ctrl-C through ``with``).
 
@@ -24,6 +24,7 @@ from typing import Any
 from ..errors import fail
 from . import protocol as p
 from .device import Device
+from .listening import live
 from .session import Session
 
 # DMA regions one client may map at once.  Each fd-backed map rebuilds the container's
@@ -94,6 +95,8 @@ class Server:
         else:
             if not stat.S_ISSOCK(st.st_mode):
                 raise fail(errno.EEXIST, f"{path}: exists and is not a socket")
+            if live(path):
+                raise fail(errno.EADDRINUSE, f"{path}: a server is listening there already")
             os.unlink(path)
         # bind a temporary name and rename it into place once listening: a client that
         # waits for the path to appear (libvfio-user's does) must never find it refusing

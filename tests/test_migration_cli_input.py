@@ -99,7 +99,7 @@ def test_plain_copy_receiver_whose_sender_left_exits_quietly(capfd: pytest.Captu
     ours, theirs = socket.socketpair()
     ours.close()  # the sender is gone before the receiver says it is ready
     ctx = multiprocessing.get_context("fork")
-    p = ctx.Process(target=baseline._receiver, args=(theirs, ours, 1 << 20))
+    p = ctx.Process(target=baseline._receiver, args=(theirs, 1 << 20))
     p.start()
     theirs.close()
     p.join(30)

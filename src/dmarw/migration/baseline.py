@@ -16,18 +16,15 @@ so the migration is compared with each in one run.  One thread drives a copier; 
 from __future__ import annotations
 
 import errno
-import multiprocessing
-import signal
 import socket
 import struct
 import time
 from dataclasses import dataclass
-from multiprocessing.process import BaseProcess
 
 from ..errors import DmaError
 from ..mm import AddressSpace
 from . import dest
-from .channel import tune
+from .channel import fork_peer
 
 
 @dataclass
@@ -44,11 +41,9 @@ class PlainCopy:
         return self.bytes / self.seconds if self.seconds else 0.0
 
 
-def _receiver(sock: socket.socket, other: socket.socket, size: int) -> None:
-    """The receiving process: for each ``C`` read ``size`` bytes into RAM, answer ``K``."""
-    other.close()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it closes the socket
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def _receiver(sock: socket.socket, size: int) -> None:
+    """The receiving process: for each ``C`` read ``size`` bytes into RAM, answer ``K``
+    and the CPU seconds the copy took."""
     space = AddressSpace()
     hva = space.mmap(size, backing="memfd")
     dest.prefault(space, hva, size)  # prepared like the destination's RAM, before timing
@@ -86,14 +81,7 @@ class PlainCopier:
 
     def __init__(self, size: int, tcp: bool = False) -> None:
         self.size = size
-        ours, theirs = _tcp_pair() if tcp else socket.socketpair()
-        for s in (ours, theirs):
-            tune(s)
-        self.proc: BaseProcess = multiprocessing.get_context("fork").Process(
-            target=_receiver, args=(theirs, ours, size), name="dmarw-plain-copy", daemon=True
-        )
-        self.proc.start()
-        theirs.close()
+        self.proc, ours = fork_peer(_receiver, size, name="dmarw-plain-copy", pair=_tcp_pair() if tcp else None)
         self.sock = ours
         try:
             if ours.recv(1) != b"R":

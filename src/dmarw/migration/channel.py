@@ -5,13 +5,18 @@ that hangs up becomes ``DmaError(EPIPE)`` naming what was awaited.  Bytes the pe
 after the last message (the start of the page stream) stay in :attr:`Channel.reader` for
 the stream decoder.  :func:`handshake_source` / :func:`handshake_dest` run the mutual
 challenge-response and return the session key.  :func:`tune` gives every migration socket
-(and the plain copy's) the same deep buffers.  One thread per channel; no locks.
+(and the plain copy's) the same deep buffers; :func:`fork_peer` forks a local peer process
+on a socketpair.  One thread per channel; no locks.
 """
 
 from __future__ import annotations
 
 import errno
+import multiprocessing
+import signal
 import socket
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
 
 from ..errors import DmaError
 from . import control
@@ -27,6 +32,42 @@ def tune(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
         except OSError:
             pass
+
+
+_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _peer_main(target: Callable[..., None], sock: socket.socket, other: socket.socket, args: tuple[object, ...]) -> None:
+    other.close()  # the parent's end, inherited: kept open, EOF would never come
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it ends the stream
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not dmarw's handler: no second "terminated"
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    target(sock, *args)
+
+
+def fork_peer(
+    target: Callable[..., None], *args: object, name: str, pair: tuple[socket.socket, socket.socket] | None = None
+) -> tuple[BaseProcess, socket.socket]:
+    """A tuned socketpair (or ``pair``: this end, its end) and a forked process running
+    ``target(its_end, *args)``; returns the process and this end.  SIGINT and SIGTERM stay blocked across the fork, so a Ctrl-C
+    to the process group never lands in the child before it ignores SIGINT (the parent
+    handles it once it is unblocked again).  Fork before starting any thread."""
+    ours, theirs = pair or socket.socketpair()
+    for sock in (ours, theirs):
+        tune(sock)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        proc = multiprocessing.get_context("fork").Process(
+            target=_peer_main, args=(target, theirs, ours, args), name=name, daemon=True
+        )
+        proc.start()
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return proc, ours
 
 
 class Channel:

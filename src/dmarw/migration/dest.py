@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import multiprocessing
 import os
-import signal
 import socket
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
@@ -28,7 +26,7 @@ from multiprocessing.process import BaseProcess
 from ..errors import DmaError
 from ..mm import AddressSpace
 from . import control
-from .channel import Channel, tune
+from .channel import Channel, fork_peer
 from .stream import NEED_DATA, Decoder, End, Header, Layout, Pages, RoundEnd, State, StreamError
 
 RECV_CHUNK = 4 << 20
@@ -259,10 +257,7 @@ def serve(sock: socket.socket, page_size: int, layout: Layout, mac_key: bytes | 
     return 0
 
 
-def _child(sock: socket.socket, other: socket.socket, page_size: int, layout: Layout) -> None:
-    other.close()  # the source's end, inherited: keep it open and EOF would never come
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the source's: it ends the stream
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not dmarw's handler: no second "terminated"
+def _child(sock: socket.socket, page_size: int, layout: Layout) -> None:
     rc = serve(sock, page_size, layout)
     sock.close()
     raise SystemExit(rc)
@@ -277,13 +272,7 @@ def start(
     Fork before starting any thread in the caller (a forked child inherits only the calling
     thread, and a lock held by another thread would stay held).
     """
-    ours, theirs = socket.socketpair()
-    for sock in (ours, theirs):
-        tune(sock)
-    ctx = multiprocessing.get_context("fork")
-    proc = ctx.Process(target=target, args=(theirs, ours, page_size, layout), name="dmarw-migrate-dest", daemon=True)
-    proc.start()
-    theirs.close()
+    proc, ours = fork_peer(target, page_size, layout, name="dmarw-migrate-dest")
     try:
         Channel(ours, "destination").recv(control.REDY)
     except BaseException:

@@ -36,7 +36,7 @@ from ..vmm import DEFAULT_DIRTY
 from ..vmm.dirty import MODES
 from . import control, dest
 from .baseline import PlainCopier, PlainCopy
-from .channel import Channel, handshake_source, tune
+from .channel import Channel, fork_peer, handshake_source, tune
 from .guest import GuestSpec, SourceMachine, reference_checksum
 from .incoming import check_ram, parse_hostport, resolve, serve_connection
 from .source import MigrationFailed, MigrationReport, RoundStats, Source, differing_pages
@@ -137,8 +137,7 @@ def auto_converge(apply: Callable[[float], None]) -> Callable[[int, int, int], f
     return policy
 
 
-def _local_child(sock: socket.socket, other: socket.socket, *_: object) -> None:
-    other.close()
+def _local_child(sock: socket.socket) -> None:
     rc = serve_connection(sock, None)
     sock.close()
     raise SystemExit(rc)
@@ -151,16 +150,7 @@ def open_destination(
     proc: BaseProcess | None = None
     mac = None
     if cfg.to is None:
-        import multiprocessing
-
-        ours, theirs = socket.socketpair()
-        for sock in (ours, theirs):
-            tune(sock)
-        proc = multiprocessing.get_context("fork").Process(
-            target=_local_child, args=(theirs, ours), name="dmarw-migrate-dest", daemon=True
-        )
-        proc.start()
-        theirs.close()
+        proc, ours = fork_peer(_local_child, name="dmarw-migrate-dest")
         ours.settimeout(cfg.timeout)
         ch = Channel(ours, "destination")
     else:

@@ -27,7 +27,7 @@ stream without tags, and one without a key refuses a stream with them.  Frames:
 * ``HEADER`` (first frame, exactly once): u32 page size, u32 region count, then per
   region u64 gpa, u64 size — the guest RAM layout.
 * ``PAGES``: u32 round, u32 count (1..MAX_PAGES), count × u64 gpa (page aligned, inside
-  the layout), count × u32 CRC32C of each page's contents, then count × page-size bytes of
+  the layout, each once), count × u32 CRC32C of each page's contents, then count × page-size bytes of
   page contents, in the same order.  Flag ``LIVE`` (bit 0): the pages were read from RAM
   the guest kept writing (pre-copy, zero-copy), so a page whose check fails may have been
   written while the kernel copied it; it is reported in the event (``bad``) instead of
@@ -649,7 +649,11 @@ class Decoder:
             return [(gpas[0], len(gpas) * ps)]
         runs: list[tuple[int, int]] = []
         end = -1
+        seen: set[int] = set()
         for g in gpas:
+            if g in seen:  # with a sink its second copy would land on the first before the check
+                raise self._fail("corrupt", f"{where}: page gpa {g:#x} appears twice in one frame")
+            seen.add(g)
             region = next(((rg, rs) for rg, rs in self._regions if rg <= g and g + ps <= rg + rs), None)
             if g % ps or region is None:
                 raise self._fail("corrupt", f"{where}: page gpa {g:#x} is unaligned or outside the RAM layout")

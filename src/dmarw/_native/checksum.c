@@ -9,7 +9,9 @@
  *
  * crc32c_pages(data, page_size) returns one CRC32C per page of data (len(data) a whole number
  * of pages), as little-endian u32s: the migration stream's per-page check.  With SSE4.2 three
- * pages run at once, one per lane (independent CRCs need no joining).
+ * pages run at once, one per lane (independent CRCs need no joining), taken a third of the
+ * buffer apart: three adjacent pages ran at 9.8 GB/s on cold memory, three far apart at
+ * 17 GB/s (a plain sum of the same memory: 19.5 GB/s; bench/migration_check.py measures it).
  *
  * No lock: the function reads the caller's buffer only and touches no shared state (the
  * tables are written once at module set-up, before any call).  The GIL is released for
@@ -134,23 +136,24 @@ crc_hw(uint32_t c, const unsigned char *p, size_t n)
         c = _mm_crc32_u8(c, *p++);
     return c;
 }
-/* three pages of n bytes (n a multiple of 8) at once, one lane each: raw CRCs into out */
+/* three pages of n bytes (n a multiple of 8) at once, one lane each: their CRCs */
 __attribute__((target("sse4.2"))) static void
-crc_hw_pages3(const unsigned char *p, size_t n, uint32_t *out)
+crc_hw_pages3(const unsigned char *p0, const unsigned char *p1, const unsigned char *p2, size_t n,
+              uint32_t *o0, uint32_t *o1, uint32_t *o2)
 {
     uint64_t a = ~0u, b = ~0u, d = ~0u;
     for (size_t i = 0; i < n; i += 8) {
         uint64_t w0, w1, w2;
-        memcpy(&w0, p + i, 8);
-        memcpy(&w1, p + n + i, 8);
-        memcpy(&w2, p + 2 * n + i, 8);
+        memcpy(&w0, p0 + i, 8);
+        memcpy(&w1, p1 + i, 8);
+        memcpy(&w2, p2 + i, 8);
         a = _mm_crc32_u64(a, w0);
         b = _mm_crc32_u64(b, w1);
         d = _mm_crc32_u64(d, w2);
     }
-    out[0] = ~(uint32_t)a;
-    out[1] = ~(uint32_t)b;
-    out[2] = ~(uint32_t)d;
+    *o0 = ~(uint32_t)a;
+    *o1 = ~(uint32_t)b;
+    *o2 = ~(uint32_t)d;
 }
 #endif
 
@@ -162,9 +165,13 @@ crc_pages(const unsigned char *p, size_t ps, size_t npages, uint32_t *out)
 {
     size_t i = 0;
 #if defined(__x86_64__)
-    if (have_sse42 && ps % 8 == 0)
-        for (; i + 3 <= npages; i += 3)
-            crc_hw_pages3(p + i * ps, ps, out + i);
+    if (have_sse42 && ps % 8 == 0) {
+        size_t third = npages / 3;
+        for (; i < third; i++)
+            crc_hw_pages3(p + i * ps, p + (i + third) * ps, p + (i + 2 * third) * ps, ps,
+                          out + i, out + i + third, out + i + 2 * third);
+        i = 3 * third;
+    }
 #endif
     for (; i < npages; i++)
         out[i] = ~crc_raw(~0u, p + i * ps, ps);

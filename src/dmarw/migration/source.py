@@ -307,9 +307,12 @@ class Source:
             i = j
         return out
 
-    def _send_pages(self, sock: socket.socket, enc: Encoder, gfns: list[int], live: bool) -> int:
-        """One PAGES frame of ``gfns``, read straight from guest RAM (see the module rule)."""
-        gpas = [g << 12 for g in gfns]
+    def _send_pages(self, sock: socket.socket, enc: Encoder, batch: np.ndarray, live: bool) -> int:
+        """One PAGES frame of the gfns in ``batch``, read straight from guest RAM (see the
+        module rule)."""
+        gpas = batch.astype("<u8") << 12
+        first, n = int(batch[0]), len(batch)
+        gfns: list[int] = list(range(first, first + n)) if int(batch[-1]) == first + n - 1 else batch.tolist()
         if enc.keyed:
             return self._send(sock, enc.pages_frame(gpas, self._read_pages(gfns)))
         runs = self._runs(gfns)
@@ -331,11 +334,12 @@ class Source:
         self,
         sock: socket.socket,
         enc: Encoder,
-        gfns: list[int],
+        gfns: np.ndarray,
         on_sent: Callable[[int, int], None] | None,
         live: bool,
     ) -> int:
-        """Send ``gfns`` (sorted) as PAGES frames and a ROUND frame; returns bytes written."""
+        """Send ``gfns`` (sorted, no repeats) as PAGES frames and a ROUND frame; returns
+        bytes written."""
         total = 0
         step = min(PAGES_PER_FRAME, MAX_PAGES)
         for i in range(0, len(gfns), step):
@@ -384,7 +388,7 @@ class Source:
             t_start = clock()
             self._send(sock, enc.start())
             self.clear_logs()
-            gfns = [g for s in self.slots for g in range(s.gpa >> 12, (s.gpa + s.size) >> 12)]
+            gfns = np.concatenate([np.arange(s.gpa >> 12, (s.gpa + s.size) >> 12, dtype=np.int64) for s in self.slots])
             h = Harvest()
             rnd = 0
             share = 0.0
@@ -411,7 +415,7 @@ class Source:
                     break
                 if throttle is not None:
                     share = throttle(rnd - 1, len(pending), len(gfns))
-                gfns = sorted(pending)
+                gfns = _sorted(pending)
             # the destination has applied every pre-copy round: nothing of them is left to
             # drain once the guest is stopped
             acked = -1
@@ -428,7 +432,7 @@ class Source:
             t1 = clock()
             h = h | self.harvest() | resend
             harvest_s = clock() - t1
-            final = sorted(h.pages)
+            final = _sorted(h.pages)
             if on_round_start is not None:
                 on_round_start(rnd, len(final))
             t0 = clock()
@@ -487,6 +491,12 @@ class Source:
     def digests(self) -> bytes:
         """Every page's digest, in layout order (call with the writers paused)."""
         return page_digests(self.space, [(s.hva, s.size) for s in self.slots], self.page_size)
+
+
+def _sorted(gfns: set[int]) -> np.ndarray:
+    out = np.fromiter(gfns, dtype=np.int64, count=len(gfns))
+    out.sort()
+    return out
 
 
 def send_file(sock: socket.socket, fd: int, offset: int, count: int) -> None:

@@ -63,6 +63,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+import numpy as np
+
 from ..checksum import crc32c, crc32c_pages
 from ..errors import DmaError
 
@@ -239,7 +241,7 @@ class Encoder:
 
     def pages_frame(
         self,
-        gpas: list[int] | tuple[int, ...],
+        gpas: list[int] | tuple[int, ...] | np.ndarray,
         data: bytes | memoryview | list[memoryview],
         *,
         crcs: bytes | None = None,
@@ -260,7 +262,8 @@ class Encoder:
             raise DmaError(errno.EINVAL, f"encode PAGES: {len(crcs)} bytes of page checks for {n} pages")
         if live and self._mac is not None:
             raise DmaError(errno.EINVAL, "encode PAGES: a keyed stream sends no LIVE frame (its tag covers the contents)")
-        head = _PAGES.pack(self.round, n) + struct.pack(f"<{n}Q", *gpas) + crcs
+        table = np.asarray(gpas, dtype="<u8").tobytes() if isinstance(gpas, np.ndarray) else struct.pack(f"<{n}Q", *gpas)
+        head = _PAGES.pack(self.round, n) + table + crcs
         self.round_pages += n
         self.pages += n
         return self._frame(Kind.PAGES, (head,), tuple(runs), LIVE if live else 0)

@@ -97,6 +97,7 @@ class SourceMachine:
         self._thread: threading.Thread | None = None
         self._ticker: threading.Thread | None = None
         self._done = threading.Event()
+        self._wake = threading.Event()  # set to end a throttle wait at once (pause, close)
         self.outcome: str | None = None  # "hlt" once the guest ended on this side
         self.error: BaseException | None = None
         self.throttled_s = 0.0
@@ -120,6 +121,7 @@ class SourceMachine:
         """Start (or, after :meth:`pause`, restart) the vCPU thread; the device's engine
         thread starts with the first run."""
         self._stop = False
+        self._wake.clear()
         if self.outcome == "hlt":  # it ended here already: nothing to restart
             return
         self._thread = threading.Thread(target=self._vcpu, name="dmarw-vcpu0", daemon=True)
@@ -140,9 +142,10 @@ class SourceMachine:
             return True
         share = self._share
         if share > 0:
-            t = SLICE_S * share / (1.0 - share)
-            time.sleep(t)  # the throttle itself: this vCPU is kept out of the guest
-            self.throttled_s += t
+            t0 = time.monotonic()
+            # the throttle itself: this vCPU is kept out of the guest; pause() cuts it short
+            self._wake.wait(SLICE_S * share / (1.0 - share))
+            self.throttled_s += time.monotonic() - t0
         return self._stop
 
     def _tick(self) -> None:
@@ -176,6 +179,7 @@ class SourceMachine:
     def pause(self) -> None:
         """Device paused at a command boundary, vCPU out of the guest, its thread ended."""
         self._stop = True
+        self._wake.set()  # a vCPU sitting out its throttle share stops now, not at the slice's end
         m = self.m
         m.device.release_waiters()  # a vCPU held in a WAIT store returns to the guest ...
         m.vcpu.kick()  # ... and leaves it at once, while the device finishes its command
@@ -214,6 +218,7 @@ class SourceMachine:
     def close(self) -> None:
         self._done.set()
         self._stop = True
+        self._wake.set()
         if self.running:
             try:
                 self.m.stop()

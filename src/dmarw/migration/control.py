@@ -102,7 +102,10 @@ def parse_done(payload: bytes) -> tuple[int, int]:
 
 
 def rack(rnd: int, resend: bytes = b"") -> bytes:
-    """Round ``rnd`` applied; ``resend``: the bitmap of pages to send again (empty: none)."""
+    """Round ``rnd`` applied; ``resend``: the bitmap of pages to send again (empty: none),
+    whole u64 words (``EINVAL`` otherwise: :func:`parse_rack` would refuse it)."""
+    if len(resend) % 8:
+        raise ControlError(errno.EINVAL, f"RACK bitmap of {len(resend)} bytes: not whole u64 words")
     return encode(RACK, _RACK.pack(rnd) + resend)
 
 

@@ -130,6 +130,12 @@ def report(o: GuestOutcome, con: Console) -> int:
         for p in (o.plain, *o.plain_others):
             if p.rate:
                 con.print(f"  {p.api:8s} {p.when:24s} {p.seconds:.3f} s = {_mib(p.rate)}/s; migration = {mig / p.rate:.2f}x")
+        gib = (1 << 30) / r.bytes_sent
+        rcv = float(o.stat.get("receive_cpu_seconds", 0.0))
+        cpu = [f"migration {r.sender_cpu_seconds * gib:.3f} + {rcv * gib:.3f}"]
+        cpu += [f"{p.api} ({p.when.split()[0]} the guest) {p.sender_cpu * (1 << 30) / p.bytes:.3f} + "
+                f"{p.receiver_cpu * (1 << 30) / p.bytes:.3f}" for p in (o.plain, *o.plain_others)]
+        con.print("CPU seconds per GiB, sending thread + receiving process: " + "; ".join(cpu))
     n = r.npages
     if o.pages_ok:
         con.print(f"verification: OK, {n} pages identical")

@@ -254,8 +254,10 @@ class Encoder:
         runs = data if isinstance(data, list) else [memoryview(data)]
         n = len(gpas)
         nbytes = sum(len(r) for r in runs)
-        if not 1 <= n <= MAX_PAGES or nbytes != n * self.page_size:
-            raise DmaError(errno.EINVAL, f"encode PAGES: {n} pages with {nbytes} bytes of data")
+        if not 1 <= n <= MAX_PAGES or nbytes != n * self.page_size or any(len(r) % self.page_size for r in runs):
+            raise DmaError(errno.EINVAL, f"encode PAGES: {n} pages with {nbytes} bytes of data in runs of "
+                           f"{', '.join(str(len(r)) for r in runs[:4])}{', ...' if len(runs) > 4 else ''} bytes "
+                           f"(whole {self.page_size}-byte pages)")
         if crcs is None:
             crcs = b"".join(crc32c_pages(r, self.page_size) for r in runs)
         if len(crcs) != 4 * n:

@@ -6,6 +6,7 @@ ends up with the last copy of every page sent and nothing else changed (sans-I/O
 from __future__ import annotations
 
 import dataclasses
+import struct
 from collections.abc import Callable
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dmarw.errors import DmaError
-from dmarw.migration.stream import Decoder, Encoder, Event, Pages, StreamError
+from dmarw.migration.stream import TAG_SIZE, Decoder, Encoder, Event, Pages, StreamError
 from pages_stream import FILL, GPAS, LAYOUT, PS, RamSink, content, pages_frame
 
 Frame = tuple[list[int], bool, bool, set[int]]  # gpas, live, runs, indices torn
@@ -41,15 +42,20 @@ class Built:
     bad: list[tuple[int, ...]]  # the gpas of each PAGES frame whose check fails
 
 
-def build(rounds: list[list[Frame]]) -> Built:
-    enc = Encoder(PS, LAYOUT)
+KEY = bytes(range(32))
+
+
+def build(rounds: list[list[Frame]], key: bytes | None = None) -> Built:
+    """The stream of ``rounds``; keyed, every frame is sent strict (no LIVE, no tear)."""
+    enc = Encoder(PS, LAYOUT, key)
     parts: list[bytes | memoryview] = [*enc.start()]
     copies: list[list[bytes]] = []
     final: dict[int, bytes] = {}
     bads: list[tuple[int, ...]] = []
     n = 0
     for frames in rounds:
-        for gpas, live, runs, torn_at in frames:
+        for gpas, live_asked, runs, torn_at in frames:
+            live = live_asked and key is None
             pages = []
             for g in gpas:
                 n += 1
@@ -69,8 +75,8 @@ def strip(events: list[Event]) -> list[Event]:
     return [dataclasses.replace(e, data=None) if isinstance(e, Pages) else e for e in events]
 
 
-def by_cuts(stream: bytes, cuts: list[int], sink: RamSink | None) -> list[Event]:
-    dec = Decoder(PS, LAYOUT, sink=sink)
+def by_cuts(stream: bytes, cuts: list[int], sink: RamSink | None, key: bytes | None = None) -> list[Event]:
+    dec = Decoder(PS, LAYOUT, key, sink=sink)
     out: list[Event] = []
     at = 0
     for c in [*sorted(cuts), len(stream)]:
@@ -83,10 +89,10 @@ def by_cuts(stream: bytes, cuts: list[int], sink: RamSink | None) -> list[Event]
     return out
 
 
-def by_recv_into(stream: bytes, sizes: list[int], ns: list[int], sink: RamSink | None) -> list[Event]:
+def by_recv_into(stream: bytes, sizes: list[int], ns: list[int], sink: RamSink | None, key: bytes | None = None) -> list[Event]:
     """``recv`` writes at most ``sizes[i]`` bytes (a short read) into the room the decoder
     gives, which is at most ``ns[i]`` bytes."""
-    dec = Decoder(PS, LAYOUT, sink=sink)
+    dec = Decoder(PS, LAYOUT, key, sink=sink)
     out: list[Event] = []
     at = 0
     i = 0
@@ -109,15 +115,28 @@ def by_recv_into(stream: bytes, sizes: list[int], ns: list[int], sink: RamSink |
     return out
 
 
-def by_wanted(stream: bytes, sink: RamSink | None) -> list[Event]:
+def frame_ends(stream: bytes, key: bytes | None) -> list[int]:
+    """The stream offset just after the preamble and after each frame."""
+    ends = [12]
+    while ends[-1] < len(stream):
+        (length,) = struct.unpack_from("<I", stream, ends[-1] + 8)
+        ends.append(ends[-1] + 16 + length + (TAG_SIZE if key is not None else 0))
+    assert ends[-1] == len(stream)
+    return ends
+
+
+def by_wanted(stream: bytes, sink: RamSink | None, key: bytes | None = None) -> list[Event]:
     """A receiver that waits for exactly ``wanted()`` bytes (MSG_WAITALL) at each step: it
-    must never be told to wait for more than the stream still holds."""
-    dec = Decoder(PS, LAYOUT, sink=sink)
+    must never be told to wait past the end of the frame it is in (the source may send
+    nothing more until it has the destination's answer to that frame: a ROUND's RACK)."""
+    dec = Decoder(PS, LAYOUT, key, sink=sink)
+    ends = frame_ends(stream, key)
     out: list[Event] = []
     at = 0
     while at < len(stream):
         n = dec.wanted()
-        assert 1 <= n <= len(stream) - at, (n, len(stream) - at)
+        end = next(e for e in ends if e > at)
+        assert 1 <= n <= end - at, (at, n, end)
 
         def recv(room: memoryview, at: int = at) -> int:
             room[:] = stream[at : at + len(room)]
@@ -169,14 +188,16 @@ def test_sink_gets_the_events_and_the_last_copy_of_every_page(rounds: list[list[
     sizes=st.lists(st.integers(1, 3 * PS), min_size=1, max_size=20),
     ns=st.lists(st.integers(1, 4 * PS), min_size=1, max_size=20),
     use_sink=st.booleans(),
+    keyed=st.booleans(),
 )
 def test_receive_into_equals_receive_data_with_and_without_a_sink(
-    rounds: list[list[Frame]], sizes: list[int], ns: list[int], use_sink: bool
+    rounds: list[list[Frame]], sizes: list[int], ns: list[int], use_sink: bool, keyed: bool
 ) -> None:
-    built = build(rounds)
+    key = KEY if keyed else None
+    built = build(rounds, key)
     sink = RamSink() if use_sink else None
-    got = by_recv_into(built.stream, sizes, ns, sink)
-    want = by_cuts(built.stream, [], None)
+    got = by_recv_into(built.stream, sizes, ns, sink, key)
+    want = by_cuts(built.stream, [], None, key)
     if sink is None:
         assert got == want
     else:
@@ -185,12 +206,13 @@ def test_receive_into_equals_receive_data_with_and_without_a_sink(
 
 
 @settings(max_examples=40, deadline=None)
-@given(rounds=frames_st, use_sink=st.booleans())
-def test_waiting_for_what_the_decoder_wants_never_waits_past_the_stream(rounds: list[list[Frame]], use_sink: bool) -> None:
-    built = build(rounds)
+@given(rounds=frames_st, use_sink=st.booleans(), keyed=st.booleans())
+def test_waiting_for_what_the_decoder_wants_never_waits_past_the_frame(rounds: list[list[Frame]], use_sink: bool, keyed: bool) -> None:
+    key = KEY if keyed else None
+    built = build(rounds, key)
     sink = RamSink() if use_sink else None
-    got = by_wanted(built.stream, sink)
-    want = by_cuts(built.stream, [], None)
+    got = by_wanted(built.stream, sink, key)
+    want = by_cuts(built.stream, [], None, key)
     assert got == (strip(want) if sink is not None else want)
     if sink is not None:
         check_sink(sink, built)

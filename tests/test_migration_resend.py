@@ -8,6 +8,7 @@ control ignores that acknowledgement: the destination refuses END naming the pag
 from __future__ import annotations
 
 import errno
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +22,13 @@ from dmarw.migration import control, dest, source
 from dmarw.migration.channel import Channel
 from dmarw.migration.harness import SourceGuest
 from dmarw.migration.source import MigrationFailed, MigrationReport, Source, differing_pages
+from dmarw.migration.stream import Encoder, Layout
 from dmarw.migration.writers import fill
 from dmarw.mm import AddressSpace
 from dmarw.type1 import Container, Prot
 
 TIMEOUT = 60.0
+KEY = bytes(range(32))
 
 
 class Tear:
@@ -177,3 +180,54 @@ def test_page_torn_and_not_sent_again_is_refused_at_end(
     assert "destination refused the stream" in msg
     assert f"1 page(s) failed their check while the guest ran and were not sent again: {gfn << 12:#x}" in msg
     assert proc.exitcode == 1
+
+
+class Recording(Encoder):
+    """The source's encoder, noting the round and the LIVE flag of every PAGES frame."""
+
+    frames: list[tuple[int, bool]] = []
+
+    def pages_frame(self, gpas: Any, data: Any, *, crcs: bytes | None = None, live: bool = False) -> list[bytes | memoryview]:
+        Recording.frames.append((self.round, live))
+        return super().pages_frame(gpas, data, crcs=crcs, live=live)
+
+
+def _keyed_child(sock: socket.socket, other: socket.socket, page_size: int, layout: Layout) -> None:
+    other.close()
+    raise SystemExit(dest.serve(sock, page_size, layout, KEY))
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed", "keyed"])
+def test_precopy_frames_are_live_the_final_round_strict_and_keyed_never_live(
+    keyed: bool, one_slot: Guest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unkeyed: every pre-copy frame LIVE, every final one not.  Keyed: none LIVE, and the
+    pages are staged in a copy whose checks the encoder takes itself (a wrong check of the
+    RAM read, as in the tests above, cannot happen: the source's own never runs)."""
+    Recording.frames = []
+    monkeypatch.setattr(source, "Encoder", Recording)
+    tear = Tear(0x10, one_slot.gfns)
+    monkeypatch.setattr(source, "crc32c_pages", tear)
+    src = Source(one_slot.vm, one_slot.container, threshold=0, max_rounds=3)
+    if keyed:
+        proc, sock = dest.start(src.page_size, src.layout, target=_keyed_child)
+    else:
+        proc, sock = dest.start(src.page_size, src.layout)
+    sock.settimeout(TIMEOUT)
+    ch = Channel(sock, "destination")
+    try:
+        rep = src.migrate(sock, lambda: None, ch=ch, mac_key=KEY if keyed else None, on_round_start=tear.on_round_start)
+        _tag, theirs = ch.recv(control.HASH)
+    finally:
+        sock.close()
+        proc.join(TIMEOUT)
+    assert proc.exitcode == 0
+    assert differing_pages(src.digests(), theirs, src.layout, src.page_size, dest.DIGEST_SIZE) == []
+    final = rep.rounds[-1].round
+    assert {r for r, _ in Recording.frames} == set(range(final + 1)) and final == 3
+    if keyed:
+        assert [live for _, live in Recording.frames] == [False] * len(Recording.frames)
+        assert tear.torn == 0 and rep.rounds[-1].resent == 0
+    else:
+        assert all(live == (r < final) for r, live in Recording.frames), Recording.frames
+        assert tear.torn == 1 and rep.rounds[-1].resent == 1

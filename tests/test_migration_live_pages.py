@@ -89,6 +89,32 @@ def test_a_keyed_encoder_sends_no_live_frame() -> None:
     assert enc.pages == 0 and enc.seq == 1  # nothing of the refused frame was counted
 
 
+def test_pages_frame_with_runs_that_split_a_page_is_einval() -> None:
+    """Runs given without their checks must each be whole pages (the encoder takes one
+    check per page of each run): bad input to the encoder is DmaError EINVAL like the rest."""
+    enc = Encoder(PS, LAYOUT)
+    enc.start()
+    with pytest.raises(DmaError) as ei:
+        enc.pages_frame([0, PS], [memoryview(bytes(PS + 100)), memoryview(bytes(PS - 100))])
+    assert ei.value.errno == errno.EINVAL
+    assert enc.pages == 0 and enc.seq == 1
+
+
+def test_pages_frame_with_runs_that_split_a_page_and_their_checks_decodes() -> None:
+    """With the checks given, how the contents are cut does not matter: the wire is the same."""
+    enc = Encoder(PS, LAYOUT)
+    pages = [content(0, 1), content(PS, 1)]
+    whole = b"".join(pages)
+    parts = [
+        *enc.start(),
+        *enc.pages_frame([0, PS], [memoryview(whole)[: PS + 100], memoryview(whole)[PS + 100 :]], crcs=crc32c_pages(whole, PS)),
+        *enc.end_round(),
+        *enc.end(),
+    ]
+    (p,) = [e for e in decode(joined(parts)) if isinstance(e, Pages)]
+    assert p.data is not None and bytes(p.data) == whole and p.bad == ()
+
+
 def keyed_live_stream(bad: list[int]) -> tuple[bytes, list[int]]:
     """A keyed stream whose PAGES frame is flagged LIVE by hand (the encoder refuses to):
     the flag set, the frame CRC and the tag recomputed with the key, so only the page
@@ -300,6 +326,15 @@ def test_rack_payload_not_a_round_and_whole_words_is_refused(n: int) -> None:
     with pytest.raises(control.ControlError, match=f"RACK payload of {n} bytes") as ei:
         control.parse_rack(bytes(n))
     assert ei.value.errno == errno.EBADMSG
+
+
+def test_rack_refuses_to_build_a_bitmap_its_parser_refuses() -> None:
+    """A bitmap that is not whole u64 words makes a RACK every receiver refuses (EBADMSG):
+    the sender is told at once instead (EINVAL), as for a payload over the limit."""
+    for n in (7, 9):
+        with pytest.raises(control.ControlError) as ei:
+            control.rack(0, bytes(n))
+        assert ei.value.errno == errno.EINVAL
 
 
 def test_rack_bitmap_of_the_largest_guest_fits_and_one_word_more_does_not() -> None:

@@ -144,6 +144,8 @@ def by_wanted(stream: bytes, sink: RamSink | None, key: bytes | None = None) -> 
 
         at += dec.receive_into(recv, n)
         out += dec.events()
+        # every frame received whole has given its event (a ROUND's: the RACK goes out now)
+        assert len(out) == sum(1 for e in ends[1:] if e <= at), (at, out[-1:])
     assert dec.ended
     return out
 

@@ -74,26 +74,38 @@ def one_slot() -> Iterator[Guest]:
         g.close()
 
 
-@pytest.fixture
-def two_slots() -> Iterator[Guest]:
-    """1 MiB at gpa 0 and 1.5 MiB at gpa 4 GiB: a page's bitmap index is not its gfn."""
+def _two_slots(second: int) -> Iterator[Guest]:
+    """1 MiB at gpa 0 and 1.5 MiB at gpa ``second``, each its own memfd."""
     space = AddressSpace()
     lo, hi = space.mmap(1 << 20, backing="memfd"), space.mmap(3 << 19, backing="memfd")
     fill(space, lo, 1 << 20, 5)
-    fill(space, hi, 3 << 19, 5, base_gpa=1 << 32)
+    fill(space, hi, 3 << 19, 5, base_gpa=second)
     vm = make_vm(space)
     vm.set_memslot(0, 0, 1 << 20, lo, dirty_log=True)
-    vm.set_memslot(1, 1 << 32, 3 << 19, hi, dirty_log=True)
+    vm.set_memslot(1, second, 3 << 19, hi, dirty_log=True)
     c = make_container()
     c.map_dma(0x4000_0000, 1 << 20, lo, space, Prot.READ | Prot.WRITE)
     c.map_dma(0x8000_0000, 3 << 19, hi, space, Prot.READ | Prot.WRITE)
     try:
-        yield Guest(vm, c, [*range(256), *range((1 << 32) >> 12, ((1 << 32) >> 12) + 384)])
+        yield Guest(vm, c, [*range(256), *range(second >> 12, (second >> 12) + 384)])
     finally:
         c.unmap_dma(0x4000_0000, 1 << 20)
         c.unmap_dma(0x8000_0000, 3 << 19)
         vm.close()
         space.close()
+
+
+@pytest.fixture
+def two_slots() -> Iterator[Guest]:
+    """The second slot at 4 GiB: a page's bitmap index is not its gfn."""
+    yield from _two_slots(1 << 32)
+
+
+@pytest.fixture
+def adjacent_slots() -> Iterator[Guest]:
+    """The second slot right after the first: a frame of consecutive gfns spans both
+    memfds (two runs, so sendmsg), and the destination's regions meet."""
+    yield from _two_slots(1 << 20)
 
 
 def migrate(guest: Guest, tear: Tear, zero_copy: bool = True, **kw: Any) -> tuple[MigrationReport, list[int]]:
@@ -125,6 +137,8 @@ CASES = [
     pytest.param("one_slot", 0x200, {"threshold": 0, "max_rounds": 2, "zero_copy": False}, id="one-slot-sendmsg"),
     pytest.param("two_slots", (1 << 20) + 0x17F, {}, id="two-slots-second"),
     pytest.param("two_slots", 0x0, {"threshold": 0, "max_rounds": 2}, id="two-slots-first"),
+    pytest.param("adjacent_slots", 0x100, {}, id="adjacent-slots-first-of-second"),
+    pytest.param("adjacent_slots", 0xFF, {}, id="adjacent-slots-last-of-first"),
 ]
 
 

@@ -361,3 +361,45 @@ def test_crcs_helper_tears_the_check_only() -> None:
     page = content(0, 1)
     assert torn(page) != page and len(torn(page)) == len(page)
     assert crc32c_pages(torn(page), PS) != crc32c_pages(page, PS)
+
+
+# -- the flag itself -----------------------------------------------------------------------
+def _reflag(stream: bytes, frame_at: int, flags: int, table: int) -> bytes:
+    """Set a frame's flags and recompute its CRC over the head and ``table`` payload bytes."""
+    s = bytearray(stream)
+    struct.pack_into("<H", s, frame_at + 2, flags)
+    crc = crc32c(bytes(s[frame_at + 16 : frame_at + 16 + table]), crc32c(bytes(s[frame_at : frame_at + 12])))
+    struct.pack_into("<I", s, frame_at + 12, crc)
+    return bytes(s)
+
+
+HEADER_END = 12 + 16 + 8 + 16 * len(LAYOUT)  # preamble, HEADER frame
+
+
+@pytest.mark.parametrize("flags", [0x2, 0x8000, LIVE | 0x4])
+def test_pages_frame_with_an_unknown_flag_is_refused(flags: int) -> None:
+    stream, _ = one_frame_stream([], live=True)
+    bad = _reflag(stream, HEADER_END, flags, 8 + 12 * 5)
+    with pytest.raises(StreamError, match=f"frame at offset {HEADER_END:#x} has flags {flags:#x}") as ei:
+        decode(bad)
+    assert ei.value.reason == "corrupt"
+
+
+def test_live_flag_on_a_round_frame_is_refused() -> None:
+    stream, _ = one_frame_stream([], live=False)
+    round_at = HEADER_END + 16 + 8 + 12 * 5 + 5 * PS
+    assert struct.unpack_from("<H", stream, round_at)[0] == 3  # ROUND
+    bad = _reflag(stream, round_at, LIVE, 8)
+    with pytest.raises(StreamError, match=f"frame at offset {round_at:#x} has flags 0x1") as ei:
+        decode(bad)
+    assert ei.value.reason == "corrupt"
+
+
+def test_live_flag_set_by_hand_on_a_sound_frame_changes_nothing_but_the_event() -> None:
+    strict, _ = one_frame_stream([], live=False)
+    live, _ = one_frame_stream([], live=True)
+    assert _reflag(strict, HEADER_END, LIVE, 8 + 12 * 5) == live  # the flag is the only difference
+    a, b = decode(strict), decode(live)
+    assert [type(e) for e in a] == [type(e) for e in b]
+    pa, pb = (next(e for e in evs if isinstance(e, Pages)) for evs in (a, b))
+    assert (pa.live, pb.live) == (False, True) and pa.data == pb.data and pa.bad == pb.bad == ()

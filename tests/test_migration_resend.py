@@ -206,9 +206,11 @@ class Recording(Encoder):
         return super().pages_frame(gpas, data, crcs=crcs, live=live)
 
 
-def _keyed_child(sock: socket.socket, other: socket.socket, page_size: int, layout: Layout) -> None:
-    other.close()
-    raise SystemExit(dest.serve(sock, page_size, layout, KEY))
+def _keyed_child(sock: socket.socket, page_size: int, layout: Layout) -> None:
+    """The destination process of a keyed stream (the session key given, no handshake)."""
+    rc = dest.serve(sock, page_size, layout, KEY)
+    sock.close()
+    raise SystemExit(rc)
 
 
 @pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed", "keyed"])

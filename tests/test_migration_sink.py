@@ -277,20 +277,17 @@ def _decode_or_error(stream: bytes, sink: RamSink | None) -> list[Event] | tuple
         return (e.reason, str(e))
 
 
-def test_a_frame_repeating_a_gpa_decodes_alike_with_and_without_a_sink() -> None:
-    """The format does not forbid a gpa twice in one PAGES frame (the encoder builds it):
-    with or without a sink the decoder must agree — both refuse it the same way, or both
-    accept it and the sink holds the second copy, as a receiver applying the frame in
-    order would."""
+def test_a_frame_repeating_a_gpa_is_refused_alike_with_and_without_a_sink() -> None:
+    """Each gpa once per PAGES frame: received into RAM, a second copy would overwrite the
+    first before the first was checked.  With or without a sink the decoder refuses it,
+    naming the gpa, before any of its contents reach the sink."""
     enc = Encoder(PS, LAYOUT)
     first, second = content(PS, 1), content(PS, 2)
-    parts = [*enc.start(), *enc.pages_frame([PS, PS], first + second), *enc.end_round(), *enc.end()]
+    parts = [*enc.start(), *enc.pages_frame([0, PS, PS], content(0, 1) + first + second), *enc.end_round(), *enc.end()]
     stream = b"".join(bytes(p) for p in parts)
     plain = _decode_or_error(stream, None)
     sink = RamSink()
     got = _decode_or_error(stream, sink)
-    if isinstance(plain, tuple) or isinstance(got, tuple):
-        assert got == plain
-    else:
-        assert got == strip(plain)
-        assert sink.page(PS) == second
+    assert got == plain
+    assert isinstance(got, tuple) and got[0] == "corrupt" and f"page gpa {PS:#x} appears twice in one frame" in got[1]
+    assert sink.calls == [] and sink.page(0) == bytes([FILL]) * PS

@@ -5,6 +5,7 @@ receiver gone, reaped, once the copier is closed."""
 from __future__ import annotations
 
 import errno
+import math
 import multiprocessing
 import os
 from collections.abc import Iterator
@@ -59,6 +60,9 @@ def test_both_apis_move_the_whole_size_to_one_receiver(space: AddressSpace, tcp:
         (SIZE, "write", "again"),
     ]
     assert all(p.seconds > 0 and p.rate > 0 for p in got)
+    # each end's CPU seconds came back (the receiver's in its answer): measured, not judged
+    assert all(math.isfinite(p.sender_cpu) and math.isfinite(p.receiver_cpu) for p in got)
+    assert all(p.sender_cpu >= 0 and p.receiver_cpu >= 0 for p in got)
     gone(c)
 
 

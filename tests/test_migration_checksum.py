@@ -95,3 +95,78 @@ def test_large_buffer_lanes_and_mmap() -> None:
         _native.crc32c(view[::2])
     view.release()
     m.close()
+
+
+# -- one CRC32C per page ----------------------------------------------------------------------
+def _pages_impls() -> list[object]:
+    out: list[object] = [checksum.crc32c_pages_python]
+    if native_available():
+        from dmarw import _native
+
+        out.append(_native.crc32c_pages)
+    return out
+
+
+@needs_native
+@settings(max_examples=200, deadline=None)
+@given(
+    page_size=st.one_of(st.sampled_from([8, 512, 4096]), st.integers(1, 700)),
+    npages=st.integers(0, 10),
+    offset=st.integers(0, 15),
+    seed=st.binary(min_size=1, max_size=64),
+)
+def test_crc32c_pages_native_equals_python(page_size: int, npages: int, offset: int, seed: bytes) -> None:
+    """Page sizes that are and are not multiples of 8 (the three-lane loop and the tail),
+    page counts around multiples of 3, unaligned starts."""
+    from dmarw import _native
+
+    raw = (seed * (offset + page_size * npages // len(seed) + 1))[: offset + page_size * npages]
+    view = memoryview(raw)[offset:]
+    want = checksum.crc32c_pages_python(view, page_size)
+    assert _native.crc32c_pages(view, page_size) == want
+    assert len(want) == 4 * npages
+    for i in range(npages):  # each u32 is the CRC32C of that page alone
+        page = view[i * page_size : (i + 1) * page_size]
+        assert int.from_bytes(want[4 * i : 4 * i + 4], "little") == crc32c_python(page)
+
+
+@pytest.mark.parametrize("fn", _pages_impls())
+def test_crc32c_pages_of_guest_ram_sized_buffers(fn) -> None:  # type: ignore[no-untyped-def]
+    """4 KiB pages of an mmap (as the source reads RAM), enough to release the GIL; a page
+    changed changes its own CRC only."""
+    m = mmap.mmap(-1, 64 * 4096)
+    for i in range(0, len(m), 997):
+        m[i] = (i * 13) & 0xFF
+    view = memoryview(m)
+    crcs = fn(view, 4096)
+    assert [int.from_bytes(crcs[i : i + 4], "little") for i in range(0, len(crcs), 4)] == [
+        checksum.crc32c(view[o : o + 4096]) for o in range(0, len(m), 4096)
+    ]
+    m[5 * 4096 + 17] ^= 0xFF
+    again = fn(view, 4096)
+    differ = [i for i in range(64) if again[4 * i : 4 * i + 4] != crcs[4 * i : 4 * i + 4]]
+    assert differ == [5]
+    view.release()
+    m.close()
+
+
+@pytest.mark.parametrize("fn", _pages_impls())
+@pytest.mark.parametrize(("length", "page_size"), [(4095, 4096), (4097, 4096), (8192 + 512, 4096), (10, 3), (1, 0), (0, 0), (8, -8)])
+def test_crc32c_pages_refuses_a_partial_page(fn, length: int, page_size: int) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="not a whole number of"):
+        fn(bytes(length), page_size)
+
+
+@pytest.mark.parametrize("fn", _pages_impls())
+def test_crc32c_pages_of_nothing_is_empty(fn) -> None:  # type: ignore[no-untyped-def]
+    assert fn(b"", 4096) == b""
+    assert fn(b"123456789", 9) == (0xE3069283).to_bytes(4, "little")
+
+
+def test_crc32c_pages_picked_one_is_the_native_when_built() -> None:
+    if native_available():
+        from dmarw import _native
+
+        assert checksum.crc32c_pages is _native.crc32c_pages
+    else:
+        assert checksum.crc32c_pages is checksum.crc32c_pages_python

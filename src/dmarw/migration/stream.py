@@ -254,7 +254,8 @@ class Encoder:
         runs = data if isinstance(data, list) else [memoryview(data)]
         n = len(gpas)
         nbytes = sum(len(r) for r in runs)
-        if not 1 <= n <= MAX_PAGES or nbytes != n * self.page_size or any(len(r) % self.page_size for r in runs):
+        split = crcs is None and any(len(r) % self.page_size for r in runs)  # checks are made per run
+        if not 1 <= n <= MAX_PAGES or nbytes != n * self.page_size or split:
             raise DmaError(errno.EINVAL, f"encode PAGES: {n} pages with {nbytes} bytes of data in runs of "
                            f"{', '.join(str(len(r)) for r in runs[:4])}{', ...' if len(runs) > 4 else ''} bytes "
                            f"(whole {self.page_size}-byte pages)")

@@ -14,10 +14,12 @@ from pathlib import Path
 
 
 class Incoming:
-    """One destination process; ``addr`` waits for it to listen, ``finish()`` gives its exit
-    code and the rest of its stderr."""
+    """One destination process, listening once ``addr`` is known (the constructor waits for
+    it unless ``listen_later``: then ``addr`` does); ``finish()`` gives its exit code and the
+    rest of its stderr."""
 
-    def __init__(self, key_file: Path, *, timeout: float, wait: float, env: dict[str, str] | None = None) -> None:
+    def __init__(self, key_file: Path, *, timeout: float, wait: float, env: dict[str, str] | None = None,
+                 listen_later: bool = False) -> None:
         self.wait = wait
         self.started = time.monotonic()
         self._addr: str | None = None
@@ -29,10 +31,17 @@ class Incoming:
             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
             env=None if env is None else {**os.environ, **env},
         )
+        if not listen_later:
+            self.listening()
 
     @property
     def addr(self) -> str:
-        """``HOST:PORT`` it listens on (read from its first line, once)."""
+        """``HOST:PORT`` it listens on."""
+        return self.listening()
+
+    def listening(self) -> str:
+        """Wait for its first line (once): the address it listens on; killed and reaped
+        when that line is not there."""
         if self._addr is None:
             try:
                 assert self.proc.stderr is not None
@@ -43,18 +52,23 @@ class Incoming:
                 self.close()
                 raise
             self._addr = m.group(1)
-            # the rest of its stderr is read as it comes, so finish() waits on the process alone
-            self._reader = threading.Thread(target=self._drain, name="incoming-stderr", daemon=True)
-            self._reader.start()
+            self._drain()
         return self._addr
 
     def _drain(self) -> None:
+        """Its stderr read as it comes, so finish() waits on the process alone."""
+        self._reader = threading.Thread(target=self._read_rest, name="incoming-stderr", daemon=True)
+        self._reader.start()
+
+    def _read_rest(self) -> None:
         assert self.proc.stderr is not None
         self._rest.append(self.proc.stderr.read())
 
     def finish(self) -> tuple[int, str]:
         """Its exit code (negative: the signal that ended it) and stderr after the first
         line; killed when it has not exited within ``wait`` s (then the wait fails)."""
+        if self._reader is None:  # its address was read elsewhere (e.g. by a forked child)
+            self._drain()
         try:
             rc = self.proc.wait(self.wait)
         finally:

@@ -65,8 +65,8 @@ class _Spare:
         self.key_file = key_file
         self.next: Incoming | None = None
 
-    def start(self, env: dict[str, str] | None) -> Incoming:
-        return Incoming(self.key_file, timeout=INCOMING_ACCEPT, wait=INCOMING_WAIT, env=env)
+    def start(self, env: dict[str, str] | None, listen_later: bool = False) -> Incoming:
+        return Incoming(self.key_file, timeout=INCOMING_ACCEPT, wait=INCOMING_WAIT, env=env, listen_later=listen_later)
 
     def take(self) -> Incoming:
         inc, self.next = self.next, None
@@ -74,7 +74,7 @@ class _Spare:
             if inc is not None:
                 inc.close()
             inc = self.start(None)
-        self.next = self.start(None)
+        self.next = self.start(None, listen_later=True)
         return inc
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from guest_runs import (
@@ -71,6 +72,35 @@ def test_running_guest_wrong_key_is_refused(incoming: Start) -> None:
         migrate(11, COMMANDS, to=inc.addr, key=b"another key, 16+ bytes")
     rc, err = inc.finish()
     assert rc == 1 and "refused" in err and "guest VM ready" not in err
+
+
+def test_an_incoming_that_a_test_gave_up_on_is_killed_and_reaped(tmp_path: Path, key_file: Path) -> None:
+    """What the fixture does for a failed test (its Incoming.close()), and a destination that
+    did not start listening: neither is left running or unreaped."""
+    before = set(_children())  # the next test's incoming may be among them
+    inc = Incoming(key_file, timeout=60, wait=WAIT)
+    assert inc.addr.startswith("127.0.0.1:")
+    inc.close()
+    assert inc.proc.returncode == -signal.SIGKILL and not os.path.exists(f"/proc/{inc.proc.pid}")
+    with pytest.raises(AssertionError, match="No such file"):
+        Incoming(tmp_path / "missing", timeout=60, wait=WAIT)
+    assert set(_children()) <= before, set(_children()) - before
+
+
+def _children() -> list[str]:
+    """This process's children, as their command lines."""
+    me, found = os.getpid(), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == me:
+            found.append(f"{pid}: {cmd}")
+    return found
 
 
 def cfg(**kw: object) -> GuestConfig:

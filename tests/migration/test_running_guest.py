@@ -1,68 +1,46 @@
 """A running guest (the guest program on a KvmVm, the GPU-like device serving its ring)
 migrated between two processes, verified two ways: every page at switchover, and the
 guest's checksum on the destination against an unmigrated run of the same guest and seed.
+Each of the three negative controls fails both ways for every one of the 20 seeds.
 
 Each run is 64 MiB with 1200 device commands: long enough that the guest is mid-run at the
-switchover (asserted), short enough for 20 seeds.  The unmigrated run's checksum is
-recorded once per seed and reused by the negative controls of that seed.
+switchover (asserted), short enough for 20 seeds x (1 + 3 controls).  The unmigrated run's
+checksum is recorded once per seed (:mod:`guest_runs`) and reused by every run of it.
 """
 
 from __future__ import annotations
 
 import pytest
+from guest_runs import (
+    CONTROLS,
+    RAM,
+    SEEDS,
+    assert_control_failed,
+    assert_verified_both_ways,
+    migrate,
+)
 
-from dmarw.migration.running import GuestConfig, GuestOutcome, run_guest_migration
+from dmarw.migration.running import GuestConfig
 
-RAM = 64 << 20
 COMMANDS = 1200
-SEEDS = range(20)
-CONTROL_SEEDS = range(3)
-_reference: dict[tuple[int, bool], int] = {}
-
-
-def migrate(seed: int, **kw: object) -> GuestOutcome:
-    base: dict[str, object] = {"ram": RAM, "seed": seed, "commands": COMMANDS, "plain_copy": False, "timeout": 60.0,
-                              "guest_timeout": 15.0}
-    base.update(kw)
-    cfg = GuestConfig(**base)  # type: ignore[arg-type]
-    key = (seed, cfg.writer_heavy)
-    o = run_guest_migration(cfg, reference=_reference.get(key))
-    _reference[key] = o.reference
-    return o
-
-
-def check_running(o: GuestOutcome) -> None:
-    r = o.report
-    assert r.rounds[0].sent == RAM >> 12 and r.rounds[-1].final
-    assert r.pages_sent == sum(st.sent for st in r.rounds) == r.dest_pages
-    # the guest was running: stopped mid-way, and its device had work done before the stop
-    assert 0 < o.commands_at_stop < COMMANDS, o.commands_at_stop
-    assert sum(st.kvm for st in r.rounds[1:]) > 0 and sum(st.vfio for st in r.rounds[1:]) > 0
-    assert set(r.downtime_parts) >= {"vCPU stop", "last pages", "state", "restore", "resume"}
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_running_guest_migrates_and_verifies_both_ways(seed: int) -> None:
-    o = migrate(seed, dirty=("bitmap", "clear", "ring")[seed % 3])
-    check_running(o)
-    assert o.pages_ok, [hex(g) for g in o.differing[:8]]
-    assert o.checksum == o.reference and o.checksum_ok and o.ok
-    assert o.stat["commands"] == COMMANDS
+    o = migrate(seed, COMMANDS, dirty=("bitmap", "clear", "ring")[seed % 3])
+    assert_verified_both_ways(o)
+    assert set(o.report.downtime_parts) >= {"vCPU stop", "last pages", "state", "restore", "resume"}
 
 
-@pytest.mark.parametrize("seed", CONTROL_SEEDS)
-@pytest.mark.parametrize("control", ["device_bypass", "no_vfio_log", "no_kvm_log"])
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("control", CONTROLS)
 def test_negative_controls_fail_verification_every_run(control: str, seed: int) -> None:
-    o = migrate(seed, **{control: True})
-    assert not o.pages_ok and o.differing, "the control lost no page"
-    assert not o.ok
-    # the guest's result shows the loss too: another checksum, or it could not finish
-    assert o.checksum != o.reference
+    assert_control_failed(migrate(seed, COMMANDS, **{control: True}), control)
 
 
 def test_round_limit_ends_pre_copy_and_the_throttle_is_reported_per_round() -> None:
     """threshold 0 never converges while the guest dirties a page: the round limit ends it."""
-    o = migrate(1, writer_heavy=True, threshold=0, max_rounds=4)
+    o = migrate(1, COMMANDS, writer_heavy=True, threshold=0, max_rounds=4)
     r = o.report
     assert len(r.rounds) <= 4 + 1  # pre-copy rounds, then the final one
     shares = [st.throttle for st in r.rounds]

@@ -4,6 +4,8 @@ reach the dirty set only through the server's DMA-logging report, its state move
 STOP_COPY data read and written with MIG_DATA.  Verified as the in-process migration is
 (every page at switchover; the destination's checksum against an unmigrated run).  The
 negative control leaves the server's report out (``no_vfio_log``): pages must differ.
+The same from the command line, between two processes and over TCP to ``dmarw incoming``
+(which starts its own device server), and that one's control.
 
 64 MiB, 2500 commands, three seeds; each run a few seconds.  Pre-copy begins only once the
 guest's device has done some commands (a busy machine may otherwise reach the switchover
@@ -13,18 +15,20 @@ under the test's own directory, so a leftover server or socket is found by its p
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from guest_runs import KEY, assert_control_failed, assert_verified_both_ways, migrate
 
 from dmarw.migration.guest import SourceMachine
-from dmarw.migration.running import GuestConfig, GuestOutcome, run_guest_migration
+from incoming_proc import Incoming
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -32,7 +36,6 @@ RAM = 64 << 20
 COMMANDS = 2500
 STARTED = 32  # device commands done before pre-copy begins
 SEEDS = range(3)
-_reference: dict[int, int] = {}
 
 
 @pytest.fixture
@@ -71,35 +74,18 @@ def _processes_naming(text: str) -> list[str]:
     return found
 
 
-def migrate(seed: int, **kw: object) -> GuestOutcome:
-    cfg = GuestConfig(ram=RAM, seed=seed, commands=COMMANDS, plain_copy=False, timeout=60.0, guest_timeout=15.0,
-                      device_process=True, **kw)  # type: ignore[arg-type]
-    o = run_guest_migration(cfg, reference=_reference.get(seed))
-    _reference[seed] = o.reference
-    return o
-
-
 @pytest.mark.parametrize("seed", SEEDS)
 def test_guest_with_device_process_migrates_and_verifies_both_ways(seed: int, own_tmp: Path) -> None:
-    o = migrate(seed)
-    r = o.report
-    assert r.rounds[0].sent == RAM >> 12 and r.rounds[-1].final
-    assert 0 < o.commands_at_stop < COMMANDS, o.commands_at_stop  # the guest was mid-run
+    o = migrate(seed, COMMANDS, device_process=True)
+    assert_verified_both_ways(o)
     # the device's writes came only from the server's report (nothing wrote through this
     # process's container or user-space log)
-    assert sum(st.vfio for st in r.rounds[1:]) > 0 and sum(st.user for st in r.rounds) == 0
-    assert o.pages_ok, [hex(g) for g in o.differing[:8]]
-    assert o.checksum == o.reference and o.ok
-    assert o.stat["commands"] == COMMANDS
+    assert sum(st.user for st in o.report.rounds) == 0
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_ignoring_the_servers_report_fails_page_verification(seed: int, own_tmp: Path) -> None:
-    o = migrate(seed, no_vfio_log=True)
-    assert sum(st.vfio for st in o.report.rounds) == 0
-    assert not o.pages_ok and o.differing, "without the server's report no page was lost"
-    assert all(g % 4096 == 0 and 0 <= g < RAM for g in o.differing)
-    assert not o.ok and o.checksum != o.reference
+    assert_control_failed(migrate(seed, COMMANDS, device_process=True, no_vfio_log=True), "no_vfio_log")
 
 
 def _dmarw(*args: str) -> subprocess.CompletedProcess[str]:
@@ -123,3 +109,42 @@ def test_cli_verifies_both_ways(tmp_path: Path) -> None:
     assert "verification: OK, 16384 pages identical" in p.stdout
     assert "matches the unmigrated run" in p.stdout
     assert list(tmp_path.iterdir()) == [] and _processes_naming(str(tmp_path)) == []
+
+
+def test_cli_over_tcp_to_incoming_verifies_both_ways(incoming: Callable[..., Incoming], key_file: Path,
+                                                     tmp_path: Path) -> None:
+    """``dmarw migrate --guest --device-process --to`` a ``dmarw incoming``: each side has its
+    device server, both servers' sockets under ``tmp_path``; none is left afterwards."""
+    env = {"TMPDIR": str(tmp_path)}
+    inc = incoming(**env)
+    out = tmp_path / "migrate.json"
+    p = subprocess.run([sys.executable, "-m", "dmarw", "migrate", "--guest", "--device-process", "--to", inc.addr,
+                        "--key-file", str(key_file), "--ram", "64M", "--commands", str(COMMANDS), "--seed", "1",
+                        "--no-progress", "--json", str(out)],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    rc, err = inc.finish()
+    assert p.returncode == 0 and rc == 0, p.stdout + p.stderr + err
+    assert "source authenticated" in err and "guest VM ready" in err and "stream complete" in err, err
+    o = json.loads(out.read_text())
+    rounds = o["report"]["rounds"]
+    assert 0 < o["commands_at_stop"] < COMMANDS, o["commands_at_stop"]
+    assert sum(r["vfio"] for r in rounds[1:]) > 0 and sum(r["user"] for r in rounds) == 0
+    assert o["pages_ok"] and o["differing_gpas"] == [], o["differing_gpas"][:8]
+    assert o["checksum_ok"] and o["checksum"] == o["reference_checksum"] and o["destination"]["commands"] == COMMANDS
+    assert f"to {inc.addr}; device in its own process (vfio-user)" in p.stdout
+    assert "verification: OK, 16384 pages identical" in p.stdout and "matches the unmigrated run" in p.stdout
+    assert f"guest resumed and ran to its end: checksum {o['reference_checksum']:#018x}" in err, err
+    assert [q.name for q in tmp_path.iterdir() if q.name.startswith("dmarw-gpu-")] == [], "a socket is left"
+    assert _processes_naming(str(tmp_path)) == [], "a server process is left"
+
+
+def test_over_tcp_without_the_servers_report_fails_page_verification(incoming: Callable[..., Incoming],
+                                                                     own_tmp: Path) -> None:
+    """The control of the test above, through the API: the command line has no bound on
+    the destination guest's run but its default (four times the unmigrated run plus 10 s),
+    and a guest that lost pages may loop until then."""
+    inc = incoming(TMPDIR=str(own_tmp))
+    o = migrate(1, COMMANDS, device_process=True, no_vfio_log=True, to=inc.addr, key=KEY)
+    rc, err = inc.finish()
+    assert rc == 0 and "guest VM ready" in err and "stream complete" in err, err
+    assert_control_failed(o, "no_vfio_log")

@@ -52,7 +52,7 @@ from .channel import Channel
 from .dest import page_digests
 from .stream import MAX_PAGES, Encoder, Layout
 
-PAGES_PER_FRAME = 1024  # 4 MiB of 4 KiB pages per PAGES frame
+PAGES_PER_FRAME = 1024  # 4 MiB of 4 KiB pages per PAGES frame (16 MiB measured no faster)
 
 
 @dataclass
@@ -517,17 +517,22 @@ def send_file(sock: socket.socket, fd: int, offset: int, count: int) -> None:
         done += k
 
 
+IOV_MAX = 1024  # the most buffers one sendmsg takes (Linux's UIO_MAXIOV)
+
+
 def send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> int:
-    """Write ``parts`` in order with scatter-gather ``sendmsg`` (no joining copy)."""
+    """Write ``parts`` in order with scatter-gather ``sendmsg`` (no joining copy), at most
+    :data:`IOV_MAX` buffers a call (a frame of scattered pages has one per run)."""
     total = sum(len(p) for p in parts)
     views = [memoryview(p).cast("B") for p in parts if len(p)]
-    while views:
-        n = sock.sendmsg(views)
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
+    i = 0
+    while i < len(views):
+        n = sock.sendmsg(views[i : i + IOV_MAX])
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
         if n:
-            views[0] = views[0][n:]
+            views[i] = views[i][n:]
     return total
 
 

@@ -125,17 +125,23 @@ def report(o: GuestOutcome, con: Console) -> int:
     con.print(f"pages sent again because their live copy failed its check on the destination: {resent:,}")
     if o.plain is not None and r.total_seconds > 0:
         mig = r.bytes_sent / r.total_seconds
-        con.print(f"throughput: migration {_mib(mig)}/s (every byte sent over the total time); plain copies of "
-                  f"the same {_mib(o.plain.bytes)} over the same kind of socket (no framing, no check, no log):")
-        for p in (o.plain, *o.plain_others):
-            if p.rate:
-                con.print(f"  {p.api:8s} {p.when:24s} {p.seconds:.3f} s = {_mib(p.rate)}/s; migration = {mig / p.rate:.2f}x")
+        con.print(f"throughput: migration {_mib(mig)}/s (bytes sent over the total time), against plain")
+        con.print(f"copies of the same {_mib(o.plain.bytes)} over the same kind of socket (no framing, check or log):")
+        tp = Table(box=None, padding=(0, 1), collapse_padding=True, pad_edge=False)
+        for col in ("transfer", "when", "time", "MiB/s", "migration", "CPU s/GiB"):
+            tp.add_column(col, justify="left" if col in ("transfer", "when") else "right")
         gib = (1 << 30) / r.bytes_sent
         rcv = float(o.stat.get("receive_cpu_seconds", 0.0))
-        cpu = [f"migration {r.sender_cpu_seconds * gib:.3f} + {rcv * gib:.3f}"]
-        cpu += [f"{p.api} ({p.when.split()[0]} the guest) {p.sender_cpu * (1 << 30) / p.bytes:.3f} + "
-                f"{p.receiver_cpu * (1 << 30) / p.bytes:.3f}" for p in (o.plain, *o.plain_others)]
-        con.print("CPU seconds per GiB, sending thread + receiving process: " + "; ".join(cpu))
+        tp.add_row("migration", "guest running", f"{r.total_seconds:.3f} s", f"{mig / (1 << 20):,.1f}", "1.00x",
+                   f"{r.sender_cpu_seconds * gib:.3f}+{rcv * gib:.3f}")
+        for p in (o.plain, *o.plain_others):
+            if p.rate:
+                per = (1 << 30) / p.bytes
+                tp.add_row(f"{p.api} copy", p.when.replace("with the ", "").replace("before the guest started", "before it started"),
+                           f"{p.seconds:.3f} s", f"{p.rate / (1 << 20):,.1f}", f"{mig / p.rate:.2f}x",
+                           f"{p.sender_cpu * per:.3f}+{p.receiver_cpu * per:.3f}")
+        con.print(tp)
+        con.print("(migration: its rate over the copy's; CPU: sending thread + receiving process)")
     n = r.npages
     if o.pages_ok:
         con.print(f"verification: OK, {n} pages identical")

@@ -82,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         ref = o.reference
         rows.append(trial(o))
     con = Console(width=max(Console().width, 80))
-    t = Table(title=f"migration of a running {args.ram >> 20} MiB guest vs plain copies (MiB/s; x = migration / copy)")
+    t = Table(title=f"migration of a running {args.ram >> 20} MiB guest (round 0, all rounds) and plain copies "
+                    "(with the guest running, before it started): MiB/s, x = migration / copy")
     names = list(rows[0]["plain"])
-    for col in ("trial", "round 0", "migration", *(n.replace(", ", "\n") for n in names), "downtime", "ok"):
+    short = [n.split(", ")[0] + ("\nrunning" if "running" in n else "\nbefore") for n in names]
+    for col in ("trial", "round 0", "all", *short, "downtime", "ok"):
         t.add_column(col, justify="right")
     for i, d in enumerate(rows):
         cells = [f"{d['plain'][n]['rate'] / MIB:,.0f} {d['plain'][n]['ratio']:.2f}x" for n in names]

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 from dmarw.checksum import crc32c_pages
+from dmarw.migration import source
 from dmarw.migration.stream import Encoder, Layout
 
 PS = 512  # the smallest page the stream allows: many pages, little data
@@ -65,3 +67,30 @@ def pages_frame(
     crcs = crc32c_pages(b"".join(checked), enc.page_size)
     data: bytes | list[memoryview] = [memoryview(p) for p in pages] if runs else b"".join(pages)
     return enc.pages_frame(list(gpas), data, crcs=crcs, live=live)
+
+
+class Tear:
+    """Stands in for ``source.crc32c_pages``: the check of page ``gfn`` comes out wrong in
+    round ``rnd`` (calls come in gfn order within a round, each over whole pages)."""
+
+    def __init__(self, gfn: int, gfn_of: list[int], rnd: int = 0) -> None:
+        self.gfn, self.rnd = gfn, rnd
+        self.gfn_of = gfn_of  # the round-0 order: every page of the layout
+        self.round = -1
+        self.seen = 0  # pages checked so far in the round
+        self.torn = 0
+        self.real = source.crc32c_pages
+
+    def on_round_start(self, rnd: int, npages: int) -> None:
+        self.round, self.seen = rnd, 0
+
+    def __call__(self, data: Any, page_size: int) -> bytes:
+        crcs = bytearray(self.real(data, page_size))
+        n = len(crcs) // 4
+        if self.round == self.rnd:
+            for i in range(n):
+                if self.gfn_of[self.seen + i] == self.gfn:
+                    crcs[4 * i] ^= 0x01
+                    self.torn += 1
+        self.seen += n
+        return bytes(crcs)

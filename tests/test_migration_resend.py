@@ -26,36 +26,10 @@ from dmarw.migration.stream import Encoder, Layout
 from dmarw.migration.writers import fill
 from dmarw.mm import AddressSpace
 from dmarw.type1 import Container, Prot
+from pages_stream import Tear
 
 TIMEOUT = 60.0
 KEY = bytes(range(32))
-
-
-class Tear:
-    """Stands in for ``source.crc32c_pages``: the check of page ``gfn`` comes out wrong in
-    round ``rnd`` (calls come in gfn order within a round, each over whole pages)."""
-
-    def __init__(self, gfn: int, gfn_of: list[int], rnd: int = 0) -> None:
-        self.gfn, self.rnd = gfn, rnd
-        self.gfn_of = gfn_of  # the round-0 order: every page of the layout
-        self.round = -1
-        self.seen = 0  # pages checked so far in the round
-        self.torn = 0
-        self.real = source.crc32c_pages
-
-    def on_round_start(self, rnd: int, npages: int) -> None:
-        self.round, self.seen = rnd, 0
-
-    def __call__(self, data: Any, page_size: int) -> bytes:
-        crcs = bytearray(self.real(data, page_size))
-        n = len(crcs) // 4
-        if self.round == self.rnd:
-            for i in range(n):
-                if self.gfn_of[self.seen + i] == self.gfn:
-                    crcs[4 * i] ^= 0x01
-                    self.torn += 1
-        self.seen += n
-        return bytes(crcs)
 
 
 @dataclass

@@ -9,38 +9,14 @@ later round sends them again on its own: only the acknowledgement can."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from dmarw.migration import control, source
 from dmarw.migration.running import GuestConfig, run_guest_migration
 from dmarw.migration.source import MigrationFailed
+from pages_stream import Tear
 
 RAM = 64 << 20
-
-
-class Tear:
-    """Stands in for ``source.crc32c_pages``: page ``gfn``'s check is wrong in round 0."""
-
-    def __init__(self, gfn: int) -> None:
-        self.gfn = gfn
-        self.round = -1
-        self.seen = 0
-        self.torn = 0
-        self.real = source.crc32c_pages
-
-    def on_round_start(self, rnd: int, npages: int) -> None:
-        self.round, self.seen = rnd, 0
-
-    def __call__(self, data: Any, page_size: int) -> bytes:
-        crcs = bytearray(self.real(data, page_size))
-        n = len(crcs) // 4
-        if self.round == 0 and self.seen <= self.gfn < self.seen + n:  # round 0: every page, in order
-            crcs[4 * (self.gfn - self.seen)] ^= 0x01
-            self.torn += 1
-        self.seen += n
-        return bytes(crcs)
 
 
 def config(seed: int) -> GuestConfig:
@@ -49,7 +25,7 @@ def config(seed: int) -> GuestConfig:
 
 @pytest.mark.parametrize(("seed", "gfn"), [(0, 0x0), (1, 0xF), (2, 0x0)])
 def test_running_guest_page_torn_in_precopy_is_sent_again(seed: int, gfn: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    tear = Tear(gfn)
+    tear = Tear(gfn, list(range(RAM >> 12)))
     monkeypatch.setattr(source, "crc32c_pages", tear)
     o = run_guest_migration(config(seed), on_round_start=tear.on_round_start)
     assert tear.torn == 1
@@ -60,7 +36,7 @@ def test_running_guest_page_torn_in_precopy_is_sent_again(seed: int, gfn: int, m
 
 
 def test_running_guest_page_torn_and_not_sent_again_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    tear = Tear(0)
+    tear = Tear(0, list(range(RAM >> 12)))
     monkeypatch.setattr(source, "crc32c_pages", tear)
     real = control.parse_rack
     monkeypatch.setattr(source.control, "parse_rack", lambda payload: (real(payload)[0], b""))

@@ -71,10 +71,17 @@ def assert_verified_both_ways(o: GuestOutcome) -> None:
     assert o.stat["commands"] == o.config.commands
 
 
+# per control: how many runs had the loss reach the guest's result (another checksum, or a
+# guest that could not finish), and how many ran; see assert_losses_reach_the_result
+RESULTS: dict[str, list[int]] = {}
+
+
 def assert_control_failed(o: GuestOutcome, control: str) -> None:
-    """The control took effect (a log left out counted nothing), the guest was
-    mid-run, verification of pages failed naming pages of guest RAM, and the destination's
-    guest ended with another checksum than the unmigrated run's, or could not finish."""
+    """The control took effect (a log left out counted nothing), the guest was mid-run,
+    and verification of pages failed naming pages of guest RAM.  Where the loss reached
+    the guest's result, its checksum differs or the guest could not finish; a lost page the
+    guest had already folded in, or rewrites before reading, does not reach it, so that
+    is counted here (:data:`RESULTS`), not asserted per run."""
     r = o.report
     assert_mid_run(o)
     log = {"no_kvm_log": "kvm", "no_vfio_log": "vfio"}.get(control)
@@ -82,7 +89,22 @@ def assert_control_failed(o: GuestOutcome, control: str) -> None:
         assert sum(getattr(st, log) for st in r.rounds) == 0, control
     assert not o.pages_ok and o.differing, "the control lost no page"
     assert all(g % PAGE == 0 and 0 <= g < o.config.ram for g in o.differing), [hex(g) for g in o.differing[:8]]
-    assert o.checksum is None or o.checksum != o.reference, "the guest's result shows no loss"
     if o.checksum is None:
         assert o.guest_error, o.stat
+    reached = o.checksum is None or o.checksum != o.reference
+    counts = RESULTS.setdefault(control, [0, 0])
+    counts[0] += reached
+    counts[1] += 1
     assert not o.ok
+
+
+def assert_losses_reach_the_result(controls: list[str]) -> None:
+    """Across the runs so far, each control's loss reached the guest's result in most runs
+    (skips a control that did not run: a test selected alone)."""
+    import pytest
+
+    for control in controls:
+        if control not in RESULTS:
+            pytest.skip(f"no run of the {control} control in this session")
+        reached, ran = RESULTS[control]
+        assert reached * 2 > ran, f"{control}: the loss reached the guest's result in {reached} of {ran} runs"

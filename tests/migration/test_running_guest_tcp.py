@@ -1,6 +1,6 @@
 """A running guest migrated over TCP on 127.0.0.1 to ``dmarw incoming`` in its own process
 (one migration per process; the shared key from its ``--key-file``): 20 seeds verified
-both ways; each negative control fails both ways for each of the 20 seeds; a wrong key
+both ways; each negative control fails page verification for each of the 20 seeds (its checksum too, in most runs); a wrong key
 refused before any RAM; the destination killed mid-stream cancels the migration, the
 source guest runs on to the unmigrated run's checksum, and a second attempt then succeeds.
 Every wait is bounded, and every ``incoming`` started is reaped when its test ends.

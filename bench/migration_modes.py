@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     con = Console(width=max(Console().width, 100))
     err = Console(stderr=True)
     base = GuestConfig(ram=args.ram, seed=args.seed, commands=args.commands, plain_copy=False)
-    base.check()
+    try:
+        base.check()
+    except OSError as e:  # a user's mistake: one line, before any work
+        ap.error(str(e))
     t0 = time.perf_counter()
     err.print(f"unmigrated run: {args.ram >> 20} MiB, seed {args.seed}, {args.commands} commands ...")
     ref = reference_checksum(base.spec())

@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"bench/migration_throughput.py: cannot run here: {why}", file=sys.stderr)
         return 1
-    GuestConfig(ram=args.ram, seed=args.seed, commands=args.commands).check()
+    try:
+        GuestConfig(ram=args.ram, seed=args.seed, commands=args.commands).check()
+    except OSError as e:  # a user's mistake: one line, before any work
+        ap.error(str(e))
     err = Console(stderr=True)
     rows: list[dict[str, Any]] = []
     ref: int | None = None

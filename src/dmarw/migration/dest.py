@@ -145,7 +145,6 @@ class Destination:
                 if ev is NEED_DATA:
                     return
                 self._apply(ev)  # type: ignore[arg-type]
-                del ev  # its page view: released, so the decoder may reuse its buffer
         except StreamError as e:
             self.error = e
             self.complete = False

@@ -382,21 +382,8 @@ class Decoder:
     def _room(self, n: int) -> None:
         """Make room for ``n`` more bytes after ``_end``, reusing the buffer: consumed bytes
         are dropped in place and it grows only when a frame needs more than it ever had.
-        While a PAGES view of it is held (Python then refuses to resize it), nothing before
-        ``_end`` is overwritten: the input goes after it, or the unconsumed bytes move to a
-        new buffer and the view keeps the old one, unchanged."""
-        try:
-            self._buf.append(0)  # BufferError while a PAGES view is held
-            del self._buf[-1]
-        except BufferError:  # only the bytes after _end are free
-            if len(self._buf) - self._end >= n:
-                return
-            live = self._end - self._pos
-            new = bytearray(live + n)
-            new[:live] = self._buf[self._pos : self._end]
-            self._buf = new
-            self._pos, self._end = 0, live
-            return
+        No view of this buffer outlives a call (a PAGES event's contents are the frame's
+        own buffer or the sink's memory), so it may always be moved or resized."""
         if self._pos == self._end:  # all consumed (the usual case): start over in place
             self._pos = self._end = 0
         if len(self._buf) - self._end >= n:

@@ -7,9 +7,14 @@ Guest RAM layout (one memslot, one container mapping, iova == gpa)::
     [RAM - pinned, RAM)          pinned pages: written through their hva (always resent)
 
 The areas are disjoint on purpose: a device page is dirtied only by the device, so when a
-negative control loses the device's writes nothing else resends those pages, and because
-each writer completes :attr:`Config.after_round0` writes between round 0 and the first
-harvest, every control run loses at least one page, deterministically.
+negative control loses the device's writes nothing else resends those pages.  Each writer
+completes :attr:`Config.after_round0` writes between round 0 and the first harvest, so
+every run has pages to send again.  And once the destination has applied every pre-copy
+round, just before the stop, the device writes one page of its area the destination did
+not ask for again: the write every control must lose, so every control run fails,
+deterministically.  Losing the writers' own writes is not certain: ``sendfile`` hands the
+socket references to the page cache, so a receiver may read bytes written after the page
+was checksummed, its page check fails and the destination asks for the page again.
 
 Processes: the source (this process, with the writer threads) and a forked destination
 with its own memfd guest RAM; a forked receiver also times a plain copy of the same RAM
@@ -151,6 +156,18 @@ class SourceGuest:
         self.space.close()
 
 
+def device_write(guest: SourceGuest, cfg: Config) -> Callable[[int, bytes], None]:
+    """The device's write: ``dma_rw`` through its external user, or (the control) the raw hva."""
+    if not cfg.device_bypass:
+        return guest.ext.dma_write
+    space, hva = guest.space, guest.hva
+
+    def raw(iova: int, data: bytes) -> None:
+        space.write(hva + iova, data)
+
+    return raw
+
+
 def build_writers(guest: SourceGuest, cfg: Config) -> Writers:
     """The vCPU and device writers over the lab's workload ``cfg.profile``."""
     from ..lab.workload import generate  # the lab's workload generator
@@ -159,14 +176,8 @@ def build_writers(guest: SourceGuest, cfg: Config) -> Writers:
     vcpu_w = generate(cfg.profile, cfg.ops, cfg.seed * 2 + 1, vspan).writes()
     dev_w = generate(cfg.profile, cfg.ops, cfg.seed * 2 + 2, dspan).writes()
     vm_write = guest.vm.write_guest
-    space, hva = guest.space, guest.hva
-    if cfg.device_bypass:
-
-        def dev_write(iova: int, data: bytes) -> None:  # the device writes the raw hva
-            space.write(hva + iova, data)
-
-    else:
-        dev_write = guest.ext.dma_write
+    space = guest.space
+    dev_write = device_write(guest, cfg)
 
     def pin_write(hva_: int, data: bytes) -> None:
         space.write(hva_, data)
@@ -279,10 +290,17 @@ def attempt(
         if on_round_end is not None:
             on_round_end(st)
 
+    def applied(resend: set[int]) -> None:
+        (base, span) = guest.areas[1]
+        for gfn in range(base >> 12, (base + span) >> 12):
+            if gfn not in resend:
+                device_write(guest, cfg)(gfn << 12, writers.stamp(PAGE_SIZE))
+                return
+
     try:
         report = src.migrate(
             sock, writers.pause, resume=writers.resume, mac_key=mac, ch=ch,
-            on_sent=sent, on_round_start=on_round_start, on_round_end=round_end,
+            on_sent=sent, on_round_start=on_round_start, on_round_end=round_end, on_applied=applied,
         )
         t_v = time.perf_counter()
         mine = src.digests()  # writers are paused: this is the source's final memory

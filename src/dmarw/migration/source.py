@@ -364,6 +364,7 @@ class Source:
         on_sent: Callable[[int, int], None] | None = None,
         on_round_start: Callable[[int, int], None] | None = None,
         on_round_end: Callable[[RoundStats], None] | None = None,
+        on_applied: Callable[[set[int]], None] | None = None,
     ) -> MigrationReport:
         """Run pre-copy over ``sock`` to a destination that replies with :mod:`.control`
         messages (``DONE`` or ``FAIL``).
@@ -375,7 +376,9 @@ class Source:
         ``throttle(round, dirtied, sent)`` after each pre-copy round returns the share of
         vCPU time now taken away (auto-converge), reported per round.
         ``on_sent(bytes, pages)`` after each frame; ``on_round_start(round, pages)`` and
-        ``on_round_end(stats)`` around each round.  Raises :class:`MigrationFailed` (the
+        ``on_round_end(stats)`` around each round; ``on_applied(resend)`` once the destination
+        has applied every pre-copy round, just before the stop, with the gfns it asked for
+        again (their page check failed).  Raises :class:`MigrationFailed` (the
         destination refused, hung up or stopped answering; the source guest is running).
         """
         rep = MigrationReport(npages=self.npages, page_size=self.page_size)
@@ -424,6 +427,8 @@ class Source:
                 _tag, payload = ch.recv(control.RACK)
                 acked, bad = control.parse_rack(payload)
             resend = Harvest(resend=set(self._gfns_of_pages(dirty_indices(bad)))) if bad else Harvest()
+            if on_applied is not None:
+                on_applied(resend.resend)
             # stop-and-copy: what the last harvest found, what came since, the pinned pages
             t_pause = clock()
             paused = True

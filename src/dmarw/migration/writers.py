@@ -97,7 +97,8 @@ class Writers:
             self._threads.append(t)
             t.start()
 
-    def _stamp(self, size: int) -> bytes:
+    def stamp(self, size: int) -> bytes:
+        """``size`` bytes of the next stamp (``size`` a multiple of 4)."""
         return struct.pack("<I", STAMP_TOP | (next(self._seq) & 0x7FFFFFFF)) * (size >> 2)
 
     def _loop(self, w: Writer) -> None:
@@ -125,7 +126,7 @@ class Writers:
                 while did < n and not self._paused and not self._stopped:
                     fn, addr, size = ops[i]
                     i = i + 1 if i + 1 < nops else 0
-                    fn(addr, self._stamp(size))
+                    fn(addr, self.stamp(size))
                     did += 1
             except BaseException as e:  # reported by raise_error(); the thread ends
                 with cond:

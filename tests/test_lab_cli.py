@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dmarw import __version__
+from terminal import sigint_default
 
 
 def dmarw(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
@@ -177,7 +178,7 @@ def _shm_maps(pid: int) -> set[str]:
 def test_ctrl_c_ends_a_real_run_cleanly(tmp_path: Path, sig: int, code: int, word: str) -> None:
     cmd = [sys.executable, "-m", "dmarw", "reproduce", "--no-sweep", "--ops", "300000", "--vms", "1", "--core", "python",
            "--json", str(tmp_path / "r.json")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     kids: list[int] = []
     shm: set[str] = set()
     deadline = time.monotonic() + 60

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from terminal import sigint_default
+
 FAST = 15.0  # seconds: an interpreter start and the checks, never a migration
 
 
@@ -76,7 +78,8 @@ def test_a_signal_to_the_process_group_is_one_line(sig: int, code: int, word: st
     # as a terminal sends it: to dmarw and its forked plain-copy receiver / destination alike.
     # A child printed its own "terminated" or a BrokenPipeError traceback.
     proc = subprocess.Popen([sys.executable, "-m", "dmarw", "migrate", "--replay", "--ram", "256M", "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=sigint_default)
     deadline = time.monotonic() + 60
     while not _children(proc.pid) and time.monotonic() < deadline and proc.poll() is None:
         try:  # a wait on the process itself, not a sleep

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from terminal import sigint_default
+
 
 @pytest.mark.parametrize("where", ["missing/out.json", "."])
 def test_unwritable_json_is_refused_before_the_run(tmp_path: Path, where: str) -> None:
@@ -39,7 +41,7 @@ def test_a_signal_during_the_guest_capture_ends_every_guest(sig: int, code: int,
     # must be ended by dmarw itself (they were left running and dmarw waited for them)
     cmd = [sys.executable, "-m", "dmarw", "reproduce", "--guest", "--guest-commands", "2000000", "--vms", "2",
            "--paths", "kvm", "--no-sweep", "--rounds", "4"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     kids: list[int] = []
     deadline = time.monotonic() + 60
     while len(kids) < 2 and time.monotonic() < deadline and proc.poll() is None:  # both guests started

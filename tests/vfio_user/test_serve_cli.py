@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from dmarw.vfio_user import protocol as p
+from terminal import sigint_default
 
 
 def _serve(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "dmarw.cli", "serve", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default,
     )
 
 

@@ -95,6 +95,7 @@ def fail_line(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, run the subcommand, and map every failure to one line and an exit code."""
+    _owner[0] = os.getpid()
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = build_parser().parse_args(argv)
@@ -122,8 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+_owner = [0]  # the process that installed _on_sigterm
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM ends the run like Ctrl-C does (``finally`` blocks end the VM processes), exit 143."""
+    """SIGTERM ends the run like Ctrl-C does (``finally`` blocks end the VM processes), exit 143.
+    A child forked with this handler, ended before it set its own, exits quietly: the
+    one line is the parent's."""
+    if os.getpid() != _owner[0]:
+        os._exit(128 + signum)
     sys.stderr.write(f"{PROG}: terminated\n")
     raise SystemExit(128 + signum)
 

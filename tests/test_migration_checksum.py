@@ -1,12 +1,14 @@
 """The stream's check, CRC32C: known vectors, and the native core against the Python
-reference for random data, lengths, offsets, start values and chaining."""
+reference for random data, lengths, offsets, start values and chaining, run the native
+core's every way this CPU has (folded by carry-less multiplies, SSE4.2 lanes, table)."""
 
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dmarw import checksum
@@ -14,6 +16,35 @@ from dmarw.checksum import crc32c_python
 from dmarw.core import native_available
 
 needs_native = pytest.mark.skipif(not native_available(), reason="dmarw._native is not built")
+
+
+def _native_ways() -> list[str]:
+    if not native_available():
+        return ["table"]
+    from dmarw import _native
+
+    out = []
+    for name in ("table", "sse4.2", "vpclmulqdq"):
+        try:
+            _native.crc32c_select(_native.crc32c_select(name))
+        except ValueError:  # this CPU lacks it
+            continue
+        out.append(name)
+    return out
+
+
+@pytest.fixture(params=_native_ways())
+def way(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The native crc32c and crc32c_pages run ``request.param``'s way for the test."""
+    if not native_available():
+        pytest.skip("dmarw._native is not built")
+    from dmarw import _native
+
+    was = _native.crc32c_select(request.param)
+    try:
+        yield request.param
+    finally:
+        _native.crc32c_select(was)
 
 # (data, CRC32C): RFC 3720 B.4 and the usual check value
 VECTORS = [
@@ -57,14 +88,14 @@ def test_picked_one_names_itself() -> None:
 
 
 @needs_native
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     data=st.binary(max_size=20000),
     offset=st.integers(0, 15),
     start=st.integers(0, 0xFFFFFFFF),
     cut=st.integers(0, 20000),
 )
-def test_native_equals_python(data: bytes, offset: int, start: int, cut: int) -> None:
+def test_native_equals_python(way: str, data: bytes, offset: int, start: int, cut: int) -> None:
     from dmarw import _native
 
     view = memoryview(data)[min(offset, len(data)):]  # unaligned starts
@@ -76,16 +107,18 @@ def test_native_equals_python(data: bytes, offset: int, start: int, cut: int) ->
 
 
 @needs_native
-def test_large_buffer_lanes_and_mmap() -> None:
-    """Lengths around the 3-lane blocks (3 x 32 KiB, 3 x 2 KiB) and above the GIL threshold, read
-    straight from an mmap, as the sender reads guest RAM."""
+def test_large_buffer_lanes_and_mmap(way: str) -> None:
+    """Lengths around the 3-lane blocks (3 x 32 KiB, 3 x 2 KiB), around the folding steps (256,
+    64 and 16 bytes) and above the GIL threshold, read straight from an mmap, as the sender
+    reads guest RAM."""
     from dmarw import _native
 
     m = mmap.mmap(-1, 1 << 20)
     for i in range(0, 1 << 20, 4093):
         m[i] = (i * 7) & 0xFF
     view = memoryview(m)
-    for n in (6143, 6144, 6145, 12288 + 13, 65536, 98303, 98304, 98305, 98304 + 6144 + 5, (1 << 20) - 3):
+    folds = [255, 256, 257, 271, 272, 319, 320, 511, 512, 512 + 64 + 16 + 15, 4096]
+    for n in (*folds, 6143, 6144, 6145, 12288 + 13, 65536, 98303, 98304, 98305, 98304 + 6144 + 5, (1 << 20) - 3):
         for off in (0, 1, 7):
             part = view[off : off + n]
             assert _native.crc32c(part) == _native.crc32c_portable(part)
@@ -108,16 +141,17 @@ def _pages_impls() -> list[object]:
 
 
 @needs_native
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    page_size=st.one_of(st.sampled_from([8, 512, 4096]), st.integers(1, 700)),
+    page_size=st.one_of(st.sampled_from([8, 256, 512, 4096]), st.integers(1, 700)),
     npages=st.integers(0, 10),
     offset=st.integers(0, 15),
     seed=st.binary(min_size=1, max_size=64),
 )
-def test_crc32c_pages_native_equals_python(page_size: int, npages: int, offset: int, seed: bytes) -> None:
+def test_crc32c_pages_native_equals_python(way: str, page_size: int, npages: int, offset: int, seed: bytes) -> None:
     """Page sizes that are and are not multiples of 8 (the three-lane loop and the tail),
-    page counts around multiples of 3, unaligned starts."""
+    below and above the folding's 256 bytes, page counts around multiples of 3, unaligned
+    starts."""
     from dmarw import _native
 
     raw = (seed * (offset + page_size * npages // len(seed) + 1))[: offset + page_size * npages]
@@ -161,6 +195,19 @@ def test_crc32c_pages_refuses_a_partial_page(fn, length: int, page_size: int) ->
 def test_crc32c_pages_of_nothing_is_empty(fn) -> None:  # type: ignore[no-untyped-def]
     assert fn(b"", 4096) == b""
     assert fn(b"123456789", 9) == (0xE3069283).to_bytes(4, "little")
+
+
+def test_the_best_way_is_picked_and_an_unknown_one_refused() -> None:
+    ways = _native_ways()
+    if not native_available():
+        pytest.skip("dmarw._native is not built")
+    from dmarw import _native
+
+    assert _native.crc32c_impl() == ways[-1]
+    assert checksum.IMPL == f"native {ways[-1]}"
+    with pytest.raises(ValueError, match="not one of this CPU's"):
+        _native.crc32c_select("avx1024")
+    assert _native.crc32c_impl() == ways[-1]
 
 
 def test_crc32c_pages_picked_one_is_the_native_when_built() -> None:

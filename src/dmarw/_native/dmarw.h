@@ -466,6 +466,7 @@ void checksum_init(void);
 PyObject *py_crc32c(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_crc32c_portable(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *py_crc32c_impl(PyObject *self, PyObject *unused);
+PyObject *py_crc32c_select(PyObject *self, PyObject *arg);
 PyObject *py_crc32c_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
 #endif

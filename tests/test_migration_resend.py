@@ -82,10 +82,13 @@ def adjacent_slots() -> Iterator[Guest]:
     yield from _two_slots(1 << 20)
 
 
-def migrate(guest: Guest, tear: Tear, zero_copy: bool = True, **kw: Any) -> tuple[MigrationReport, list[int]]:
+def migrate(
+    guest: Guest, tear: Tear, zero_copy: bool = True, splice: bool = True, **kw: Any
+) -> tuple[MigrationReport, list[int]]:
     """Migrate to a forked destination; the report and the gpas whose digests differ."""
     src = Source(guest.vm, guest.container, **kw)
     src.zero_copy = zero_copy  # False: every frame by sendmsg of the RAM views
+    src.splice = src.splice and splice  # False: whole runs by sendfile from the memfd
     proc, sock = dest.start(src.page_size, src.layout)
     sock.settimeout(TIMEOUT)
     ch = Channel(sock, "destination")
@@ -109,6 +112,7 @@ CASES = [
     pytest.param("one_slot", 0x123, {}, id="one-slot-one-precopy-round"),
     pytest.param("one_slot", 0x3FB, {"threshold": 0, "max_rounds": 3}, id="one-slot-three-precopy-rounds"),
     pytest.param("one_slot", 0x200, {"threshold": 0, "max_rounds": 2, "zero_copy": False}, id="one-slot-sendmsg"),
+    pytest.param("one_slot", 0x201, {"threshold": 0, "max_rounds": 2, "splice": False}, id="one-slot-sendfile"),
     pytest.param("two_slots", (1 << 20) + 0x17F, {}, id="two-slots-second"),
     pytest.param("two_slots", 0x0, {"threshold": 0, "max_rounds": 2}, id="two-slots-first"),
     pytest.param("adjacent_slots", 0x100, {}, id="adjacent-slots-first-of-second"),
@@ -152,8 +156,10 @@ def test_page_torn_and_not_sent_again_is_refused_at_end(
     ignore_resend(monkeypatch)
     kw = dict(kw)  # the case's own dict is shared by both tests
     zero_copy = bool(kw.pop("zero_copy", True))
+    splice = bool(kw.pop("splice", True))
     src = Source(guest.vm, guest.container, **kw)
     src.zero_copy = zero_copy
+    src.splice = src.splice and splice
     proc, sock = dest.start(src.page_size, src.layout)
     sock.settimeout(TIMEOUT)
     try:

@@ -469,4 +469,7 @@ PyObject *py_crc32c_impl(PyObject *self, PyObject *unused);
 PyObject *py_crc32c_select(PyObject *self, PyObject *arg);
 PyObject *py_crc32c_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 
+/* ---- pageio.c --------------------------------------------------------------------- */
+PyObject *py_send_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+
 #endif

@@ -177,6 +177,8 @@ static PyMethodDef module_methods[] = {
     {"crc32c_impl", py_crc32c_impl, METH_NOARGS, "'vpclmulqdq', 'sse4.2' or 'table': how crc32c runs here"},
     {"crc32c_select", py_crc32c_select, METH_O,
      "crc32c_select(name) -> str: run crc32c and crc32c_pages the named way (one this CPU has); returns the previous"},
+    {"send_pages", (PyCFunction)(void (*)(void))py_send_pages, METH_FASTCALL,
+     "send_pages(fd, buf, timeout) -> int: write buf to the socket by vmsplice and splice (no copy)"},
     {"set_gil_threshold", set_gil_threshold, METH_O,
      "copies of at least this many bytes release the GIL; returns the old value"},
     {NULL, NULL, 0, NULL},

@@ -9,13 +9,14 @@ bit again for the next harvest, because both paths store the bytes before they m
 page.
 
 Sending: an unkeyed stream reads the pages straight from guest RAM: each page's CRC32C is
-computed there, and the contents go to the socket with ``sendfile`` from the RAM's memfd
-(zero-copy: the socket holds references to the pages) or, for scattered pages or anonymous
-RAM, with one scatter-gather ``sendmsg``.  While the guest runs (pre-copy, frames flagged
-``LIVE``) a page may change after its CRC was taken; the destination then finds its check
-failed, keeps it as not yet received, and names it in its acknowledgement of the last
-pre-copy round: the final round sends it again with the guest stopped (such a page was
-also written after its harvest, so its log holds it too).  A keyed stream copies the pages
+computed there, and a frame that is one run of pages goes to the socket without a copy
+(the socket holds references to the pages): by the native core's vmsplice + splice, or
+``sendfile`` from the RAM's memfd where that is not to be had; a frame of scattered pages
+goes with one scatter-gather ``sendmsg`` (one copy).  While the guest runs (pre-copy,
+frames flagged ``LIVE``) a page may change after its CRC was taken; the destination then
+finds its check failed, keeps it as not yet received, and names it in its acknowledgement
+of the last pre-copy round: the final round sends it again with the guest stopped (such a
+page was also written after its harvest, so its log holds it too).  A keyed stream copies the pages
 out first, so its tag covers exactly the bytes that were checked.
 
 Round 0 sends every page (the logs are cleared first).  Each next round sends what was
@@ -43,6 +44,7 @@ import numpy as np
 
 from ..bitmap import from_bytes
 from ..checksum import crc32c_pages
+from ..core import native_available
 from ..errors import DmaError
 from ..kvm import Vm
 from ..mm import PAGE_SIZE, Region
@@ -88,7 +90,7 @@ class MigrationReport:
     dest_rounds: int = 0
     downtime_parts: dict[str, float] = field(default_factory=dict)
     sender_cpu_seconds: float = 0.0  # CPU of the thread that ran the migration, start to DONE
-    send_api: str = ""  # how page contents went out: sendfile, sendmsg (from RAM) or staged
+    send_api: str = ""  # how page contents went out: "vmsplice + splice", "sendfile", "sendmsg from RAM", ...
 
 
 class MigrationFailed(DmaError):
@@ -185,7 +187,9 @@ class Source:
         self.layout: Layout = tuple((s.gpa, s.size) for s in self.slots)
         self.npages = sum(s.size for s in self.slots) // PAGE_SIZE
         self._frame_buf = bytearray(PAGES_PER_FRAME * PAGE_SIZE)
-        self.zero_copy = True  # sendfile from a memfd where it can (False: sendmsg, one copy)
+        self.zero_copy = True  # no copy where it can (False: sendmsg, one copy)
+        self.splice = native_available()  # whole runs by vmsplice + splice (else sendfile from a memfd)
+        self.sent_by: set[str] = set()  # how frames went out (the report's send_api)
 
     # -- address translation ---------------------------------------------------------------
     def _gfns_of_hva(self, hva: int, size: int) -> Iterable[int]:
@@ -289,6 +293,20 @@ class Source:
     def _send(self, sock: socket.socket, parts: list[bytes | memoryview]) -> int:
         return send_parts(sock, parts)
 
+    def _splice(self, sock: socket.socket, run: memoryview) -> bool:
+        """Write ``run`` by the native core's vmsplice and splice (no copy); False, with
+        nothing written, where the kernel refuses vmsplice (``splice`` is then off)."""
+        from .. import _native
+
+        try:
+            _native.send_pages(sock.fileno(), run, sock.gettimeout())
+        except OSError as e:
+            if e.errno not in (errno.ENOSYS, errno.EPERM, errno.EINVAL) or isinstance(e, TimeoutError):
+                raise
+            self.splice = False
+            return False
+        return True
+
     def _runs(self, gfns: list[int]) -> list[tuple[Region, int, int]]:
         """``gfns`` (sorted) as runs of consecutive pages in one memslot: (region, offset, bytes)."""
         out: list[tuple[Region, int, int]] = []
@@ -312,18 +330,33 @@ class Source:
         module rule)."""
         gpas = batch.astype("<u8") << 12
         first, n = int(batch[0]), len(batch)
-        gfns: list[int] = list(range(first, first + n)) if int(batch[-1]) == first + n - 1 else batch.tolist()
+        one = int(batch[-1]) == first + n - 1  # sorted, no repeats: consecutive
         if enc.keyed:
+            self.sent_by.add("staged copy, sendmsg")
+            gfns = list(range(first, first + n)) if one else batch.tolist()
             return self._send(sock, enc.pages_frame(gpas, self._read_pages(gfns)))
-        runs = self._runs(gfns)
+        s = self._slot_of(first)
+        if one and (first + n) << 12 <= s.gpa + s.size:  # the usual frame: one run, one slot
+            region, off = self.space.region(s.hva + (first << 12) - s.gpa, n << 12)
+            runs = [(region, off, n << 12)]
+        else:
+            runs = self._runs(batch.tolist())
         views = [memoryview(r.map)[off : off + n] for r, off, n in runs]
         try:
-            crcs = b"".join(crc32c_pages(v, PAGE_SIZE) for v in views)
+            crcs = crc32c_pages(views[0], PAGE_SIZE) if len(views) == 1 else b"".join(crc32c_pages(v, PAGE_SIZE) for v in views)
             parts = enc.pages_frame(gpas, views, crcs=crcs, live=live)
             region, off, n = runs[0]
-            if len(runs) > 1 or region.fd is None or not self.zero_copy:
+            if len(runs) > 1 or not self.zero_copy or (region.fd is None and not self.splice):
+                self.sent_by.add("sendmsg from RAM")
                 return self._send(sock, parts)
             head = self._send(sock, parts[:-1])
+            if self.splice and self._splice(sock, views[0]):
+                self.sent_by.add("vmsplice + splice")
+                return head + n
+            if region.fd is None:  # anonymous RAM, and vmsplice refused: one copy
+                self.sent_by.add("sendmsg from RAM")
+                return head + self._send(sock, [views[0]])
+            self.sent_by.add("sendfile")
             send_file(sock, region.fd, off, n)
             return head + n
         finally:
@@ -465,7 +498,7 @@ class Source:
                 resume()
             raise self._refusal(ch, e) from e
         rep.sender_cpu_seconds = time.thread_time() - cpu0
-        rep.send_api = "staged copy, sendmsg" if enc.keyed else "sendfile (whole runs), sendmsg from RAM (scattered pages)" if self.zero_copy else "sendmsg from RAM"
+        rep.send_api = ", ".join(sorted(self.sent_by))
         rep.bytes_sent = enc.bytes
         rep.pages_sent = enc.pages
         rep.total_seconds = t_done - t_start

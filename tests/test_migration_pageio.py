@@ -1,0 +1,201 @@
+"""The native core's page sender (``_native.send_pages``: vmsplice into a pipe, splice to
+the socket): every byte arrives in order whatever the length, alignment and pipe size;
+a peer that stops reading times out, one that hangs up is an error; bad arguments are
+refused before anything is written; a source that cannot vmsplice falls back to sendfile
+and says so."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import socket
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dmarw.core import native_available
+
+pytestmark = pytest.mark.skipif(not native_available(), reason="dmarw._native is not built")
+TIMEOUT = 30.0
+
+
+def _drain(sock: socket.socket, want: int, out: bytearray) -> threading.Thread:
+    def read() -> None:
+        while len(out) < want:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                return
+            out.extend(chunk)
+
+    t = threading.Thread(target=read)
+    t.start()
+    return t
+
+
+@settings(max_examples=40, deadline=None)
+@given(length=st.integers(1, (3 << 20) + 4097), offset=st.integers(0, 4095), timeout=st.sampled_from([None, 20.0]))
+def test_every_byte_arrives_in_order(length: int, offset: int, timeout: float | None) -> None:
+    """Lengths below, at and across the 1 MiB pipe, unaligned starts, blocking and
+    non-blocking (timeout) sockets."""
+    from dmarw import _native
+
+    m = mmap.mmap(-1, offset + length)
+    for i in range(offset, offset + length, 509):
+        m[i] = (i * 31) & 0xFF
+    a, b = socket.socketpair()
+    a.settimeout(timeout)
+    got = bytearray()
+    t = _drain(b, length, got)
+    try:
+        with memoryview(m) as mv:
+            assert _native.send_pages(a.fileno(), mv[offset : offset + length], a.gettimeout()) == length
+    finally:
+        t.join(TIMEOUT)
+        a.close()
+        b.close()
+    assert bytes(got) == m[offset : offset + length]
+    m.close()
+
+
+def test_a_peer_that_stops_reading_times_out() -> None:
+    from dmarw import _native
+
+    a, b = socket.socketpair()
+    a.settimeout(0.2)
+    data = bytes(16 << 20)  # far more than the socket buffers hold
+    try:
+        with pytest.raises(TimeoutError, match="send_pages: the peer took no data for 200 ms"):
+            _native.send_pages(a.fileno(), data, a.gettimeout())
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_peer_that_hung_up_is_epipe() -> None:
+    from dmarw import _native
+
+    a, b = socket.socketpair()
+    b.close()
+    try:
+        with pytest.raises(OSError) as ei:
+            _native.send_pages(a.fileno(), bytes(1 << 16), None)
+        assert ei.value.errno == errno.EPIPE
+    finally:
+        a.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "exc", "match"),
+    [
+        ((-1, b"x", None), ValueError, "send_pages: fd -1"),
+        ((3, b"x", -1.0), ValueError, "timeout -1.0 must be None or in 0..86400 s"),
+        ((3, b"x", "soon"), TypeError, "must be real number"),
+        ((3, 17, None), TypeError, "a bytes-like object is required"),
+        ((3, b"x"), TypeError, "three arguments"),
+    ],
+)
+def test_bad_arguments_are_refused(args: tuple[object, ...], exc: type[Exception], match: str) -> None:
+    from dmarw import _native
+
+    with pytest.raises(exc, match=match):
+        _native.send_pages(*args)
+
+
+def test_a_descriptor_that_takes_no_data_is_an_oserror() -> None:
+    """A pipe's read end: splice refuses, the errno says why."""
+    from dmarw import _native
+
+    pr, pw = os.pipe()
+    try:
+        with pytest.raises(OSError) as ei:
+            _native.send_pages(pr, bytes(4096), None)  # the read end: nothing can be written
+        assert ei.value.errno in (errno.EBADF, errno.EINVAL)
+    finally:
+        os.close(pr)
+        os.close(pw)
+
+
+def test_a_source_without_vmsplice_falls_back_to_sendfile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vmsplice refused (as a seccomp filter would: EPERM): the frame goes by sendfile,
+    the source stops asking, and the migration verifies."""
+    from dmarw import _native
+    from dmarw.migration import control, dest
+    from dmarw.migration.channel import Channel
+    from dmarw.migration.harness import SourceGuest
+    from dmarw.migration.source import Source, differing_pages
+
+    calls = [0]
+
+    def refuse(fd: int, buf: object, timeout: float | None) -> int:
+        calls[0] += 1
+        raise PermissionError(errno.EPERM, "vmsplice: Operation not permitted")
+
+    monkeypatch.setattr(_native, "send_pages", refuse)
+    g = SourceGuest(8 << 20, 3, 0)
+    try:
+        src = Source(g.vm, g.container)
+        assert src.splice
+        proc, sock = dest.start(src.page_size, src.layout)
+        sock.settimeout(TIMEOUT)
+        ch = Channel(sock, "destination")
+        try:
+            rep = src.migrate(sock, lambda: None, ch=ch)
+            _tag, theirs = ch.recv(control.HASH)
+        finally:
+            sock.close()
+            proc.join(TIMEOUT)
+        assert calls[0] == 1 and not src.splice
+        assert "sendfile" in rep.send_api and "vmsplice" not in rep.send_api
+        assert differing_pages(src.digests(), theirs, src.layout, src.page_size, dest.DIGEST_SIZE) == []
+    finally:
+        g.close()
+
+
+def test_anonymous_ram_goes_by_vmsplice_and_by_a_copy_when_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RAM with no memfd (sendfile cannot read it): vmsplice sends it without a copy; where
+    vmsplice is refused the frame's contents are written by sendmsg.  Both verify."""
+    from dmarw import _native
+    from dmarw.core import container as make_container
+    from dmarw.core import vm as make_vm
+    from dmarw.migration import control, dest
+    from dmarw.migration.channel import Channel
+    from dmarw.migration.source import Source, differing_pages
+    from dmarw.migration.writers import fill
+    from dmarw.mm import AddressSpace
+    from dmarw.type1 import Prot
+
+    def refuse(fd: int, buf: object, timeout: float | None) -> int:
+        raise OSError(errno.ENOSYS, "vmsplice: Function not implemented")
+
+    ram = 4 << 20
+    for refused in (False, True):
+        if refused:
+            monkeypatch.setattr(_native, "send_pages", refuse)
+        space = AddressSpace()
+        hva = space.mmap(ram, backing="anon")
+        fill(space, hva, ram, 11)
+        vm = make_vm(space, None)
+        vm.set_memslot(0, 0, ram, hva, dirty_log=True)
+        c = make_container(None)
+        c.map_dma(0, ram, hva, space, Prot.READ | Prot.WRITE)
+        try:
+            src = Source(vm, c)
+            proc, sock = dest.start(src.page_size, src.layout)
+            sock.settimeout(TIMEOUT)
+            ch = Channel(sock, "destination")
+            try:
+                rep = src.migrate(sock, lambda: None, ch=ch)
+                _tag, theirs = ch.recv(control.HASH)
+            finally:
+                sock.close()
+                proc.join(TIMEOUT)
+            assert src.splice is not refused
+            assert rep.send_api == ("sendmsg from RAM" if refused else "vmsplice + splice")
+            assert differing_pages(src.digests(), theirs, src.layout, src.page_size, dest.DIGEST_SIZE) == []
+        finally:
+            c.unmap_dma(0, ram)
+            vm.close()
+            space.close()

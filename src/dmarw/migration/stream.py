@@ -422,8 +422,11 @@ class Decoder:
         if length > self._max_length():
             return 1  # next_event refuses it; do not wait for it
         if self.header is not None and int.from_bytes(self._buf[self._pos : self._pos + 2], "little") == Kind.PAGES:
-            if avail < _FRAME.size + _PAGES.size:  # up to the table: the contents go elsewhere
-                return _FRAME.size + _PAGES.size - avail
+            if avail < _FRAME.size + _PAGES.size:  # the head and table at once (n follows from the length)
+                n, rest = divmod(length - _PAGES.size, 12 + self.header.page_size)
+                if rest or not 1 <= n <= MAX_PAGES:  # not a whole PAGES frame: its head first
+                    return _FRAME.size + _PAGES.size - avail
+                return _FRAME.size + _PAGES.size + 12 * n - avail
             n = int.from_bytes(self._buf[self._pos + 20 : self._pos + 24], "little")
             return max(1, _FRAME.size + _PAGES.size + 12 * min(n, MAX_PAGES) - avail)
         return max(1, _FRAME.size + length + self._tag - avail)
@@ -580,15 +583,16 @@ class Decoder:
         self.header = Header(VERSION, page_size, layout)
         return self.header
 
-    def _one_run(self, gpas: tuple[int, ...], ps: int) -> bool:
-        """True when ``gpas`` are aligned, consecutive and all inside one region (checked
-        at C speed: the first and the last page, and the tuple against a range)."""
+    def _one_run(self, gpas: tuple[int, ...], table: bytes, ps: int) -> bool:
+        """True when ``gpas`` (``table``: the same as u64s) are aligned, consecutive and
+        all inside one region (checked at C speed: the first and the last page, and the
+        table's bytes against those of a range)."""
         first, last = gpas[0], gpas[-1]
         if first % ps or last != first + (len(gpas) - 1) * ps:
             return False
         if not any(g <= first and last + ps <= g + s for g, s in self._regions):
             return False
-        return gpas == tuple(range(first, last + 1, ps))
+        return np.arange(first, last + 1, ps, dtype="<u8").tobytes() == table
 
     # -- PAGES: head and table from the buffer, contents into the sink --------------------
     def _start_pages(self, flags: int, seq: int, length: int, crc: int, at: int) -> Pages | _NeedData:
@@ -620,7 +624,7 @@ class Decoder:
             if rnd != self.round:
                 raise self._fail("protocol", f"{where}: PAGES of round {rnd} while round {self.round} is open")
             gpas = struct.unpack_from(f"<{n}Q", self._buf, top + _PAGES.size)
-            runs = self._runs(gpas, ps, where)
+            runs = self._runs(gpas, bytes(mv[top + _PAGES.size : top + _PAGES.size + 8 * n]), ps, where)
             mac = None
             if self._mac is not None:
                 mac = self._mac.copy()
@@ -636,9 +640,9 @@ class Decoder:
                 self._fill_from(part, consumed=True)
         return self._finish_pages()
 
-    def _runs(self, gpas: tuple[int, ...], ps: int, where: str) -> list[tuple[int, int]]:
+    def _runs(self, gpas: tuple[int, ...], table: bytes, ps: int, where: str) -> list[tuple[int, int]]:
         """``gpas`` as (gpa, bytes) runs of consecutive pages inside one region."""
-        if self._one_run(gpas, ps):  # the usual frame is one run: no per-page loop
+        if self._one_run(gpas, table, ps):  # the usual frame is one run: no per-page loop
             return [(gpas[0], len(gpas) * ps)]
         runs: list[tuple[int, int]] = []
         end = -1

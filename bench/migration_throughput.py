@@ -2,9 +2,9 @@
 
 Each trial migrates the same running guest (RAM, seed, commands; the unmigrated run's
 checksum is recorded once, by the first trial) to a forked destination, verified both ways,
-and times three plain copies of the same RAM over the same kind of socket in that trial:
-``write`` and ``sendfile`` while the guest runs (the migration's own conditions), and
-``write`` before the guest starts.  Per trial: round 0's time and rate, the whole migration's
+and times three kinds of plain copy of the same RAM over the same kind of socket in that
+trial: ``write`` and ``sendfile`` while the guest runs (the migration's own conditions), and
+``write`` before the guest starts; each kind is the median of three copies.  Per trial: round 0's time and rate, the whole migration's
 rate (every byte sent over the total time), each ratio, the downtime and the pages sent
 again; then the median, lowest and highest of each ratio over the trials.  A shared
 machine moves each figure between trials: read the spread, not one trial.

@@ -94,6 +94,25 @@ def test_bad_api_is_einval_and_the_copier_still_works(space: AddressSpace, backi
     gone(c)
 
 
+def test_several_runs_give_the_median_and_the_spread(space: AddressSpace) -> None:
+    hva = ram(space, "memfd")
+    c = PlainCopier(SIZE)
+    try:
+        one = c.copy(space, hva, "once")
+        p = c.copy(space, hva, "thrice", api="sendfile", runs=3)
+        for bad in (0, 16):
+            with pytest.raises(DmaError, match=f"plain copy runs {bad}: 1..15") as ei:
+                c.copy(space, hva, "never", runs=bad)
+            assert ei.value.errno == errno.EINVAL
+        assert c.copy(space, hva, "after").bytes == SIZE  # nothing of the refused ones was sent
+    finally:
+        c.close()
+    assert (one.runs, one.fastest, one.slowest) == (1, one.seconds, one.seconds)
+    assert (p.runs, p.bytes, p.api, p.when) == (3, SIZE, "sendfile", "thrice")
+    assert 0 < p.fastest <= p.seconds <= p.slowest
+    gone(c)
+
+
 def test_receiver_exits_when_closed_before_any_copy() -> None:
     c = PlainCopier(SIZE, tcp=True)
     c.close()

@@ -141,7 +141,9 @@ def report(o: GuestOutcome, con: Console) -> int:
                            f"{p.seconds:.3f} s", f"{p.rate / (1 << 20):,.1f}", f"{mig / p.rate:.2f}x",
                            f"{p.sender_cpu * per:.3f}+{p.receiver_cpu * per:.3f}")
         con.print(tp)
-        con.print("(migration: its rate over the copy's; CPU: sending thread + receiving process)")
+        runs = max(p.runs for p in (o.plain, *o.plain_others))
+        each = f"; each copy: the median of {runs}, by time" if runs > 1 else ""
+        con.print(f"(migration: its rate over the copy's; CPU: sending thread + receiving process{each})")
     n = r.npages
     if o.pages_ok:
         con.print(f"verification: OK, {n} pages identical")

@@ -6,7 +6,8 @@ Order of work (one command does it all, so the comparison is within one run):
    end: the reference checksum;
 2. the source guest is built (:class:`~.guest.SourceMachine`) and a **plain copy** of its
    RAM is timed over the same kind of socket (the throughput baseline,
-   :mod:`.baseline`): once now, and once more while the guest runs, just before pre-copy;
+   :mod:`.baseline`; the median of three copies each time): before the guest starts, and
+   while it runs, just before pre-copy;
 3. the destination: a forked process (``incoming``'s code on a socketpair) or ``--to`` a
    ``dmarw incoming`` after the key handshake; either builds its VM before ``REDY``;
 4. the guest starts (vCPU thread, device engine thread) and pre-copy runs while it does;
@@ -42,6 +43,7 @@ from .incoming import check_ram, parse_hostport, resolve, serve_connection
 from .source import MigrationFailed, MigrationReport, RoundStats, Source, differing_pages
 
 AUTO_CONVERGE = (0.2, 0.1, 0.99)  # initial share, step, ceiling (QEMU's cpu-throttle defaults)
+PLAIN_RUNS = 3  # plain copies timed per kind; the median one is the baseline
 
 
 @dataclass
@@ -201,7 +203,7 @@ def run_guest_migration(
         plains: list[PlainCopy] = []
         if cfg.plain_copy:
             copier = PlainCopier(cfg.ram, tcp=cfg.to is not None)
-            plains.append(copier.copy(space, hva, "before the guest started"))
+            plains.append(copier.copy(space, hva, "before the guest started", runs=PLAIN_RUNS))
         src = Source(sm.vm, sm.container, threshold=cfg.threshold, max_rounds=cfg.max_rounds,
                      use_kvm_log=not cfg.no_kvm_log, use_vfio_log=not cfg.no_vfio_log, device_log=sm.device_log)
         conn = open_destination(cfg, src, spec, cfg.guest_timeout)  # its VM ready before the guest starts
@@ -215,7 +217,7 @@ def run_guest_migration(
         sm.start()
         sm.wait_under_way(max(1, min(16, spec.commands // 50)))  # pre-copy of a guest at work
         if copier is not None:  # the same conditions as the migration's: the guest at work
-            plains[:0] = [copier.copy(space, hva, "with the guest running", api) for api in ("write", "sendfile")]
+            plains[:0] = [copier.copy(space, hva, "with the guest running", api, runs=PLAIN_RUNS) for api in ("write", "sendfile")]
             copier.close()
         o = attempt_guest(sm, src, cfg, conn, on_sent, on_round_start, on_round_end)
         o.plain, o.plain_others = (plains[0], plains[1:]) if plains else (None, [])

@@ -11,6 +11,7 @@ import mmap
 import os
 import socket
 import threading
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -118,14 +119,31 @@ def test_a_descriptor_that_takes_no_data_is_an_oserror() -> None:
         os.close(pw)
 
 
+def _migrate(src: Any) -> tuple[Any, list[int]]:
+    """Migrate ``src`` (a Source) to a forked destination: the report and the differing gpas."""
+    from dmarw.migration import control, dest
+    from dmarw.migration.channel import Channel
+    from dmarw.migration.source import differing_pages
+
+    proc, sock = dest.start(src.page_size, src.layout)
+    sock.settimeout(TIMEOUT)
+    ch = Channel(sock, "destination")
+    try:
+        rep = src.migrate(sock, lambda: None, ch=ch)
+        _tag, theirs = ch.recv(control.HASH)
+    finally:
+        sock.close()
+        proc.join(TIMEOUT)
+    assert proc.exitcode == 0
+    return rep, differing_pages(src.digests(), theirs, src.layout, src.page_size, dest.DIGEST_SIZE)
+
+
 def test_a_source_without_vmsplice_falls_back_to_sendfile(monkeypatch: pytest.MonkeyPatch) -> None:
     """vmsplice refused (as a seccomp filter would: EPERM): the frame goes by sendfile,
     the source stops asking, and the migration verifies."""
     from dmarw import _native
-    from dmarw.migration import control, dest
-    from dmarw.migration.channel import Channel
     from dmarw.migration.harness import SourceGuest
-    from dmarw.migration.source import Source, differing_pages
+    from dmarw.migration.source import Source
 
     calls = [0]
 
@@ -138,18 +156,10 @@ def test_a_source_without_vmsplice_falls_back_to_sendfile(monkeypatch: pytest.Mo
     try:
         src = Source(g.vm, g.container)
         assert src.splice
-        proc, sock = dest.start(src.page_size, src.layout)
-        sock.settimeout(TIMEOUT)
-        ch = Channel(sock, "destination")
-        try:
-            rep = src.migrate(sock, lambda: None, ch=ch)
-            _tag, theirs = ch.recv(control.HASH)
-        finally:
-            sock.close()
-            proc.join(TIMEOUT)
+        rep, differing = _migrate(src)
         assert calls[0] == 1 and not src.splice
         assert "sendfile" in rep.send_api and "vmsplice" not in rep.send_api
-        assert differing_pages(src.digests(), theirs, src.layout, src.page_size, dest.DIGEST_SIZE) == []
+        assert differing == []
     finally:
         g.close()
 
@@ -160,9 +170,7 @@ def test_anonymous_ram_goes_by_vmsplice_and_by_a_copy_when_refused(monkeypatch: 
     from dmarw import _native
     from dmarw.core import container as make_container
     from dmarw.core import vm as make_vm
-    from dmarw.migration import control, dest
-    from dmarw.migration.channel import Channel
-    from dmarw.migration.source import Source, differing_pages
+    from dmarw.migration.source import Source
     from dmarw.migration.writers import fill
     from dmarw.mm import AddressSpace
     from dmarw.type1 import Prot
@@ -183,18 +191,10 @@ def test_anonymous_ram_goes_by_vmsplice_and_by_a_copy_when_refused(monkeypatch: 
         c.map_dma(0, ram, hva, space, Prot.READ | Prot.WRITE)
         try:
             src = Source(vm, c)
-            proc, sock = dest.start(src.page_size, src.layout)
-            sock.settimeout(TIMEOUT)
-            ch = Channel(sock, "destination")
-            try:
-                rep = src.migrate(sock, lambda: None, ch=ch)
-                _tag, theirs = ch.recv(control.HASH)
-            finally:
-                sock.close()
-                proc.join(TIMEOUT)
+            rep, differing = _migrate(src)
             assert src.splice is not refused
             assert rep.send_api == ("sendmsg from RAM" if refused else "vmsplice + splice")
-            assert differing_pages(src.digests(), theirs, src.layout, src.page_size, dest.DIGEST_SIZE) == []
+            assert differing == []
         finally:
             c.unmap_dma(0, ram)
             vm.close()

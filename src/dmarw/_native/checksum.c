@@ -210,19 +210,44 @@ fold128(__m128i x, __m128i k, __m128i next)
     return _mm_ternarylogic_epi64(_mm_clmulepi64_si128(x, k, 0x00), _mm_clmulepi64_si128(x, k, 0x11), next, 0x96);
 }
 
-/* the raw state after n >= FOLD_MIN bytes, from raw state c */
-FOLD_TARGET static uint32_t
-crc_fold(uint32_t c, const unsigned char *p, size_t n)
+/* Lines PF_AHEAD bytes on are prefetched while a step folds: the hardware prefetcher stops at
+ * each 4 KiB page, so each page read from cold RAM began with misses (1 GiB of cold pages in
+ * 4 MiB calls: 0.052 s without, 0.027-0.031 s two pages ahead, 0.033-0.038 s one ahead) */
+#define PF_AHEAD 8192
+
+FOLD_TARGET static inline void
+prefetch256(const unsigned char *q)
 {
+    _mm_prefetch((const char *)q, _MM_HINT_T0);
+    _mm_prefetch((const char *)q + 64, _MM_HINT_T0);
+    _mm_prefetch((const char *)q + 128, _MM_HINT_T0);
+    _mm_prefetch((const char *)q + 192, _MM_HINT_T0);
+}
+
+/* the raw state after n >= FOLD_MIN bytes, from raw state c; ``after``: how many bytes of
+ * the caller's buffer follow these n (lines up to PF_AHEAD bytes on are prefetched, never
+ * past the buffer) */
+FOLD_TARGET static uint32_t
+crc_fold(uint32_t c, const unsigned char *p, size_t n, size_t after)
+{
+    size_t pf = n + after > PF_AHEAD ? (n + after - PF_AHEAD) / 256 : 0; /* steps that prefetch */
 #define KX(i) _mm_loadu_si128((const __m128i *)fold_k[i])
 #define KZ(i) _mm512_broadcast_i32x4(KX(i))
     const __m512i k256 = KZ(F256), k64 = KZ(F64);
+    if (pf) {
+        prefetch256(p + PF_AHEAD);
+        pf--;
+    }
     /* the state enters as the first four bytes xored with it (the raw CRC is linear) */
     __m512i x0 = _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)c)));
     __m512i x1 = _mm512_loadu_si512(p + 64), x2 = _mm512_loadu_si512(p + 128), x3 = _mm512_loadu_si512(p + 192);
     p += 256;
     n -= 256;
     for (; n >= 256; p += 256, n -= 256) {
+        if (pf) {
+            prefetch256(p + PF_AHEAD);
+            pf--;
+        }
         x0 = fold512(x0, k256, _mm512_loadu_si512(p));
         x1 = fold512(x1, k256, _mm512_loadu_si512(p + 64));
         x2 = fold512(x2, k256, _mm512_loadu_si512(p + 128));
@@ -260,7 +285,7 @@ crc_pages(const unsigned char *p, size_t ps, size_t npages, uint32_t *out)
 #if defined(__x86_64__)
     if (impl == IMPL_FOLD && ps >= FOLD_MIN) {
         for (; i < npages; i++)
-            out[i] = ~crc_fold(~0u, p + i * ps, ps);
+            out[i] = ~crc_fold(~0u, p + i * ps, ps, (npages - i - 1) * ps);
         return;
     }
     if (impl >= IMPL_SSE42 && ps % 8 == 0) {
@@ -280,7 +305,7 @@ crc_raw(uint32_t c, const unsigned char *p, size_t n)
 {
 #if defined(__x86_64__)
     if (impl == IMPL_FOLD && n >= FOLD_MIN)
-        return crc_fold(c, p, n);
+        return crc_fold(c, p, n, 0);
     if (impl >= IMPL_SSE42)
         return crc_hw(c, p, n);
 #endif

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..bitmap import from_bytes
 from ..checksum import crc32c_pages
 from ..core import native_available
 from ..errors import DmaError
@@ -99,19 +98,23 @@ class MigrationFailed(DmaError):
     raised."""
 
 
+def dirty_pages(bitmap: bytes | bytearray) -> np.ndarray:
+    """Set bits of a kernel-layout bitmap (bit k of byte j is page 8j+k), ascending, as an
+    int64 array: the zero u64 words are skipped in bulk, the others unpacked together."""
+    b = np.frombuffer(bitmap, dtype=np.uint8)
+    n = len(b) // 8 * 8
+    nz = np.flatnonzero(b[:n].view("<u8"))
+    rows, cols = np.nonzero(np.unpackbits(b[:n].reshape(-1, 8)[nz], axis=1, bitorder="little"))
+    out = (nz[rows] << 6) + cols
+    if n < len(b):
+        out = np.concatenate([out, n * 8 + np.flatnonzero(np.unpackbits(b[n:], bitorder="little"))])
+    return out.astype(np.int64, copy=False)
+
+
 def dirty_indices(bitmap: bytes | bytearray) -> list[int]:
-    """Set bits of a kernel-layout bitmap: the zero u64 words are skipped in bulk (numpy),
-    each nonzero word is decoded by :func:`dmarw.bitmap.from_bytes`.  A 1 GiB log is 4096
-    words, nearly all zero at the end of pre-copy."""
-    bitmap = bytes(bitmap)
-    n = len(bitmap) // 8 * 8
-    words = np.frombuffer(bitmap, dtype="<u8", count=n // 8)
-    out: list[int] = []
-    for i in np.flatnonzero(words).tolist():
-        out.extend((i << 6) + k for k in from_bytes(bitmap[i * 8 : i * 8 + 8]))
-    if n < len(bitmap):
-        out.extend((n << 3) + k for k in from_bytes(bitmap[n:]))
-    return out
+    """:func:`dirty_pages` as a list.  A 1 GiB log is 4096 words, nearly all zero at the
+    end of pre-copy."""
+    return dirty_pages(bitmap).tolist()
 
 
 @dataclass
@@ -201,6 +204,15 @@ class Source:
                 last = (s.gpa + hi - 1 - s.hva) >> 12
                 yield from range(first, last + 1)
 
+    def _gfns_of_hvas(self, hvas: np.ndarray, size: int) -> list[int]:
+        """Guest page numbers backed by ``[hva, hva+size)`` for each (page-aligned) hva."""
+        pages = hvas if size <= PAGE_SIZE else (hvas[:, None] + np.arange(0, size, PAGE_SIZE, dtype=np.int64)).ravel()
+        out: list[int] = []
+        for s in self.slots:
+            inside = pages[(pages >= s.hva) & (pages < s.hva + s.size)]
+            out.extend(((inside - s.hva + s.gpa) >> 12).tolist())
+        return out
+
     def _gfns_of_pages(self, idx: Iterable[int]) -> Iterable[int]:
         """Gfns of page indices in layout order (a destination's bitmap over the layout)."""
         bases = []
@@ -224,39 +236,50 @@ class Source:
     # -- harvest -----------------------------------------------------------------------------
     def harvest(self) -> Harvest:
         """Get-and-clear both logs (as enabled) and list the pinned pages, as gfns."""
+        return self._harvest(True)
+
+    def clear_logs(self) -> None:
+        """Start tracking (idempotent) and drop what the logs hold, undecoded: round 0
+        sends everything."""
+        if self.use_vfio_log:
+            self.container.dirty_pages_start()
+        self._harvest(False)
+
+    def _harvest(self, keep: bool) -> Harvest:
+        """Get-and-clear every log; ``keep``: decode them into gfns (else only clear)."""
         h = Harvest()
         mode = getattr(self.vm, "dirty_mode", None)
-        if mode is not None:  # a real KVM VM: the kernel's log and the VMM's own, apart
-            view = self.vm.view  # type: ignore[attr-defined]
-            for s in self.slots:
-                base = s.gpa >> 12
+        for s in self.slots:
+            base = s.gpa >> 12
+            if mode is not None:  # a real KVM VM: the kernel's log and the VMM's own, apart
                 if self.use_kvm_log:
-                    h.kvm.update(base + k for k in dirty_indices(mode.harvest(s.slot, s.size >> 12)))
-                h.user.update(base + k for k in dirty_indices(view.get_dirty_log(s.slot)))
-        elif self.use_kvm_log:
-            for s in self.slots:
-                base = s.gpa >> 12
-                h.kvm.update(base + k for k in dirty_indices(self.vm.get_dirty_log(s.slot)))
+                    bm = mode.harvest(s.slot, s.size >> 12)
+                    if keep:
+                        h.kvm.update((dirty_pages(bm) + base).tolist())
+                bm = self.vm.view.get_dirty_log(s.slot)  # type: ignore[attr-defined]
+                if keep:
+                    h.user.update((dirty_pages(bm) + base).tolist())
+            elif self.use_kvm_log:
+                bm = self.vm.get_dirty_log(s.slot)
+                if keep:
+                    h.kvm.update((dirty_pages(bm) + base).tolist())
         if self.use_vfio_log:
             c = self.container
             ps = c.pgsize
             maps = c.mappings()
             for iova, size, hva, _prot in maps:
-                for k in dirty_indices(c.get_dirty_bitmap(iova, size, ps)):
-                    h.vfio.update(self._gfns_of_hva(hva + k * ps, ps))
-            for piova in c.pinned():
+                bm = c.get_dirty_bitmap(iova, size, ps)
+                if keep:
+                    h.vfio.update(self._gfns_of_hvas(hva + dirty_pages(bm) * ps, ps))
+            for piova in c.pinned() if keep else ():
                 for iova, size, hva, _prot in maps:
                     if iova <= piova < iova + size:
                         h.pinned.update(self._gfns_of_hva(hva + piova - iova, ps))
             if self.device_log is not None:
-                h.vfio.update(self.device_log())
+                got = self.device_log()
+                if keep:
+                    h.vfio.update(got)
         return h
-
-    def clear_logs(self) -> None:
-        """Start tracking (idempotent) and drop what the logs hold: round 0 sends everything."""
-        if self.use_vfio_log:
-            self.container.dirty_pages_start()
-        self.harvest()
 
     # -- sending ---------------------------------------------------------------------------
     def _read_pages(self, gfns: list[int]) -> memoryview:

@@ -20,7 +20,7 @@ import errno
 import hashlib
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
 
 from ..errors import DmaError
@@ -154,9 +154,10 @@ class Destination:
         if isinstance(ev, Pages):
             if ev.data is not None:
                 self._write(ev.gpas, ev.data)
-            if ev.bad or self.outstanding:
-                self.outstanding.difference_update(ev.gpas)
-                self.outstanding.update(ev.bad)
+            if self.outstanding:  # a good copy clears a page (few are outstanding: ask each)
+                covered = ev.gpas if isinstance(ev.gpas, range) else set(ev.gpas)
+                self.outstanding.difference_update([g for g in self.outstanding if g in covered])
+            self.outstanding.update(ev.bad)
             self.pages_applied += len(ev.gpas)
         elif isinstance(ev, RoundEnd):
             self.rounds += 1
@@ -174,14 +175,15 @@ class Destination:
                 )
             self.complete = True
 
-    def _write(self, gpas: tuple[int, ...], contents: memoryview) -> None:
+    def _write(self, gpas: Sequence[int], contents: memoryview) -> None:
         """Copy checked page contents (a keyed stream's) into RAM, one write per run."""
         ps = self.page_size
         i = 0
         with memoryview(contents) as data:
             hva, region_end = self._hva(gpas[0])
             last = gpas[0] + (len(gpas) - 1) * ps  # the range below has len(gpas) items at most
-            if gpas[-1] == last and last + ps <= region_end and gpas == tuple(range(gpas[0], last + 1, ps)):
+            one = isinstance(gpas, range) or tuple(gpas) == tuple(range(gpas[0], last + 1, ps))
+            if gpas[-1] == last and last + ps <= region_end and one:
                 self.space.write(hva, data)  # the usual frame: one run, one write
                 i = len(gpas)
             while i < len(gpas):  # one write per run of consecutive pages in one region

@@ -390,16 +390,19 @@ class Source:
         self,
         sock: socket.socket,
         enc: Encoder,
-        gfns: np.ndarray,
+        gfns: np.ndarray | list[range],
         on_sent: Callable[[int, int], None] | None,
         live: bool,
     ) -> int:
-        """Send ``gfns`` (sorted, no repeats) as PAGES frames and a ROUND frame; returns
-        bytes written."""
+        """Send ``gfns`` (sorted, no repeats; or ranges, each frame made as it is sent) as
+        PAGES frames and a ROUND frame; returns bytes written."""
         total = 0
         step = min(PAGES_PER_FRAME, MAX_PAGES)
-        for i in range(0, len(gfns), step):
-            batch = gfns[i : i + step]
+        if isinstance(gfns, np.ndarray):
+            batches: Iterable[np.ndarray] = (gfns[i : i + step] for i in range(0, len(gfns), step))
+        else:
+            batches = (np.arange(i, min(i + step, r.stop), dtype=np.int64) for r in gfns for i in range(r.start, r.stop, step))
+        for batch in batches:
             n = self._send_pages(sock, enc, batch, live)
             total += n
             if on_sent is not None:
@@ -447,18 +450,20 @@ class Source:
             t_start = clock()
             self._send(sock, enc.start())
             self.clear_logs()
-            gfns = np.concatenate([np.arange(s.gpa >> 12, (s.gpa + s.size) >> 12, dtype=np.int64) for s in self.slots])
+            # round 0: every page, slot by slot (no 2 MiB array of gfns made first)
+            gfns: np.ndarray | list[range] = [range(s.gpa >> 12, (s.gpa + s.size) >> 12) for s in self.slots]
+            count = self.npages  # pages in this round
             h = Harvest()
             rnd = 0
             share = 0.0
             harvest_s = 0.0
             while True:
                 if on_round_start is not None:
-                    on_round_start(rnd, len(gfns))
+                    on_round_start(rnd, count)
                 t0 = clock()
                 nbytes = self._send_round(sock, enc, gfns, on_sent, live=True)
                 st = RoundStats(
-                    rnd, len(gfns), len(h.kvm), len(h.vfio), len(h.pinned), len(gfns), nbytes, clock() - t0,
+                    rnd, count, len(h.kvm), len(h.vfio), len(h.pinned), count, nbytes, clock() - t0,
                     throttle=share, user=len(h.user), harvest_seconds=harvest_s,
                 )
                 rep.rounds.append(st)
@@ -473,8 +478,9 @@ class Source:
                     rep.converged = len(pending) <= self.threshold
                     break
                 if throttle is not None:
-                    share = throttle(rnd - 1, len(pending), len(gfns))
+                    share = throttle(rnd - 1, len(pending), count)
                 gfns = _sorted(pending)
+                count = len(gfns)
             # the destination has applied every pre-copy round: nothing of them is left to
             # drain once the guest is stopped
             acked = -1

@@ -58,7 +58,7 @@ from __future__ import annotations
 import errno
 import hmac
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -87,6 +87,7 @@ _NAME = struct.Struct("<H")
 OPT_MAC = 1  # preamble option: every frame carries a tag
 LIVE = 1  # PAGES flag: read from RAM while the guest ran; a failed page check is reported
 _CRC = struct.Struct("<I")
+_GPA = struct.Struct("<Q")
 TAG_SIZE = 16
 
 Layout = tuple[tuple[int, int], ...]  # ((gpa, size), ...)
@@ -128,7 +129,7 @@ class Header:
 @dataclass(frozen=True)
 class Pages:
     round: int
-    gpas: tuple[int, ...]
+    gpas: Sequence[int]  # a range when the frame is one run of pages (the usual frame), else a tuple
     # without a sink: len(gpas) * page_size bytes, page i at data[i*page_size:] (read-only,
     # the frame's own buffer); with a sink: None, the contents are in the sink's memory
     data: memoryview | None
@@ -583,12 +584,11 @@ class Decoder:
         self.header = Header(VERSION, page_size, layout)
         return self.header
 
-    def _one_run(self, gpas: tuple[int, ...], table: bytes, ps: int) -> bool:
-        """True when ``gpas`` (``table``: the same as u64s) are aligned, consecutive and
-        all inside one region (checked at C speed: the first and the last page, and the
-        table's bytes against those of a range)."""
-        first, last = gpas[0], gpas[-1]
-        if first % ps or last != first + (len(gpas) - 1) * ps:
+    def _one_run(self, first: int, last: int, n: int, table: bytes, ps: int) -> bool:
+        """True when the ``n`` gpas of ``table`` (u64s, the first and the last already read)
+        are aligned, consecutive and all inside one region (checked at C speed: the table's
+        bytes against those of a range)."""
+        if first % ps or last != first + (n - 1) * ps:
             return False
         if not any(g <= first and last + ps <= g + s for g, s in self._regions):
             return False
@@ -623,8 +623,14 @@ class Decoder:
                 raise self._fail("protocol", f"frame at offset {at:#x} has seq {seq}, expected {self.seq} (frame lost or reordered)")
             if rnd != self.round:
                 raise self._fail("protocol", f"{where}: PAGES of round {rnd} while round {self.round} is open")
-            gpas = struct.unpack_from(f"<{n}Q", self._buf, top + _PAGES.size)
-            runs = self._runs(gpas, bytes(mv[top + _PAGES.size : top + _PAGES.size + 8 * n]), ps, where)
+            at_table = top + _PAGES.size
+            (first,), (last,) = _GPA.unpack_from(self._buf, at_table), _GPA.unpack_from(self._buf, at_table + 8 * (n - 1))
+            gpas: Sequence[int]
+            if self._one_run(first, last, n, bytes(mv[at_table : at_table + 8 * n]), ps):  # the usual frame
+                gpas, runs = range(first, last + ps, ps), [(first, n * ps)]
+            else:
+                gpas = struct.unpack_from(f"<{n}Q", self._buf, at_table)
+                runs = self._runs(gpas, ps, where)
             mac = None
             if self._mac is not None:
                 mac = self._mac.copy()
@@ -640,10 +646,8 @@ class Decoder:
                 self._fill_from(part, consumed=True)
         return self._finish_pages()
 
-    def _runs(self, gpas: tuple[int, ...], table: bytes, ps: int, where: str) -> list[tuple[int, int]]:
-        """``gpas`` as (gpa, bytes) runs of consecutive pages inside one region."""
-        if self._one_run(gpas, table, ps):  # the usual frame is one run: no per-page loop
-            return [(gpas[0], len(gpas) * ps)]
+    def _runs(self, gpas: tuple[int, ...], ps: int, where: str) -> list[tuple[int, int]]:
+        """``gpas`` (not one run) as (gpa, bytes) runs of consecutive pages inside one region."""
         runs: list[tuple[int, int]] = []
         end = -1
         seen: set[int] = set()
@@ -746,7 +750,7 @@ class _Fill:
     def __init__(
         self,
         rnd: int,
-        gpas: tuple[int, ...],
+        gpas: Sequence[int],
         crcs: bytes,
         live: bool,
         where: str,

@@ -37,28 +37,63 @@ def _drain(sock: socket.socket, want: int, out: bytearray) -> threading.Thread:
 
 
 @settings(max_examples=40, deadline=None)
-@given(length=st.integers(1, (3 << 20) + 4097), offset=st.integers(0, 4095), timeout=st.sampled_from([None, 20.0]))
-def test_every_byte_arrives_in_order(length: int, offset: int, timeout: float | None) -> None:
+@given(
+    length=st.integers(1, (3 << 20) + 4097),
+    offset=st.integers(0, 4095),
+    timeout=st.sampled_from([None, 20.0]),
+    head=st.integers(0, 32 << 10),
+    pipe=st.sampled_from([None, 0, 1 << 20]),
+)
+def test_every_byte_arrives_in_order(length: int, offset: int, timeout: float | None, head: int, pipe: int | None) -> None:
     """Lengths below, at and across the 1 MiB pipe, unaligned starts, blocking and
-    non-blocking (timeout) sockets."""
+    non-blocking (timeout) sockets; a head sent first; the call's own pipe, or one the
+    caller keeps (the kernel's 64 KiB default, which a head fills in part, or 1 MiB) for
+    two sends in a row."""
+    import fcntl
+
     from dmarw import _native
 
     m = mmap.mmap(-1, offset + length)
     for i in range(offset, offset + length, 509):
         m[i] = (i * 31) & 0xFF
+    first = bytes((i * 7) & 0xFF for i in range(head)) if head else None
+    kept = None
+    if pipe is not None:
+        kept = os.pipe2(os.O_CLOEXEC)
+        if pipe:
+            fcntl.fcntl(kept[1], fcntl.F_SETPIPE_SZ, pipe)
+    sends = 2 if kept is not None else 1
     a, b = socket.socketpair()
     a.settimeout(timeout)
     got = bytearray()
-    t = _drain(b, length, got)
+    t = _drain(b, sends * (head + length), got)
     try:
         with memoryview(m) as mv:
-            assert _native.send_pages(a.fileno(), mv[offset : offset + length], a.gettimeout()) == length
+            for _ in range(sends):
+                assert _native.send_pages(a.fileno(), mv[offset : offset + length], a.gettimeout(), first, kept) == head + length
     finally:
         t.join(TIMEOUT)
         a.close()
         b.close()
-    assert bytes(got) == m[offset : offset + length]
+        for fd in kept or ():
+            os.close(fd)
+    assert bytes(got) == sends * ((first or b"") + m[offset : offset + length])
     m.close()
+
+
+def test_a_head_beyond_the_limit_is_refused_before_anything_is_sent() -> None:
+    from dmarw import _native
+
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    try:
+        with pytest.raises(ValueError, match="send_pages: a head of 32769 bytes"):
+            _native.send_pages(a.fileno(), bytes(4096), None, bytes((32 << 10) + 1))
+        with pytest.raises(BlockingIOError):
+            b.recv(1)  # nothing arrived
+    finally:
+        a.close()
+        b.close()
 
 
 def test_a_peer_that_stops_reading_times_out() -> None:
@@ -95,7 +130,10 @@ def test_a_peer_that_hung_up_is_epipe() -> None:
         ((3, b"x", -1.0), ValueError, "timeout -1.0 must be None or in 0..86400 s"),
         ((3, b"x", "soon"), TypeError, "must be real number"),
         ((3, 17, None), TypeError, "a bytes-like object is required"),
-        ((3, b"x"), TypeError, "three arguments"),
+        ((3, b"x"), TypeError, "three to five arguments"),
+        ((3, b"x", None, None, (3,)), TypeError, "must be None or \\(read fd, write fd\\)"),
+        ((3, b"x", None, None, (3, -1)), ValueError, "send_pages: pipe \\(3, -1\\)"),
+        ((3, b"x", None, 17), TypeError, "a bytes-like object is required"),
     ],
 )
 def test_bad_arguments_are_refused(args: tuple[object, ...], exc: type[Exception], match: str) -> None:
@@ -147,7 +185,7 @@ def test_a_source_without_vmsplice_falls_back_to_sendfile(monkeypatch: pytest.Mo
 
     calls = [0]
 
-    def refuse(fd: int, buf: object, timeout: float | None) -> int:
+    def refuse(*args: object) -> int:
         calls[0] += 1
         raise PermissionError(errno.EPERM, "vmsplice: Operation not permitted")
 
@@ -175,7 +213,7 @@ def test_anonymous_ram_goes_by_vmsplice_and_by_a_copy_when_refused(monkeypatch: 
     from dmarw.mm import AddressSpace
     from dmarw.type1 import Prot
 
-    def refuse(fd: int, buf: object, timeout: float | None) -> int:
+    def refuse(*args: object) -> int:
         raise OSError(errno.ENOSYS, "vmsplice: Function not implemented")
 
     ram = 4 << 20

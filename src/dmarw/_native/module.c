@@ -178,7 +178,7 @@ static PyMethodDef module_methods[] = {
     {"crc32c_select", py_crc32c_select, METH_O,
      "crc32c_select(name) -> str: run crc32c and crc32c_pages the named way (one this CPU has); returns the previous"},
     {"send_pages", (PyCFunction)(void (*)(void))py_send_pages, METH_FASTCALL,
-     "send_pages(fd, buf, timeout) -> int: write buf to the socket by vmsplice and splice (no copy)"},
+     "send_pages(fd, buf, timeout, head=None, pipe=None) -> int: write head (copied) and buf (by vmsplice and splice, no copy) to the socket"},
     {"set_gil_threshold", set_gil_threshold, METH_O,
      "copies of at least this many bytes release the GIL; returns the old value"},
     {NULL, NULL, 0, NULL},

@@ -8,9 +8,14 @@
  * for any mapping, and without the page cache's per-page "accessed" bookkeeping on
  * sendfile's read side (perf: a sixth of the migration's sending thread went to the LRU
  * lock taken there; the sender's CPU per GiB fell from 0.198 to 0.127 s on one core).
- * Returns the bytes written (all of buf).  OSError with the errno otherwise; an errno of
- * ENOSYS, EPERM or EINVAL from the first vmsplice means nothing was written and vmsplice
- * is not to be had here (the caller falls back to sendfile or sendmsg).
+ * Returns the bytes written (all of head and buf).  OSError with the errno otherwise; an
+ * errno of ENOSYS, EPERM or EINVAL from the first vmsplice means nothing reached the socket
+ * and vmsplice is not to be had here (the caller falls back to sendfile or sendmsg).
+ *
+ * head (optional, at most HEAD_MAX bytes): copied into the pipe first and sent just before
+ * buf (a frame's head and its pages: no separate send).  pipe (optional): (read fd, write
+ * fd) of an empty pipe the caller keeps for its sends (no pipe made and sized per call);
+ * after an error it may hold bytes and is to be closed.
  *
  * timeout: None waits as long as it takes; else the seconds any one wait for room in the
  * socket may last (a socket with a timeout is non-blocking underneath: poll waits), then
@@ -29,6 +34,7 @@
 #include <unistd.h>
 
 #define PIPE_BYTES (1 << 20)
+#define HEAD_MAX (32 << 10) /* a head goes into the empty pipe first: well under its 64 KiB minimum */
 
 /* timeout (None or seconds) as poll's milliseconds (-1: no limit); -2 with an exception */
 static int
@@ -55,12 +61,32 @@ fd_of(PyObject *o)
     return fd < 0 || fd > 0x7fffffff ? -1 : (int)fd;
 }
 
+/* a caller's pipe: (read fd, write fd); 0 with p[] set, -1 with an exception */
+static int
+pipe_of(PyObject *o, int p[2])
+{
+    if (!PyTuple_Check(o) || PyTuple_GET_SIZE(o) != 2) {
+        PyErr_Format(PyExc_TypeError, "send_pages: pipe %R must be None or (read fd, write fd)", o);
+        return -1;
+    }
+    for (int i = 0; i < 2; i++) {
+        p[i] = fd_of(PyTuple_GET_ITEM(o, i));
+        if (p[i] == -2)
+            return -1;
+        if (p[i] < 0) {
+            PyErr_Format(PyExc_ValueError, "send_pages: pipe %R", o);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 PyObject *
 py_send_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "send_pages(fd, buf, timeout): three arguments");
+    if (nargs < 3 || nargs > 5) {
+        PyErr_SetString(PyExc_TypeError, "send_pages(fd, buf, timeout, head=None, pipe=None): three to five arguments");
         return NULL;
     }
     int fd = fd_of(args[0]);
@@ -73,32 +99,62 @@ py_send_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_ValueError, "send_pages: fd %R", args[0]);
         return NULL;
     }
-    Py_buffer view;
+    int p[2], own = 1;
+    if (nargs == 5 && args[4] != Py_None) {
+        if (pipe_of(args[4], p) < 0)
+            return NULL;
+        own = 0;
+    }
+    Py_buffer view, hv = {0};
     if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    int p[2];
-    if (pipe2(p, O_CLOEXEC) < 0) {
-        PyBuffer_Release(&view);
-        return PyErr_SetFromErrno(PyExc_OSError);
+    if (nargs >= 4 && args[3] != Py_None) {
+        if (PyObject_GetBuffer(args[3], &hv, PyBUF_SIMPLE) < 0) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        if (hv.len > HEAD_MAX) {
+            PyErr_Format(PyExc_ValueError, "send_pages: a head of %zd bytes (at most %d)", hv.len, HEAD_MAX);
+            PyBuffer_Release(&hv);
+            PyBuffer_Release(&view);
+            return NULL;
+        }
     }
-    (void)fcntl(p[1], F_SETPIPE_SZ, PIPE_BYTES); /* best effort: the default pipe is 64 KiB */
+    if (own) {
+        if (pipe2(p, O_CLOEXEC) < 0) {
+            PyBuffer_Release(&hv);
+            PyBuffer_Release(&view);
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        (void)fcntl(p[1], F_SETPIPE_SZ, PIPE_BYTES); /* best effort: the default pipe is 64 KiB */
+    }
     int cap = fcntl(p[1], F_GETPIPE_SZ);
     size_t pipe_bytes = cap > 0 ? (size_t)cap : 65536;
     const unsigned char *base = view.buf;
-    size_t n = (size_t)view.len, done = 0, in_pipe = 0;
+    size_t n = (size_t)view.len, queued = 0, in_pipe = 0, done = 0, total = (size_t)hv.len + n;
     int err = 0, timed_out = 0;
+    if (hv.len) { /* the pipe is empty and holds more than HEAD_MAX: this copies and never blocks */
+        ssize_t k = write(p[1], hv.buf, (size_t)hv.len);
+        if (k != hv.len) {
+            err = k < 0 ? errno : EIO;
+            goto fail_errno;
+        }
+        in_pipe = (size_t)k;
+    }
     for (;;) {
         Py_BEGIN_ALLOW_THREADS
-        while (done < n || in_pipe) {
-            if (!in_pipe) { /* the pipe is empty: this never blocks */
-                struct iovec iov = {.iov_base = (void *)(base + done),
-                                    .iov_len = n - done < pipe_bytes ? n - done : pipe_bytes};
-                ssize_t k = vmsplice(p[1], &iov, 1, 0);
-                if (k <= 0) {
+        while (done < total) {
+            if (queued < n && in_pipe < pipe_bytes) { /* nonblocking: a full pipe is spliced first */
+                size_t room = pipe_bytes - in_pipe;
+                struct iovec iov = {.iov_base = (void *)(base + queued), .iov_len = n - queued < room ? n - queued : room};
+                ssize_t k = vmsplice(p[1], &iov, 1, SPLICE_F_NONBLOCK);
+                if (k > 0) {
+                    queued += (size_t)k;
+                    in_pipe += (size_t)k;
+                } else if (k == 0 || errno != EAGAIN) {
                     err = k < 0 ? errno : EIO;
                     break;
                 }
-                in_pipe = (size_t)k;
             }
             ssize_t j = splice(p[0], NULL, fd, NULL, in_pipe, SPLICE_F_MOVE);
             if (j > 0) {
@@ -130,21 +186,28 @@ py_send_pages(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (timed_out) {
         PyErr_Format(PyExc_TimeoutError, "send_pages: the peer took no data for %d ms (%zu of %zu bytes sent)",
-                     wait_ms, done, n);
+                     wait_ms, done, total);
         goto fail;
     }
+fail_errno:
     if (err) {
         errno = err;
         PyErr_SetFromErrno(PyExc_OSError);
         goto fail;
     }
-    close(p[0]);
-    close(p[1]);
+    if (own) {
+        close(p[0]);
+        close(p[1]);
+    }
+    PyBuffer_Release(&hv);
     PyBuffer_Release(&view);
     return PyLong_FromSize_t(done);
 fail:
-    close(p[0]);
-    close(p[1]);
+    if (own) {
+        close(p[0]);
+        close(p[1]);
+    }
+    PyBuffer_Release(&hv);
     PyBuffer_Release(&view);
     return NULL;
 }

@@ -33,6 +33,7 @@ container's read side through their public calls.  One thread drives a :class:`S
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import socket
@@ -54,6 +55,7 @@ from .dest import page_digests
 from .stream import MAX_PAGES, Encoder, Layout
 
 PAGES_PER_FRAME = 1024  # 4 MiB of 4 KiB pages per PAGES frame (16 MiB measured no faster)
+PIPE_BYTES = 1 << 20  # the vmsplice pipe: the unprivileged limit (fs.pipe-max-size)
 
 
 @dataclass
@@ -192,6 +194,7 @@ class Source:
         self._frame_buf = bytearray(PAGES_PER_FRAME * PAGE_SIZE)
         self.zero_copy = True  # no copy where it can (False: sendmsg, one copy)
         self.splice = native_available()  # whole runs by vmsplice + splice (else sendfile from a memfd)
+        self._pipe: tuple[int, int] | None = None  # the pipe vmsplice fills, kept for the migration
         self.sent_by: set[str] = set()  # how frames went out (the report's send_api)
 
     # -- address translation ---------------------------------------------------------------
@@ -316,19 +319,34 @@ class Source:
     def _send(self, sock: socket.socket, parts: list[bytes | memoryview]) -> int:
         return send_parts(sock, parts)
 
-    def _splice(self, sock: socket.socket, run: memoryview) -> bool:
-        """Write ``run`` by the native core's vmsplice and splice (no copy); False, with
-        nothing written, where the kernel refuses vmsplice (``splice`` is then off)."""
+    def _splice(self, sock: socket.socket, head: bytes, run: memoryview) -> bool:
+        """Write ``head`` (copied) and ``run`` (by the native core's vmsplice and splice, no
+        copy) through this source's pipe; False, with nothing written, where the kernel
+        refuses vmsplice (``splice`` is then off)."""
         from .. import _native
 
+        if self._pipe is None:
+            self._pipe = os.pipe2(os.O_CLOEXEC)
+            try:
+                fcntl.fcntl(self._pipe[1], fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:  # beyond this user's limit: the kernel's default size
+                pass
         try:
-            _native.send_pages(sock.fileno(), run, sock.gettimeout())
+            _native.send_pages(sock.fileno(), run, sock.gettimeout(), head, self._pipe)
         except OSError as e:
+            self.close_pipe()  # it may hold part of the frame
             if e.errno not in (errno.ENOSYS, errno.EPERM, errno.EINVAL) or isinstance(e, TimeoutError):
                 raise
             self.splice = False
             return False
         return True
+
+    def close_pipe(self) -> None:
+        """Close the pipe the frames went through (made again when next needed)."""
+        if self._pipe is not None:
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
 
     def _runs(self, gfns: list[int]) -> list[tuple[Region, int, int]]:
         """``gfns`` (sorted) as runs of consecutive pages in one memslot: (region, offset, bytes)."""
@@ -372,10 +390,12 @@ class Source:
             if len(runs) > 1 or not self.zero_copy or (region.fd is None and not self.splice):
                 self.sent_by.add("sendmsg from RAM")
                 return self._send(sock, parts)
+            if self.splice:
+                head_bytes = b"".join(parts[:-1])
+                if self._splice(sock, head_bytes, views[0]):
+                    self.sent_by.add("vmsplice + splice")
+                    return len(head_bytes) + n
             head = self._send(sock, parts[:-1])
-            if self.splice and self._splice(sock, views[0]):
-                self.sent_by.add("vmsplice + splice")
-                return head + n
             if region.fd is None:  # anonymous RAM, and vmsplice refused: one copy
                 self.sent_by.add("sendmsg from RAM")
                 return head + self._send(sock, [views[0]])
@@ -526,6 +546,8 @@ class Source:
             if paused and resume is not None:
                 resume()
             raise self._refusal(ch, e) from e
+        finally:
+            self.close_pipe()
         rep.sender_cpu_seconds = time.thread_time() - cpu0
         rep.send_api = ", ".join(sorted(self.sent_by))
         rep.bytes_sent = enc.bytes

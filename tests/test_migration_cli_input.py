@@ -54,6 +54,15 @@ def test_write_rates_are_bounded(flag: str, value: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["--replay", "--guest"])
+@pytest.mark.parametrize("value", ["0", "512K", "fast"])
+def test_a_bandwidth_cap_under_1_mib_s_or_not_a_size_is_one_line(mode: str, value: str) -> None:
+    p, took = dmarw("migrate", mode, "--ram", "16M", "--max-bandwidth", value)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("dmarw: error: argument --max-bandwidth:"), p.stderr
+    assert p.stdout == "" and took < FAST
+
+
+@pytest.mark.parametrize("mode", ["--replay", "--guest"])
 def test_huge_ops_is_refused_before_generating(mode: str) -> None:
     # it was a MemoryError traceback after seconds of generating records
     p, took = dmarw("migrate", mode, "--ops", str(10**12))

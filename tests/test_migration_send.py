@@ -1,16 +1,22 @@
-"""The source's scatter-gather send: a frame of scattered pages is one buffer per run, and
-one ``sendmsg`` takes at most IOV_MAX of them.  A round that dirties every other page (each
-page a run of its own, a frame's worth far more than IOV_MAX) migrates and verifies."""
+"""The source's sends: ``send_parts`` writes more buffers than one ``sendmsg`` takes (at
+most IOV_MAX each) in order; a frame of scattered pages is gathered into one buffer (a
+round that dirties every other page, each page a run of its own, migrates and verifies);
+a bandwidth cap holds pre-copy back and leaves the final round alone."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
+from typing import Any
 
+import pytest
+
+from dmarw.errors import DmaError
 from dmarw.migration import control, dest
 from dmarw.migration.channel import Channel
 from dmarw.migration.harness import SourceGuest
-from dmarw.migration.source import IOV_MAX, Source, differing_pages, send_parts
+from dmarw.migration.source import IOV_MAX, MigrationReport, Source, differing_pages, send_parts
 from dmarw.migration.stream import MAX_PAGES
 from dmarw.mm import PAGE_SIZE
 
@@ -62,6 +68,55 @@ def test_a_frame_of_more_runs_than_iov_max_migrates_and_verifies() -> None:
             proc.join(TIMEOUT)
         assert proc.exitcode == 0
         assert rep.rounds[1].sent >= npages // 2 > IOV_MAX  # one frame held MAX_PAGES runs
+        assert "staged copy, sendmsg" in rep.send_api
         assert differing_pages(src.digests(), theirs, src.layout, src.page_size, dest.DIGEST_SIZE) == []
+    finally:
+        g.close()
+
+
+def _migrate(src: Source, **kw: Any) -> tuple[MigrationReport, bytes]:
+    proc, sock = dest.start(src.page_size, src.layout)
+    sock.settimeout(TIMEOUT)
+    ch = Channel(sock, "destination")
+    try:
+        rep = src.migrate(sock, lambda: None, ch=ch, **kw)
+        _tag, theirs = ch.recv(control.HASH)
+    finally:
+        sock.close()
+        proc.join(TIMEOUT)
+    assert proc.exitcode == 0
+    return rep, theirs
+
+
+def test_a_bandwidth_cap_holds_pre_copy_back_and_not_the_final_round() -> None:
+    """8 MiB at 16 MiB/s: round 0 cannot end before half a second (a lower bound, which a
+    slow machine only makes longer); the final round's pages are not held back, and the
+    RAM arrives whole."""
+    ram, cap = 8 << 20, 16 << 20
+    g = SourceGuest(ram, 7, 0)
+    try:
+        src = Source(g.vm, g.container, threshold=4096, max_bandwidth=cap)
+
+        def dirty(st: object) -> None:  # after round 0: the final round gets 1 MiB
+            if getattr(st, "round", None) == 0 and not getattr(st, "final", False):
+                for gfn in range(256):
+                    g.vm.write_guest(gfn * PAGE_SIZE, b"\xa5" * 8)
+
+        t0 = time.perf_counter()
+        r, theirs = _migrate(src, on_round_end=dirty)
+        took = time.perf_counter() - t0
+        assert r.rounds[0].seconds >= ram / cap * 0.98 and took >= ram / cap * 0.98
+        assert r.rounds[-1].final and r.rounds[-1].sent >= 256
+        assert differing_pages(src.digests(), theirs, src.layout, src.page_size, dest.DIGEST_SIZE) == []
+    finally:
+        g.close()
+
+
+@pytest.mark.parametrize("bad", [0, 1000.0, -1, float("nan")])
+def test_a_bandwidth_cap_under_1_mib_s_is_refused(bad: float) -> None:
+    g = SourceGuest(1 << 20, 1, 0)
+    try:
+        with pytest.raises(DmaError, match="max_bandwidth .* bytes/s must be at least 1,048,576"):
+            Source(g.vm, g.container, max_bandwidth=bad)
     finally:
         g.close()

@@ -48,6 +48,14 @@ MAX_TIMEOUT = 86_400.0  # a day: socket waits take a finite, bounded number of s
 MAX_RATE = 65_536.0  # writes per MiB streamed (256 per page sent): beyond it a writer never lets a round end
 
 
+def _bandwidth(text: str) -> int:
+    """``--max-bandwidth``: a size per second, at least 1 MiB/s."""
+    v = parse_size(text)
+    if v < 1 << 20:
+        raise argparse.ArgumentTypeError(f"{text!r} is under 1 MiB/s (e.g. 256M)")
+    return v
+
+
 def _seconds(text: str) -> float:
     """``--timeout``: a finite number of seconds in (0, a day]."""
     try:
@@ -198,6 +206,7 @@ def _run(args: argparse.Namespace) -> int:
         pinned=args.pinned,
         threshold=args.threshold,
         max_rounds=args.max_rounds,
+        max_bandwidth=args.max_bandwidth,
         device_bypass=args.device_bypass,
         no_vfio_log=args.no_vfio_log,
         ops=args.ops,
@@ -265,6 +274,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pinned", type=int, default=16, help="pages the device pins and writes by hva (default 16)")
     p.add_argument("--threshold", type=int, default=256, help="stop iterating at this many dirty pages (default 256)")
     p.add_argument("--max-rounds", type=int, default=16, help="pre-copy round limit (default 16)")
+    p.add_argument("--max-bandwidth", type=_bandwidth, metavar="RATE",
+                   help="bytes per second a pre-copy round may send, e.g. 256M (default: no cap; the final round has none)")
     p.add_argument("--ops", type=int, default=20_000, help="workload records per writer, cycled (default 20000)")
     p.add_argument("--device-bypass", action="store_true", help="negative control: device writes the raw hva")
     p.add_argument("--no-vfio-log", action="store_true", help="negative control: ignore the container's dirty bitmap")

@@ -165,7 +165,7 @@ def report(o: GuestOutcome, con: Console) -> int:
 def run_guest_cli(args: argparse.Namespace, key: bytes | None, con: Console, bar: RoundProgress) -> int:
     cfg = GuestConfig(
         ram=args.ram, seed=args.seed, commands=args.commands, batch=args.batch, writer_heavy=args.writer_heavy,
-        dirty=args.dirty, threshold=args.threshold, max_rounds=args.max_rounds,
+        dirty=args.dirty, threshold=args.threshold, max_rounds=args.max_rounds, max_bandwidth=args.max_bandwidth,
         auto_converge=not args.no_auto_converge, device_bypass=args.device_bypass, no_vfio_log=args.no_vfio_log,
         no_kvm_log=args.no_kvm_log, device_process=args.device_process, to=args.to, key=key, timeout=args.timeout,
     )
@@ -176,7 +176,10 @@ def run_guest_cli(args: argparse.Namespace, key: bytes | None, con: Console, bar
                                 ("the kernel's dirty log ignored", cfg.no_kvm_log)) if on]
     con.print(f"dmarw migrate --guest: {_mib(cfg.ram)} guest RAM ({cfg.ram >> 12:,} pages), seed {cfg.seed}, "
               f"{cfg.commands:,} commands{' (writer-heavy)' if cfg.writer_heavy else ''}; dirty log {cfg.dirty}; "
-              f"to {cfg.to or 'a local process'}" + ("; device in its own process (vfio-user)" if cfg.device_process else "") + (f"; negative control: {', '.join(controls)}" if controls else ""))
+              f"to {cfg.to or 'a local process'}"
+              + (f"; pre-copy at most {_mib(cfg.max_bandwidth)}/s" if cfg.max_bandwidth else "")
+              + ("; device in its own process (vfio-user)" if cfg.device_process else "")
+              + (f"; negative control: {', '.join(controls)}" if controls else ""))
     try:
         with bar.progress:
             o = run_guest_migration(cfg, on_sent=bar.sent, on_round_start=bar.round_start, on_round_end=bar.round_end)

@@ -63,6 +63,7 @@ class Config:
     pinned: int = 16
     threshold: int = 256
     max_rounds: int = 16
+    max_bandwidth: float | None = None  # bytes/s a pre-copy round may send (None: no cap)
     device_bypass: bool = False
     no_vfio_log: bool = False
     profile: str = "glmark2"
@@ -259,6 +260,7 @@ def make_source(guest: SourceGuest, cfg: Config) -> Source:
         threshold=cfg.threshold,
         max_rounds=cfg.max_rounds,
         use_vfio_log=not cfg.no_vfio_log,
+        max_bandwidth=cfg.max_bandwidth,
     )
 
 

@@ -40,7 +40,14 @@ from .baseline import PlainCopier, PlainCopy
 from .channel import Channel, fork_peer, handshake_source, tune
 from .guest import GuestSpec, SourceMachine, reference_checksum
 from .incoming import check_ram, parse_hostport, resolve, serve_connection
-from .source import MigrationFailed, MigrationReport, RoundStats, Source, differing_pages
+from .source import (
+    MIN_BANDWIDTH,
+    MigrationFailed,
+    MigrationReport,
+    RoundStats,
+    Source,
+    differing_pages,
+)
 
 AUTO_CONVERGE = (0.2, 0.1, 0.99)  # initial share, step, ceiling (QEMU's cpu-throttle defaults)
 PLAIN_RUNS = 3  # plain copies timed per kind; the median one is the baseline
@@ -58,6 +65,7 @@ class GuestConfig:
     dirty: str = DEFAULT_DIRTY
     threshold: int = 256
     max_rounds: int = 16
+    max_bandwidth: float | None = None  # bytes/s a pre-copy round may send (None: no cap)
     auto_converge: bool = True
     device_bypass: bool = False
     no_vfio_log: bool = False
@@ -83,6 +91,8 @@ class GuestConfig:
             raise DmaError(errno.EINVAL, f"--dirty {self.dirty!r} is one of {', '.join(MODES)}")
         if self.threshold < 0 or self.max_rounds < 1:
             raise DmaError(errno.EINVAL, f"--threshold {self.threshold} must be >= 0 and --max-rounds {self.max_rounds} >= 1")
+        if self.max_bandwidth is not None and not self.max_bandwidth >= MIN_BANDWIDTH:
+            raise DmaError(errno.EINVAL, f"--max-bandwidth {self.max_bandwidth:,.0f} bytes/s: at least 1 MiB/s")
         if self.device_process and self.device_bypass:
             raise DmaError(errno.EINVAL, "--device-bypass and --device-process exclude each other "
                            "(the device in its own process writes guest RAM only through its server)")
@@ -205,7 +215,8 @@ def run_guest_migration(
             copier = PlainCopier(cfg.ram, tcp=cfg.to is not None)
             plains.append(copier.copy(space, hva, "before the guest started", runs=PLAIN_RUNS))
         src = Source(sm.vm, sm.container, threshold=cfg.threshold, max_rounds=cfg.max_rounds,
-                     use_kvm_log=not cfg.no_kvm_log, use_vfio_log=not cfg.no_vfio_log, device_log=sm.device_log)
+                     use_kvm_log=not cfg.no_kvm_log, use_vfio_log=not cfg.no_vfio_log, device_log=sm.device_log,
+                     max_bandwidth=cfg.max_bandwidth)
         conn = open_destination(cfg, src, spec, cfg.guest_timeout)  # its VM ready before the guest starts
         try:
             sm.attach_device()  # after the fork: the device's server and client are this process's

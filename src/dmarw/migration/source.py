@@ -19,7 +19,8 @@ of the last pre-copy round: the final round sends it again with the guest stoppe
 page was also written after its harvest, so its log holds it too).  A keyed stream copies the pages
 out first, so its tag covers exactly the bytes that were checked.
 
-Round 0 sends every page (the logs are cleared first).  Each next round sends what was
+Round 0 sends every page (the logs are cleared first); a pre-copy round keeps to
+``max_bandwidth`` when one is set (the final round does not).  Each next round sends what was
 dirtied during the previous one, until the harvested set has at most ``threshold`` pages
 or ``max_rounds`` rounds were sent.  Then ``pause()`` is called (it must return only when
 every writer is quiescent), the logs are harvested once more, and the final round sends
@@ -56,6 +57,7 @@ from .stream import MAX_PAGES, Encoder, Layout
 
 PAGES_PER_FRAME = 1024  # 4 MiB of 4 KiB pages per PAGES frame (16 MiB measured no faster)
 PIPE_BYTES = 1 << 20  # the vmsplice pipe: the unprivileged limit (fs.pipe-max-size)
+MIN_BANDWIDTH = 1 << 20  # bytes/s: the lowest pre-copy bandwidth cap
 
 
 @dataclass
@@ -168,9 +170,12 @@ class Source:
         use_kvm_log: bool = True,
         use_vfio_log: bool = True,
         device_log: Callable[[], set[int]] | None = None,
+        max_bandwidth: float | None = None,
     ) -> None:
         if threshold < 0 or max_rounds < 1:
             raise DmaError(errno.EINVAL, f"threshold {threshold} must be >= 0 and max_rounds {max_rounds} >= 1")
+        if max_bandwidth is not None and not max_bandwidth >= MIN_BANDWIDTH:
+            raise DmaError(errno.EINVAL, f"max_bandwidth {max_bandwidth!r} bytes/s must be at least {MIN_BANDWIDTH:,} (1 MiB/s)")
         slots = sorted(vm.memslots(), key=lambda s: s.gpa)
         if not slots:
             raise DmaError(errno.EINVAL, "migration source: the VM has no memslot")
@@ -187,6 +192,7 @@ class Source:
         self.use_kvm_log = use_kvm_log
         self.use_vfio_log = use_vfio_log
         self.device_log = device_log  # a device in another process: its DMA-logging report, gfns
+        self.max_bandwidth = max_bandwidth  # bytes/s a pre-copy round may send (None: as fast as it can)
         self.page_size = PAGE_SIZE
         self.slots = [_Slot(s.slot, s.gpa, s.size, s.hva) for s in slots]
         self.layout: Layout = tuple((s.gpa, s.size) for s in self.slots)
@@ -316,6 +322,34 @@ class Source:
             i = j
         return out[:need]
 
+    def _gather(self, batch: np.ndarray) -> memoryview:
+        """:meth:`_read_pages` for scattered gfns (sorted): one numpy take per memslot, not
+        a copy per run.  The view is valid until the next call."""
+        need = len(batch) << 12
+        if len(self._frame_buf) < need:
+            self._frame_buf = bytearray(need)
+        out = np.frombuffer(self._frame_buf, dtype=np.uint8, count=need).reshape(-1, PAGE_SIZE)
+        at = 0
+        for s in self.slots:
+            g0 = s.gpa >> 12
+            lo, hi = (int(k) for k in np.searchsorted(batch, (g0, g0 + (s.size >> 12))))
+            if lo == hi:
+                continue
+            try:
+                region, off = self.space.region(s.hva, s.size)
+            except DmaError:  # a memslot over more than one mapping: run by run
+                del out
+                return self._read_pages(batch.tolist())
+            with memoryview(region.map) as whole:
+                ram = np.frombuffer(whole, dtype=np.uint8, count=s.size, offset=off).reshape(-1, PAGE_SIZE)
+                np.take(ram, batch[lo:hi] - g0, axis=0, out=out[at : at + hi - lo])
+                del ram
+            at += hi - lo
+        del out
+        if at != len(batch):
+            raise DmaError(errno.EFAULT, f"migration source: {len(batch) - at} gfn(s) of a frame outside every memslot")
+        return memoryview(self._frame_buf)[:need]
+
     def _send(self, sock: socket.socket, parts: list[bytes | memoryview]) -> int:
         return send_parts(sock, parts)
 
@@ -372,22 +406,21 @@ class Source:
         gpas = batch.astype("<u8") << 12
         first, n = int(batch[0]), len(batch)
         one = int(batch[-1]) == first + n - 1  # sorted, no repeats: consecutive
-        if enc.keyed:
-            self.sent_by.add("staged copy, sendmsg")
-            gfns = list(range(first, first + n)) if one else batch.tolist()
-            return self._send(sock, enc.pages_frame(gpas, self._read_pages(gfns)))
         s = self._slot_of(first)
-        if one and (first + n) << 12 <= s.gpa + s.size:  # the usual frame: one run, one slot
-            region, off = self.space.region(s.hva + (first << 12) - s.gpa, n << 12)
-            runs = [(region, off, n << 12)]
-        else:
-            runs = self._runs(batch.tolist())
+        one = one and (first + n) << 12 <= s.gpa + s.size  # the usual frame: one run, one slot
+        if enc.keyed or not one:  # a copy the tag covers; scattered pages, gathered at once
+            self.sent_by.add("staged copy, sendmsg")
+            pages = self._read_pages(list(range(first, first + n))) if one else self._gather(batch)
+            with pages:
+                return self._send(sock, enc.pages_frame(gpas, pages, live=live and not enc.keyed))
+        region, off = self.space.region(s.hva + (first << 12) - s.gpa, n << 12)
+        runs = [(region, off, n << 12)]
         views = [memoryview(r.map)[off : off + n] for r, off, n in runs]
         try:
             crcs = crc32c_pages(views[0], PAGE_SIZE) if len(views) == 1 else b"".join(crc32c_pages(v, PAGE_SIZE) for v in views)
             parts = enc.pages_frame(gpas, views, crcs=crcs, live=live)
             region, off, n = runs[0]
-            if len(runs) > 1 or not self.zero_copy or (region.fd is None and not self.splice):
+            if not self.zero_copy or (region.fd is None and not self.splice):
                 self.sent_by.add("sendmsg from RAM")
                 return self._send(sock, parts)
             if self.splice:
@@ -415,8 +448,12 @@ class Source:
         live: bool,
     ) -> int:
         """Send ``gfns`` (sorted, no repeats; or ranges, each frame made as it is sent) as
-        PAGES frames and a ROUND frame; returns bytes written."""
+        PAGES frames and a ROUND frame; returns bytes written.  A pre-copy round (``live``)
+        keeps to ``max_bandwidth``: after each frame it waits until its bytes so far are
+        due (QEMU's max-bandwidth); the final round, in the downtime, goes at full speed."""
         total = 0
+        cap = self.max_bandwidth if live else None
+        t0 = time.perf_counter()
         step = min(PAGES_PER_FRAME, MAX_PAGES)
         if isinstance(gfns, np.ndarray):
             batches: Iterable[np.ndarray] = (gfns[i : i + step] for i in range(0, len(gfns), step))
@@ -427,6 +464,8 @@ class Source:
             total += n
             if on_sent is not None:
                 on_sent(n, len(batch))
+            if cap is not None and (due := total / cap - (time.perf_counter() - t0)) > 0:
+                time.sleep(due)
         return total + self._send(sock, enc.end_round())
 
     # -- the whole migration ---------------------------------------------------------------

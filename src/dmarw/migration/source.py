@@ -12,7 +12,7 @@ Sending: an unkeyed stream reads the pages straight from guest RAM: each page's 
 computed there, and a frame that is one run of pages goes to the socket without a copy
 (the socket holds references to the pages): by the native core's vmsplice + splice, or
 ``sendfile`` from the RAM's memfd where that is not to be had; a frame of scattered pages
-goes with one scatter-gather ``sendmsg`` (one copy).  While the guest runs (pre-copy,
+is gathered into a staging buffer (its CRCs taken there) and goes with one ``sendmsg``.  While the guest runs (pre-copy,
 frames flagged ``LIVE``) a page may change after its CRC was taken; the destination then
 finds its check failed, keeps it as not yet received, and names it in its acknowledgement
 of the last pre-copy round: the final round sends it again with the guest stopped (such a
@@ -50,7 +50,7 @@ from ..checksum import crc32c_pages
 from ..core import native_available
 from ..errors import DmaError
 from ..kvm import Vm
-from ..mm import PAGE_SIZE, Region
+from ..mm import PAGE_SIZE
 from ..type1 import Container
 from . import control
 from .channel import Channel
@@ -399,24 +399,6 @@ class Source:
                 os.close(fd)
             self._pipe = None
 
-    def _runs(self, gfns: list[int]) -> list[tuple[Region, int, int]]:
-        """``gfns`` (sorted) as runs of consecutive pages in one memslot: (region, offset, bytes)."""
-        out: list[tuple[Region, int, int]] = []
-        i = 0
-        while i < len(gfns):
-            s = self._slot_of(gfns[i])
-            end_gfn = (s.gpa + s.size) >> 12
-            j = i + 1
-            if gfns[-1] == gfns[i] + len(gfns) - 1 - i and gfns[-1] < end_gfn:
-                j = len(gfns)  # the usual frame: the rest is one run (sorted, no repeats)
-            while j < len(gfns) and gfns[j] == gfns[j - 1] + 1 and gfns[j] < end_gfn:
-                j += 1
-            n = (j - i) << 12
-            region, off = self.space.region(s.hva + (gfns[i] << 12) - s.gpa, n)
-            out.append((region, off, n))
-            i = j
-        return out
-
     def _send_pages(self, sock: socket.socket, enc: Encoder, batch: np.ndarray, live: bool) -> int:
         """One PAGES frame of the gfns in ``batch``, read straight from guest RAM (see the
         module rule)."""
@@ -667,7 +649,7 @@ IOV_MAX = 1024  # the most buffers one sendmsg takes (Linux's UIO_MAXIOV)
 
 def send_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> int:
     """Write ``parts`` in order with scatter-gather ``sendmsg`` (no joining copy), at most
-    :data:`IOV_MAX` buffers a call (a frame of scattered pages has one per run)."""
+    :data:`IOV_MAX` buffers a call."""
     total = sum(len(p) for p in parts)
     views = [memoryview(p).cast("B") for p in parts if len(p)]
     i = 0

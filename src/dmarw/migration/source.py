@@ -219,15 +219,6 @@ class Source:
         self.sent_by: set[str] = set()  # how frames went out (the report's send_api)
 
     # -- address translation ---------------------------------------------------------------
-    def _gfns_of_hva(self, hva: int, size: int) -> Iterable[int]:
-        """Guest page numbers backed by host range ``[hva, hva+size)``."""
-        for s in self.slots:
-            lo, hi = max(hva, s.hva), min(hva + size, s.hva + s.size)
-            if lo < hi:
-                first = (s.gpa + lo - s.hva) >> 12
-                last = (s.gpa + hi - 1 - s.hva) >> 12
-                yield from range(first, last + 1)
-
     def _gfns_of_hvas(self, hvas: np.ndarray, size: int) -> list[int]:
         """Guest page numbers backed by ``[hva, hva+size)`` for each (page-aligned) hva."""
         pages = hvas if size <= PAGE_SIZE else (hvas[:, None] + np.arange(0, size, PAGE_SIZE, dtype=np.int64)).ravel()
@@ -295,10 +286,9 @@ class Source:
                 bm = c.get_dirty_bitmap(iova, size, ps)
                 if keep:
                     h.vfio.update(self._gfns_of_hvas(hva + dirty_pages(bm) * ps, ps))
-            for piova in c.pinned() if keep else ():
-                for iova, size, hva, _prot in maps:
-                    if iova <= piova < iova + size:
-                        h.pinned.update(self._gfns_of_hva(hva + piova - iova, ps))
+            if keep:
+                pins = [hva + piova - iova for piova in c.pinned() for iova, size, hva, _prot in maps if iova <= piova < iova + size]
+                h.pinned.update(self._gfns_of_hvas(np.array(pins, dtype=np.int64), ps))
             if self.device_log is not None:
                 got = self.device_log()
                 if keep:
@@ -464,7 +454,7 @@ class Source:
             if on_sent is not None:
                 on_sent(n, len(batch))
             if cap is not None and (due := total / cap - (time.perf_counter() - t0)) > 0:
-                time.sleep(due)
+                time.sleep(due)  # the user's rate limit itself, not a cost imitated
         return total + self._send(sock, enc.end_round())
 
     # -- the whole migration ---------------------------------------------------------------

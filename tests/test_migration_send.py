@@ -88,25 +88,52 @@ def _migrate(src: Source, **kw: Any) -> tuple[MigrationReport, bytes]:
     return rep, theirs
 
 
-def test_a_bandwidth_cap_holds_pre_copy_back_and_not_the_final_round() -> None:
-    """8 MiB at 16 MiB/s: round 0 cannot end before half a second (a lower bound, which a
-    slow machine only makes longer); the final round's pages are not held back, and the
-    RAM arrives whole."""
+class _Clock:
+    """The source module's ``time`` in a test: a clock that only its ``sleep`` moves, and
+    the sleeps asked for, per round (no wall-clock time is measured or waited)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[tuple[int, float]] = []
+        self.round = 0
+        self.thread_time = time.thread_time
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        assert s > 0
+        self.sleeps.append((self.round, s))
+        self.now += s
+
+
+def test_a_bandwidth_cap_holds_pre_copy_back_and_not_the_final_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 MiB at 16 MiB/s: round 0 waits, frame by frame, for exactly what its pages are due
+    (half a second on the source's clock); the final round, with 1 MiB dirtied, does not
+    wait; the RAM arrives whole."""
+    from dmarw.migration import source as source_mod
+
     ram, cap = 8 << 20, 16 << 20
+    clock = _Clock()
+    monkeypatch.setattr(source_mod, "time", clock)
     g = SourceGuest(ram, 7, 0)
     try:
         src = Source(g.vm, g.container, threshold=4096, max_bandwidth=cap)
+
+        def start(rnd: int, pages: int) -> None:
+            clock.round = rnd
 
         def dirty(st: object) -> None:  # after round 0: the final round gets 1 MiB
             if getattr(st, "round", None) == 0 and not getattr(st, "final", False):
                 for gfn in range(256):
                     g.vm.write_guest(gfn * PAGE_SIZE, b"\xa5" * 8)
 
-        t0 = time.perf_counter()
-        r, theirs = _migrate(src, on_round_end=dirty)
-        took = time.perf_counter() - t0
-        assert r.rounds[0].seconds >= ram / cap * 0.98 and took >= ram / cap * 0.98
-        assert r.rounds[-1].final and r.rounds[-1].sent >= 256
+        r, theirs = _migrate(src, on_round_start=start, on_round_end=dirty)
+        assert [st.final for st in r.rounds] == [False, True] and r.rounds[-1].sent >= 256
+        waited = sum(s for _, s in clock.sleeps)
+        assert len(clock.sleeps) == ram // (4 << 20) and all(rnd == 0 for rnd, _ in clock.sleeps)  # a wait a frame
+        # the round's PAGES frames are due at the cap; its closing ROUND frame (under 64 bytes) is not paced
+        assert (r.rounds[0].bytes - 64) / cap <= waited <= r.rounds[0].bytes / cap, (waited, r.rounds[0].bytes / cap)
         assert differing_pages(src.digests(), theirs, src.layout, src.page_size, dest.DIGEST_SIZE) == []
     finally:
         g.close()

@@ -328,8 +328,10 @@ class Source:
         return out[:need]
 
     def _gather(self, batch: np.ndarray) -> memoryview:
-        """:meth:`_read_pages` for scattered gfns (sorted): one numpy take per memslot, not
-        a copy per run.  The view is valid until the next call."""
+        """Copy the pages of ``batch`` (sorted gfns, one run or scattered) into this source's
+        frame buffer: one numpy take per memslot, not a copy per run (:meth:`_read_pages`
+        where a memslot spans more than one mapping).  The view is valid until the next
+        call."""
         need = len(batch) << 12
         if len(self._frame_buf) < need:
             self._frame_buf = frame_buffer(need)
@@ -394,39 +396,32 @@ class Source:
         module rule)."""
         gpas = batch.astype("<u8") << 12
         first, n = int(batch[0]), len(batch)
-        one = int(batch[-1]) == first + n - 1  # sorted, no repeats: consecutive
         s = self._slot_of(first)
-        one = one and (first + n) << 12 <= s.gpa + s.size  # the usual frame: one run, one slot
+        # sorted, no repeats: consecutive when the last is n - 1 on; the usual frame, in one slot
+        one = int(batch[-1]) == first + n - 1 and (first + n) << 12 <= s.gpa + s.size
         if enc.keyed or not one:  # a copy the tag covers; scattered pages, gathered at once
             self.sent_by.add("staged copy, sendmsg")
-            pages = self._read_pages(list(range(first, first + n))) if one else self._gather(batch)
-            with pages:
+            with self._gather(batch) as pages:
                 return self._send(sock, enc.pages_frame(gpas, pages, live=live and not enc.keyed))
-        region, off = self.space.region(s.hva + (first << 12) - s.gpa, n << 12)
-        runs = [(region, off, n << 12)]
-        views = [memoryview(r.map)[off : off + n] for r, off, n in runs]
-        try:
-            crcs = crc32c_pages(views[0], PAGE_SIZE) if len(views) == 1 else b"".join(crc32c_pages(v, PAGE_SIZE) for v in views)
-            parts = enc.pages_frame(gpas, views, crcs=crcs, live=live)
-            region, off, n = runs[0]
+        size = n << 12
+        region, off = self.space.region(s.hva + (first << 12) - s.gpa, size)
+        with memoryview(region.map)[off : off + size] as run:
+            parts = enc.pages_frame(gpas, [run], crcs=crc32c_pages(run, PAGE_SIZE), live=live)
             if not self.zero_copy or (region.fd is None and not self.splice):
                 self.sent_by.add("sendmsg from RAM")
                 return self._send(sock, parts)
             if self.splice:
                 head_bytes = b"".join(parts[:-1])
-                if self._splice(sock, head_bytes, views[0]):
+                if self._splice(sock, head_bytes, run):
                     self.sent_by.add("vmsplice + splice")
-                    return len(head_bytes) + n
+                    return len(head_bytes) + size
             head = self._send(sock, parts[:-1])
             if region.fd is None:  # anonymous RAM, and vmsplice refused: one copy
                 self.sent_by.add("sendmsg from RAM")
-                return head + self._send(sock, [views[0]])
+                return head + self._send(sock, [run])
             self.sent_by.add("sendfile")
-            send_file(sock, region.fd, off, n)
-            return head + n
-        finally:
-            for v in views:
-                v.release()
+            send_file(sock, region.fd, off, size)
+            return head + size
 
     def _send_round(
         self,

@@ -62,6 +62,34 @@ def test_a_bandwidth_cap_under_1_mib_s_or_not_a_size_is_one_line(mode: str, valu
     assert p.stdout == "" and took < FAST
 
 
+@pytest.mark.parametrize("value", ["-1", "20000", "99999"])
+def test_precopy_commands_outside_the_guests_run_is_one_line(value: str) -> None:
+    p, took = dmarw("migrate", "--guest", "--ram", "16M", "--precopy-commands", value)
+    lines = p.stderr.strip().splitlines()
+    if "needs KVM" in p.stderr:
+        pytest.skip(f"--guest refused first: {p.stderr.strip()}")
+    assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert f"--precopy-commands {value} must be in [0, --commands 20000)" in lines[0]
+    assert p.stdout == "" and took < FAST
+
+
+def test_precopy_commands_is_refused_with_replay() -> None:
+    p, took = dmarw("migrate", "--replay", "--ram", "16M", "--precopy-commands", "8")
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1 and "--precopy-commands: only with a running guest" in lines[0], p.stderr
+    assert p.stdout == "" and took < FAST
+
+
+@pytest.mark.parametrize("control", ["device_bypass", "no_vfio_log", "no_kvm_log", None])
+@pytest.mark.parametrize("asked", [None, 0, 5])
+def test_pre_copy_holds_for_device_work_under_a_control_unless_told(control: str | None, asked: int | None) -> None:
+    from dmarw.migration.running import CONTROL_HOLD_BATCHES, GuestConfig
+
+    cfg = GuestConfig(batch=8, precopy_commands=asked, **({control: True} if control else {}))
+    want = asked if asked is not None else (CONTROL_HOLD_BATCHES * 8 if control else 0)
+    assert cfg.controls == (control is not None) and cfg.hold() == want
+
+
 @pytest.mark.parametrize("mode", ["--replay", "--guest"])
 def test_huge_ops_is_refused_before_generating(mode: str) -> None:
     # it was a MemoryError traceback after seconds of generating records

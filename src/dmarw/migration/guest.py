@@ -160,6 +160,11 @@ class SourceMachine:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def commands(self) -> int:
+        """The guest's commands the device has served so far."""
+        return int(self.m.device.regs.commands)
+
     def wait_under_way(self, commands: int, timeout: float = 30.0) -> None:
         """Return once the device has served ``commands`` of the guest's commands (what is
         migrated is a guest at work), or the guest stopped, or ``timeout`` passed."""

@@ -72,7 +72,8 @@ def want_guest(args: argparse.Namespace) -> bool:
 
 GUEST_ONLY = (("--commands", "commands", 20_000), ("--batch", "batch", 16), ("--writer-heavy", "writer_heavy", False),
               ("--dirty", "dirty", DEFAULT_DIRTY), ("--no-kvm-log", "no_kvm_log", False),
-              ("--no-auto-converge", "no_auto_converge", False), ("--device-process", "device_process", False))
+              ("--no-auto-converge", "no_auto_converge", False), ("--device-process", "device_process", False),
+              ("--precopy-commands", "precopy_commands", None))
 # flags of the replay mode only: (flag, attribute, default)
 REPLAY_ONLY = (("--vcpu-rate", "vcpu_rate", 64.0), ("--dma-rate", "dma_rate", 32.0), ("--pinned", "pinned", 16),
                ("--ops", "ops", 20_000), ("--core", "core", None))
@@ -89,6 +90,9 @@ def add_guest_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"how the kernel's dirty log is read (default {DEFAULT_DIRTY})")
     g.add_argument("--no-kvm-log", action="store_true", help="negative control: ignore the kernel's dirty log")
     g.add_argument("--no-auto-converge", action="store_true", help="never throttle the vCPU")
+    g.add_argument("--precopy-commands", type=int, metavar="N",
+                   help="after round 0, wait for the device to serve N more commands before the next harvest "
+                   "(default: 4 batches under a negative control, so it always has writes to lose; else 0)")
     g.add_argument("--device-process", action="store_true",
                    help="the device runs in a 'dmarw serve' process on each side, attached over vfio-user; "
                    "its DMA-logging report joins the dirty set (--no-vfio-log leaves it out)")
@@ -121,18 +125,23 @@ def report(o: GuestOutcome, con: Console) -> int:
     total = o.stat.get("commands") or o.config.commands
     con.print(f"guest at switchover: {o.commands_at_stop:,} of {total:,} device commands done; "
               f"vCPU throttled for {o.throttled_seconds * 1e3:,.0f} ms in all")
+    if o.config.hold():
+        con.print(f"pre-copy waited {_ms(o.held_seconds)} after round 0 while the device served "
+                  f"{o.held_commands:,} commands (asked: {o.config.hold():,})")
     resent = sum(st.resent for st in r.rounds)
     con.print(f"pages sent again because their live copy failed its check on the destination: {resent:,}")
-    if o.plain is not None and r.total_seconds > 0:
-        mig = r.bytes_sent / r.total_seconds
-        con.print(f"throughput: migration {_mib(mig)}/s (bytes sent over the total time), against plain")
+    streamed = r.total_seconds - o.held_seconds  # the wait after round 0 is not the stream's
+    if o.plain is not None and streamed > 0:
+        mig = r.bytes_sent / streamed
+        less = ", less the wait after round 0" if o.held_seconds else ""
+        con.print(f"throughput: migration {_mib(mig)}/s (bytes sent over the total time{less}), against plain")
         con.print(f"copies of the same {_mib(o.plain.bytes)} over the same kind of socket (no framing, check or log):")
         tp = Table(box=None, padding=(0, 1), collapse_padding=True, pad_edge=False)
         for col in ("transfer", "when", "time", "MiB/s", "migration", "CPU s/GiB"):
             tp.add_column(col, justify="left" if col in ("transfer", "when") else "right")
         gib = (1 << 30) / r.bytes_sent
         rcv = float(o.stat.get("receive_cpu_seconds", 0.0))
-        tp.add_row("migration", "guest running", f"{r.total_seconds:.3f} s", f"{mig / (1 << 20):,.1f}", "1.00x",
+        tp.add_row("migration", "guest running", f"{streamed:.3f} s", f"{mig / (1 << 20):,.1f}", "1.00x",
                    f"{r.sender_cpu_seconds * gib:.3f}+{rcv * gib:.3f}")
         for p in (o.plain, *o.plain_others):
             if p.rate:
@@ -168,6 +177,7 @@ def run_guest_cli(args: argparse.Namespace, key: bytes | None, con: Console, bar
         dirty=args.dirty, threshold=args.threshold, max_rounds=args.max_rounds, max_bandwidth=args.max_bandwidth,
         auto_converge=not args.no_auto_converge, device_bypass=args.device_bypass, no_vfio_log=args.no_vfio_log,
         no_kvm_log=args.no_kvm_log, device_process=args.device_process, to=args.to, key=key, timeout=args.timeout,
+        precopy_commands=args.precopy_commands,
     )
     cfg.check()  # a user's mistake: raised before any work, main prints one line
     controls = [n for n, on in (("device writes bypass dma_rw", cfg.device_bypass),
@@ -196,6 +206,7 @@ def run_guest_cli(args: argparse.Namespace, key: bytes | None, con: Console, bar
             "plain_copy_others": [asdict(p) for p in o.plain_others],
             "reference_checksum": o.reference, "checksum": o.checksum, "destination": o.stat,
             "differing_gpas": o.differing, "commands_at_stop": o.commands_at_stop,
+            "held_commands": o.held_commands, "held_seconds": o.held_seconds,
             "pages_ok": o.pages_ok, "checksum_ok": o.checksum_ok, "ok": o.ok,
         }
         with open(args.json, "w", encoding="utf-8") as f:

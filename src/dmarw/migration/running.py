@@ -12,6 +12,9 @@ Order of work (one command does it all, so the comparison is within one run):
    ``dmarw incoming`` after the key handshake; either builds its VM before ``REDY``;
 4. the guest starts (vCPU thread, device engine thread) and pre-copy runs while it does;
    auto-converge throttles the vCPU when a round dirties more than half of what it sent;
+   after round 0 the pre-copy waits, if asked (:attr:`GuestConfig.precopy_commands`), for
+   the device to serve that many more commands: a negative control then always has
+   writes to lose, however fast the stream;
 5. stop-and-copy: vCPU kicked, device quiesced, last pages, vCPU/device state, ``END``;
 6. verification: every page's digest at switchover, source against destination; then the
    destination resumes the guest to its end and reports its checksum, compared with (1).
@@ -51,6 +54,9 @@ from .source import (
 
 AUTO_CONVERGE = (0.2, 0.1, 0.99)  # initial share, step, ceiling (QEMU's cpu-throttle defaults)
 PLAIN_RUNS = 3  # plain copies timed per kind; the median one is the baseline
+# under a negative control, the device batches served after round 0 before its harvest:
+# four batches of the default mix hold ~24 device writes to pages no vCPU store rewrites
+CONTROL_HOLD_BATCHES = 4
 
 
 @dataclass
@@ -71,6 +77,10 @@ class GuestConfig:
     no_vfio_log: bool = False
     no_kvm_log: bool = False
     device_process: bool = False  # the device in a ``dmarw serve`` process, attached over vfio-user
+    # commands the device serves between round 0's end and the next harvest (the guest and
+    # device run on; the stream waits); None: CONTROL_HOLD_BATCHES batches under a negative
+    # control, 0 otherwise
+    precopy_commands: int | None = None
     plain_copy: bool = True
     to: str | None = None
     key: bytes | None = None
@@ -83,6 +93,17 @@ class GuestConfig:
         return GuestSpec(ram=self.ram, seed=self.seed, commands=self.commands, batch=self.batch,
                          writer_heavy=self.writer_heavy, dirty=self.dirty, device_process=self.device_process)
 
+    @property
+    def controls(self) -> bool:
+        """A negative control is on."""
+        return self.device_bypass or self.no_vfio_log or self.no_kvm_log
+
+    def hold(self) -> int:
+        """The commands pre-copy waits for after round 0 (see :attr:`precopy_commands`)."""
+        if self.precopy_commands is not None:
+            return self.precopy_commands
+        return CONTROL_HOLD_BATCHES * self.batch if self.controls else 0
+
     def check(self) -> None:
         if not RAM_MIN <= self.ram <= RAM_MAX or self.ram % (1 << 20):
             raise DmaError(errno.EINVAL, f"--ram {self.ram:#x}: a running guest has a whole number of MiB "
@@ -93,6 +114,9 @@ class GuestConfig:
             raise DmaError(errno.EINVAL, f"--threshold {self.threshold} must be >= 0 and --max-rounds {self.max_rounds} >= 1")
         if self.max_bandwidth is not None and not self.max_bandwidth >= MIN_BANDWIDTH:
             raise DmaError(errno.EINVAL, f"--max-bandwidth {self.max_bandwidth:,.0f} bytes/s: at least 1 MiB/s")
+        if self.precopy_commands is not None and not 0 <= self.precopy_commands < self.commands:
+            raise DmaError(errno.EINVAL, f"--precopy-commands {self.precopy_commands} must be in "
+                           f"[0, --commands {self.commands}): the guest must still be at work at the switchover")
         if self.device_process and self.device_bypass:
             raise DmaError(errno.EINVAL, "--device-bypass and --device-process exclude each other "
                            "(the device in its own process writes guest RAM only through its server)")
@@ -120,6 +144,8 @@ class GuestOutcome:
     throttled_seconds: float = 0.0
     reference_seconds: float = 0.0
     plain_others: list[PlainCopy] = field(default_factory=list)  # sendfile; before the guest started
+    held_commands: int = 0  # commands the device served while pre-copy waited after round 0
+    held_seconds: float = 0.0
 
     @property
     def pages_ok(self) -> bool:
@@ -253,11 +279,21 @@ def attempt_guest(
     guest_timeout = cfg.guest_timeout if cfg.guest_timeout is not None else 120.0
     proc, ch, mac = conn if conn is not None else open_destination(cfg, src, sm.spec, guest_timeout)
     throttle = auto_converge(sm.set_throttle) if cfg.auto_converge else None
+    held = [0, 0.0]  # commands, seconds
+
+    def round_end(st: RoundStats) -> None:
+        if on_round_end is not None:
+            on_round_end(st)
+        if st.round == 0 and not st.final and cfg.hold() > 0:
+            t0, c0 = time.perf_counter(), sm.commands
+            # never to the guest's last batches: it must still be at work at the switchover
+            sm.wait_under_way(min(c0 + cfg.hold(), cfg.commands - 2 * cfg.batch), timeout=cfg.timeout)
+            held[:] = [sm.commands - c0, time.perf_counter() - t0]
 
     try:
         report = src.migrate(ch.sock, sm.pause, resume=sm.resume, state=sm.state, mac_key=mac, ch=ch,
                              throttle=throttle, on_sent=on_sent, on_round_start=on_round_start,
-                             on_round_end=on_round_end)
+                             on_round_end=round_end)
         sm.set_throttle(0.0)
         mine = src.digests()  # the guest is stopped: the source's memory at switchover
         try:
@@ -286,4 +322,5 @@ def attempt_guest(
         parts["resume"] = float(stat.get("resume_seconds", 0.0))
         report.downtime_seconds += parts["resume"]
     return GuestOutcome(cfg, report, differing, None, 0, int(checksum) if checksum is not None else None, stat,
-                        stat.get("error"), sm.commands_at_stop, sm.throttled_s)
+                        stat.get("error"), sm.commands_at_stop, sm.throttled_s,
+                        held_commands=int(held[0]), held_seconds=float(held[1]))

@@ -55,7 +55,8 @@ from .source import (
 AUTO_CONVERGE = (0.2, 0.1, 0.99)  # initial share, step, ceiling (QEMU's cpu-throttle defaults)
 PLAIN_RUNS = 3  # plain copies timed per kind; the median one is the baseline
 # under a negative control, the device batches served after round 0 before its harvest:
-# four batches of the default mix hold ~24 device writes to pages no vCPU store rewrites
+# four batches of the guest's mix hold ~24 device writes, ~10 of them to context pages,
+# which no vCPU store rewrites
 CONTROL_HOLD_BATCHES = 4
 
 

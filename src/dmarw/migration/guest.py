@@ -169,7 +169,7 @@ class SourceMachine:
         """Return once the device has served ``commands`` of the guest's commands (what is
         migrated is a guest at work), or the guest stopped, or ``timeout`` passed."""
         deadline = time.monotonic() + timeout
-        while self.running and self.m.device.regs.commands < commands and time.monotonic() < deadline:
+        while self.running and self.commands < commands and time.monotonic() < deadline:
             assert self._thread is not None
             self._thread.join(0.005)
 
@@ -194,7 +194,7 @@ class SourceMachine:
             t.join(30.0)
             if t.is_alive():
                 raise DmaError(errno.ETIMEDOUT, "vcpu0 did not stop within 30 s of its kick")
-        self.commands_at_stop = self.m.device.regs.commands
+        self.commands_at_stop = self.commands
         self.check()
 
     def resume(self) -> None:

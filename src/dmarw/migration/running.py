@@ -280,15 +280,16 @@ def attempt_guest(
     guest_timeout = cfg.guest_timeout if cfg.guest_timeout is not None else 120.0
     proc, ch, mac = conn if conn is not None else open_destination(cfg, src, sm.spec, guest_timeout)
     throttle = auto_converge(sm.set_throttle) if cfg.auto_converge else None
+    hold = cfg.hold()
     held = [0, 0.0]  # commands, seconds
 
     def round_end(st: RoundStats) -> None:
         if on_round_end is not None:
             on_round_end(st)
-        if st.round == 0 and not st.final and cfg.hold() > 0:
+        if st.round == 0 and not st.final and hold > 0:
             t0, c0 = time.perf_counter(), sm.commands
             # never to the guest's last batches: it must still be at work at the switchover
-            sm.wait_under_way(min(c0 + cfg.hold(), cfg.commands - 2 * cfg.batch), timeout=cfg.timeout)
+            sm.wait_under_way(min(c0 + hold, cfg.commands - 2 * cfg.batch), timeout=cfg.timeout)
             held[:] = [sm.commands - c0, time.perf_counter() - t0]
 
     try:
